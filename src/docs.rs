@@ -1,0 +1,424 @@
+//! The live documents of an agent: `DocRegistry` keeps one yrs `Doc` per document in memory,
+//! loads it from the `DocStore` on first use, applies local and remote updates, hands updates to
+//! the group-commit writer, and publishes every change to subscribers and to the sync sessions.
+//!
+//! Order of a local change: applied in memory -> queued to the writer and published to peers
+//! (while the transaction still holds the document, so queue order equals apply order) -> the
+//! caller's acknowledgement completes once the writer has flushed it to disk.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use libp2p::PeerId;
+use tokio::sync::broadcast;
+use yrs::updates::decoder::Decode;
+use yrs::{
+    Array, GetString, Map, ReadTxn, StateVector, Text, Transact, Transaction, TransactionMut,
+    Update,
+};
+
+use crate::store::writer::WriterHandle;
+use crate::store::{DocStore, StoreError};
+
+/// Capacity of the per-document and agent-wide update channels. A subscriber that falls further
+/// behind than this gets `RecvError::Lagged` and must resynchronize by state vector.
+pub const EVENT_CAPACITY: usize = 16 * 1024;
+
+/// Who made a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// This device (an app or the API).
+    Local,
+    /// Another device, received over sync.
+    Peer(PeerId),
+}
+
+/// One change to one document, as Yjs update v1 bytes (only what the change added).
+#[derive(Debug, Clone)]
+pub struct DocUpdate {
+    pub doc: Arc<str>,
+    pub update: Bytes,
+    pub origin: Origin,
+}
+
+/// Errors of document operations.
+#[derive(Debug, thiserror::Error)]
+pub enum DocError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("document {doc:?}: invalid Yjs update: {reason}")]
+    InvalidUpdate { doc: String, reason: String },
+    #[error(
+        "document {doc:?}: the change could not be made durable, it is not acknowledged: {source}"
+    )]
+    NotDurable { doc: String, source: StoreError },
+    #[error("the agent has stopped")]
+    AgentStopped,
+}
+
+pub(crate) struct LiveDoc {
+    name: Arc<str>,
+    doc: yrs::Doc,
+    events: broadcast::Sender<DocUpdate>,
+}
+
+/// Every document this agent has in memory, plus the paths to disk and to peers.
+pub(crate) struct DocRegistry {
+    docs: Mutex<HashMap<Arc<str>, Arc<LiveDoc>>>,
+    store: DocStore,
+    writer: WriterHandle,
+    bus: broadcast::Sender<DocUpdate>,
+}
+
+impl DocRegistry {
+    pub fn new(store: DocStore, writer: WriterHandle) -> Self {
+        Self {
+            docs: Mutex::new(HashMap::new()),
+            store,
+            writer,
+            bus: broadcast::channel(EVENT_CAPACITY).0,
+        }
+    }
+
+    pub fn writer(&self) -> &WriterHandle {
+        &self.writer
+    }
+
+    /// All changes to all documents, for the sync sessions.
+    pub fn subscribe_all(&self) -> broadcast::Receiver<DocUpdate> {
+        self.bus.subscribe()
+    }
+
+    fn docs(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<LiveDoc>>> {
+        // A panic while holding this lock cannot leave the map half-updated (single inserts).
+        self.docs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live document `name`, loaded from disk on first use (empty if it does not exist yet).
+    pub fn open(&self, name: &str) -> Result<Arc<LiveDoc>, DocError> {
+        if let Some(live) = self.docs().get(name) {
+            return Ok(live.clone());
+        }
+        DocStore::validate_name(name)?;
+        // Load outside the map lock; if two callers race, the first insert wins.
+        let stored = self.store.load(name)?;
+        let doc = yrs::Doc::new();
+        {
+            let mut txn = doc.transact_mut();
+            for (record, bytes) in &stored.updates {
+                let corrupt = |reason: String| StoreError::Corrupt {
+                    doc: name.to_string(),
+                    record: record.to_string(),
+                    reason,
+                };
+                let update = Update::decode_v1(bytes).map_err(|e| corrupt(e.to_string()))?;
+                txn.apply_update(update)
+                    .map_err(|e| corrupt(e.to_string()))?;
+            }
+        }
+        let live = Arc::new(LiveDoc {
+            name: Arc::from(name),
+            doc,
+            events: broadcast::channel(EVENT_CAPACITY).0,
+        });
+        Ok(self.docs().entry(live.name.clone()).or_insert(live).clone())
+    }
+
+    /// Names of every document, stored or in memory, sorted.
+    pub fn list(&self) -> Result<Vec<String>, DocError> {
+        let mut names: BTreeSet<String> = self.store.list()?.into_iter().collect();
+        names.extend(self.docs().keys().map(|k| k.to_string()));
+        Ok(names.into_iter().collect())
+    }
+
+    /// Applies a Yjs update received from `origin`. Returns whether it changed the document.
+    ///
+    /// With `durable`, the returned receiver completes once the update is on disk; remote
+    /// updates are stored without waiting (the sender still has them, and state-vector sync
+    /// recovers anything lost in a crash).
+    pub fn apply_update(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        origin: Origin,
+    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>, DocError> {
+        let invalid = |reason: String| DocError::InvalidUpdate {
+            doc: name.to_string(),
+            reason,
+        };
+        let update = Update::decode_v1(bytes).map_err(|e| invalid(e.to_string()))?;
+        let live = self.open(name)?;
+        let mut txn = live.doc.transact_mut();
+        txn.apply_update(update)
+            .map_err(|e| invalid(e.to_string()))?;
+        let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
+        if !changed && !txn.has_missing_updates() {
+            return Ok(None);
+        }
+        // Store what was received: it may hold not-yet-integrable parts the delta lacks.
+        let stored = Bytes::copy_from_slice(bytes);
+        let ack = match origin {
+            Origin::Local => Some(
+                self.writer
+                    .append(live.name.clone(), live.doc.clone(), stored),
+            ),
+            Origin::Peer(_) => {
+                self.writer
+                    .append_unacked(live.name.clone(), live.doc.clone(), stored);
+                None
+            }
+        };
+        if changed {
+            let delta = Bytes::from(txn.encode_update_v1());
+            self.publish(&live, delta, origin);
+        }
+        Ok(ack)
+    }
+
+    /// Runs `f` in a local write transaction; returns its result and, if it changed anything,
+    /// the receiver that completes once the change is durable.
+    pub fn transact<R>(
+        &self,
+        live: &LiveDoc,
+        f: impl FnOnce(&mut TransactionMut<'_>) -> R,
+    ) -> (
+        R,
+        Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>,
+    ) {
+        let mut txn = live.doc.transact_mut();
+        let result = f(&mut txn);
+        if txn.insert_set().is_empty() && txn.delete_set().is_empty() {
+            return (result, None);
+        }
+        let update = Bytes::from(txn.encode_update_v1());
+        let ack = self
+            .writer
+            .append(live.name.clone(), live.doc.clone(), update.clone());
+        self.publish(live, update, Origin::Local);
+        (result, Some(ack))
+    }
+
+    fn publish(&self, live: &LiveDoc, update: Bytes, origin: Origin) {
+        let event = DocUpdate {
+            doc: live.name.clone(),
+            update,
+            origin,
+        };
+        // No receivers is fine: nobody is listening right now.
+        let _ = live.events.send(event.clone());
+        let _ = self.bus.send(event);
+    }
+}
+
+/// A handle on one document of a running agent. Cheap to clone.
+#[derive(Clone)]
+pub struct DocHandle {
+    live: Arc<LiveDoc>,
+    registry: Arc<DocRegistry>,
+}
+
+impl DocHandle {
+    pub(crate) fn new(live: Arc<LiveDoc>, registry: Arc<DocRegistry>) -> Self {
+        Self { live, registry }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.live.name
+    }
+
+    /// Makes a local change in a yrs transaction. Returns once the change is durable on disk
+    /// (it is pushed to connected peers right away, without waiting for the disk).
+    pub async fn transact<R>(
+        &self,
+        f: impl FnOnce(&mut TransactionMut<'_>) -> R,
+    ) -> Result<R, DocError> {
+        let (result, ack) = self.registry.transact(&self.live, f);
+        if let Some(ack) = ack {
+            self.wait_durable(ack).await?;
+        }
+        Ok(result)
+    }
+
+    /// Applies a Yjs update (v1) made elsewhere by a local app; returns once it is durable.
+    pub async fn apply_update(&self, update: &[u8]) -> Result<(), DocError> {
+        if let Some(ack) = self
+            .registry
+            .apply_update(&self.live.name, update, Origin::Local)?
+        {
+            self.wait_durable(ack).await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_durable(
+        &self,
+        ack: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
+    ) -> Result<(), DocError> {
+        match ack.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(DocError::NotDurable {
+                doc: self.name().to_string(),
+                source,
+            }),
+            Err(_) => Err(DocError::AgentStopped),
+        }
+    }
+
+    /// Reads the document in a read transaction.
+    pub fn read<R>(&self, f: impl FnOnce(&Transaction<'_>) -> R) -> R {
+        f(&self.live.doc.transact())
+    }
+
+    /// Sets `map.key = value` in the root map `map`.
+    pub async fn set_map_value(
+        &self,
+        map: &str,
+        key: &str,
+        value: impl Into<yrs::Any>,
+    ) -> Result<(), DocError> {
+        let root = self.live.doc.get_or_insert_map(map);
+        let value = value.into();
+        self.transact(|txn| {
+            root.insert(txn, key, value);
+        })
+        .await
+    }
+
+    /// Appends `text` to the root text `name`.
+    pub async fn append_text(&self, name: &str, text: &str) -> Result<(), DocError> {
+        let root = self.live.doc.get_or_insert_text(name);
+        self.transact(|txn| {
+            let len = root.len(txn);
+            root.insert(txn, len, text);
+        })
+        .await
+    }
+
+    /// The root text `name` as a string (empty if absent).
+    pub fn text(&self, name: &str) -> String {
+        let root = self.live.doc.get_or_insert_text(name);
+        root.get_string(&self.live.doc.transact())
+    }
+
+    /// The underlying yrs document, to get root types (`get_or_insert_text`, ...). Make changes
+    /// through [`DocHandle::transact`] so they are persisted and synced.
+    pub fn yrs_doc(&self) -> &yrs::Doc {
+        &self.live.doc
+    }
+
+    /// The state vector, decoded.
+    pub fn state_vector_decoded(&self) -> StateVector {
+        self.live.doc.transact().state_vector()
+    }
+
+    /// The state vector, Yjs v1 encoding.
+    pub fn state_vector(&self) -> Vec<u8> {
+        use yrs::updates::encoder::Encode;
+        self.live.doc.transact().state_vector().encode_v1()
+    }
+
+    /// The whole document as one Yjs update (v1).
+    pub fn encode_state(&self) -> Vec<u8> {
+        self.live
+            .doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// What a holder of `state_vector` lacks, as one Yjs update (v1).
+    pub fn diff(&self, state_vector: &[u8]) -> Result<Vec<u8>, DocError> {
+        let sv = StateVector::decode_v1(state_vector).map_err(|e| DocError::InvalidUpdate {
+            doc: self.name().to_string(),
+            reason: format!("bad state vector: {e}"),
+        })?;
+        Ok(self.live.doc.transact().encode_diff_v1(&sv))
+    }
+
+    /// A JSON view of every root type (text as a string, maps as objects, arrays as lists).
+    pub fn to_json(&self) -> serde_json::Value {
+        doc_to_json(&self.live.doc)
+    }
+
+    /// Every change to this document from now on, local and remote.
+    pub fn subscribe(&self) -> broadcast::Receiver<DocUpdate> {
+        self.live.events.subscribe()
+    }
+}
+
+/// JSON view of a document. Root types this device has not used yet have no declared type;
+/// they are shown as a map if they have keys, else as text if they hold text, else as an array.
+pub fn doc_to_json(doc: &yrs::Doc) -> serde_json::Value {
+    let txn = doc.transact();
+    let names: Vec<Arc<str>> = txn.root_refs().map(|(name, _)| Arc::from(name)).collect();
+    let mut out = serde_json::Map::new();
+    for name in names {
+        let value = match txn.root_refs().find(|(n, _)| **n == *name).map(|(_, v)| v) {
+            Some(yrs::Out::UndefinedRef(_)) => infer_root_json(&txn, &name),
+            Some(out) => any_to_json(&yrs::types::ToJson::to_json(&out, &txn)),
+            None => continue,
+        };
+        out.insert(name.to_string(), value);
+    }
+    serde_json::Value::Object(out)
+}
+
+fn infer_root_json(txn: &Transaction<'_>, name: &Arc<str>) -> serde_json::Value {
+    use yrs::types::ToJson;
+    if let Some(map) = txn.get_map(name.clone()) {
+        if map.len(txn) > 0 {
+            return any_to_json(&map.to_json(txn));
+        }
+    }
+    if let Some(text) = txn.get_text(name.clone()) {
+        let s = text.get_string(txn);
+        if !s.is_empty() {
+            return serde_json::Value::String(s);
+        }
+    }
+    match txn.get_array(name.clone()) {
+        Some(array) if array.len(txn) > 0 => any_to_json(&array.to_json(txn)),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// Converts a yrs `Any` to JSON (binary as an array of bytes, undefined as null).
+pub fn any_to_json(any: &yrs::Any) -> serde_json::Value {
+    use serde_json::Value;
+    match any {
+        yrs::Any::Null | yrs::Any::Undefined => Value::Null,
+        yrs::Any::Bool(b) => Value::Bool(*b),
+        yrs::Any::Number(yrs::any::Number::Int(n)) => Value::from(*n),
+        yrs::Any::Number(yrs::any::Number::Float(n)) => serde_json::Number::from_f64(*n)
+            .map(Value::Number)
+            .unwrap_or(Value::Null),
+        yrs::Any::String(s) => Value::String(s.to_string()),
+        yrs::Any::Buffer(b) => Value::Array(b.iter().map(|x| Value::from(*x)).collect()),
+        yrs::Any::Array(items) => Value::Array(items.iter().map(any_to_json).collect()),
+        yrs::Any::Map(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), any_to_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Converts JSON to a yrs `Any` (integers stay integers, other numbers are floats).
+pub fn json_to_any(value: &serde_json::Value) -> yrs::Any {
+    use serde_json::Value;
+    match value {
+        Value::Null => yrs::Any::Null,
+        Value::Bool(b) => yrs::Any::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => yrs::Any::Number(yrs::any::Number::Int(i)),
+            None => yrs::Any::Number(yrs::any::Number::Float(n.as_f64().unwrap_or(0.0))),
+        },
+        Value::String(s) => yrs::Any::String(Arc::from(s.as_str())),
+        Value::Array(items) => yrs::Any::Array(items.iter().map(json_to_any).collect()),
+        Value::Object(map) => yrs::Any::Map(Arc::new(
+            map.iter()
+                .map(|(k, v)| (k.clone(), json_to_any(v)))
+                .collect(),
+        )),
+    }
+}

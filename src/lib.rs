@@ -1,0 +1,39 @@
+//! # devicelink
+//!
+//! A local-first device sync agent. Every device of a user runs an agent that keeps Yjs
+//! documents (via [yrs]) durable in a local sled database and replicates them directly to the
+//! user's other devices over Noise-encrypted libp2p streams, with no server.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use devicelink::{Agent, AgentConfig};
+//! let agent = Agent::start(AgentConfig::new("/tmp/devicelink-a")).await?;
+//! let notes = agent.open_doc("notes")?;
+//! notes.append_text("body", "hello").await?; // durable on disk when this returns
+//! agent.shutdown().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules, by what they own:
+//! - [`identity`]: the device keypair and device id.
+//! - [`store`]: sled storage: document logs and snapshots, the trust store, group commit.
+//! - [`docs`]: the live yrs documents, local and remote updates, subscriptions.
+//! - [`sync`]: the `/devicelink/sync/1.4.0` wire protocol and per-peer sessions.
+//! - [`net`]: the libp2p swarm, trust gating, redial.
+//! - [`agent`]: ties it together behind [`AgentHandle`].
+//! - [`demo`]: the two-agent demonstration run by `devicelink demo`.
+
+pub mod agent;
+pub mod demo;
+pub mod docs;
+pub mod identity;
+pub mod net;
+pub mod status;
+pub mod store;
+pub mod sync;
+
+pub use agent::{Agent, AgentConfig, AgentError, AgentHandle, AgentStatus};
+pub use docs::{DocError, DocHandle, DocUpdate, Origin};
+pub use libp2p::{Multiaddr, PeerId};
+pub use status::PeerStatus;
+pub use yrs;

@@ -1,0 +1,128 @@
+//! What the agent knows about its peers right now: connection, sync progress, last sync time.
+//! `PeerTable` is updated by the network loop and the sync sessions and read by `status()`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use libp2p::PeerId;
+use serde::Serialize;
+
+/// A snapshot of one peer's state, as reported by [`crate::AgentHandle::status`].
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub device_id: String,
+    pub name: Option<String>,
+    pub trusted: bool,
+    pub connected: bool,
+    /// A sync session is running (hello exchanged).
+    pub syncing: bool,
+    /// Documents whose initial state-vector exchange with this peer completed in this session.
+    pub synced_docs: BTreeSet<String>,
+    /// When the last update or sync answer from this peer arrived.
+    #[serde(serialize_with = "ser_time")]
+    pub last_sync: Option<SystemTime>,
+    /// Why the last session with this peer ended, if it ended with an error.
+    pub last_error: Option<String>,
+}
+
+fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    let secs = t
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64());
+    secs.serialize(s)
+}
+
+#[derive(Debug, Default)]
+struct PeerState {
+    name: Option<String>,
+    connections: u32,
+    sessions: u32,
+    synced_docs: BTreeSet<String>,
+    last_sync: Option<SystemTime>,
+    last_error: Option<String>,
+}
+
+/// Live per-peer state shared by the network loop and sessions.
+#[derive(Debug, Default)]
+pub(crate) struct PeerTable {
+    peers: Mutex<HashMap<PeerId, PeerState>>,
+}
+
+impl PeerTable {
+    fn lock(&self) -> MutexGuard<'_, HashMap<PeerId, PeerState>> {
+        self.peers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn connected(&self, peer: PeerId, connections: u32) {
+        self.lock().entry(peer).or_default().connections = connections;
+    }
+
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.lock().get(peer).is_some_and(|p| p.connections > 0)
+    }
+
+    pub fn session_started(&self, peer: PeerId, name: &str) {
+        let mut peers = self.lock();
+        let state = peers.entry(peer).or_default();
+        state.sessions += 1;
+        state.name = Some(name.to_string());
+        state.synced_docs.clear();
+        state.last_error = None;
+    }
+
+    pub fn session_ended(&self, peer: PeerId, error: Option<String>) {
+        let mut peers = self.lock();
+        let state = peers.entry(peer).or_default();
+        state.sessions = state.sessions.saturating_sub(1);
+        if state.sessions == 0 {
+            state.synced_docs.clear();
+        }
+        if error.is_some() {
+            state.last_error = error;
+        }
+    }
+
+    pub fn has_session(&self, peer: &PeerId) -> bool {
+        self.lock().get(peer).is_some_and(|p| p.sessions > 0)
+    }
+
+    pub fn doc_synced(&self, peer: PeerId, doc: &str) {
+        let mut peers = self.lock();
+        let state = peers.entry(peer).or_default();
+        state.synced_docs.insert(doc.to_string());
+        state.last_sync = Some(SystemTime::now());
+    }
+
+    pub fn touched(&self, peer: PeerId) {
+        self.lock().entry(peer).or_default().last_sync = Some(SystemTime::now());
+    }
+
+    pub fn set_error(&self, peer: PeerId, error: String) {
+        self.lock().entry(peer).or_default().last_error = Some(error);
+    }
+
+    /// Status of every peer seen, merged with the trusted set (name from the trust store wins).
+    pub fn snapshot(&self, trusted: &BTreeMap<PeerId, String>) -> Vec<PeerStatus> {
+        let peers = self.lock();
+        let ids: BTreeSet<PeerId> = peers.keys().chain(trusted.keys()).copied().collect();
+        ids.into_iter()
+            .map(|id| {
+                let state = peers.get(&id);
+                PeerStatus {
+                    device_id: id.to_string(),
+                    name: trusted
+                        .get(&id)
+                        .cloned()
+                        .or_else(|| state.and_then(|s| s.name.clone())),
+                    trusted: trusted.contains_key(&id),
+                    connected: state.is_some_and(|s| s.connections > 0),
+                    syncing: state.is_some_and(|s| s.sessions > 0),
+                    synced_docs: state.map(|s| s.synced_docs.clone()).unwrap_or_default(),
+                    last_sync: state.and_then(|s| s.last_sync),
+                    last_error: state.and_then(|s| s.last_error.clone()),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,57 @@
+//! Durable local state on sled.
+//!
+//! One sled database per data dir holds:
+//! - the document logs and snapshots ([`DocStore`]),
+//! - the trust store of paired devices ([`TrustStore`]).
+//!
+//! [`writer`] owns the single write path for document updates: it batches appends and
+//! makes them durable with one flush per batch (group commit) before acknowledging them.
+
+mod docs;
+mod record;
+mod trust;
+pub(crate) mod writer;
+
+use std::path::{Path, PathBuf};
+
+pub use docs::{DocStore, StoredDoc};
+pub use trust::{TrustStore, TrustedDevice};
+
+/// Errors of the local store.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the data dir {0} is in use by another devicelink agent (stop it, or use another --data-dir)")]
+    Locked(PathBuf),
+    #[error("cannot open the database in {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("database error: {0}")]
+    Db(#[from] sled::Error),
+    #[error("document {doc:?}: stored {record} is corrupt: {reason} (the record is kept on disk untouched)")]
+    Corrupt {
+        doc: String,
+        record: String,
+        reason: String,
+    },
+    #[error("trust store entry {key} is corrupt: {reason}")]
+    CorruptTrust { key: String, reason: String },
+    #[error("invalid document name {name:?}: {reason}")]
+    InvalidDocName { name: String, reason: &'static str },
+    #[error("the agent's store is closed")]
+    Closed,
+}
+
+/// Opens (creating if needed) the sled database of a data dir.
+pub fn open_db(data_dir: &Path) -> Result<sled::Db, StoreError> {
+    let path = data_dir.join("db");
+    sled::Config::new()
+        .path(&path)
+        .mode(sled::Mode::HighThroughput)
+        .open()
+        .map_err(|source| {
+            if source.to_string().contains("could not acquire lock") {
+                StoreError::Locked(data_dir.to_path_buf())
+            } else {
+                StoreError::Open { path, source }
+            }
+        })
+}

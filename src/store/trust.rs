@@ -1,0 +1,126 @@
+//! `TrustStore`: the devices this device syncs with. Only a device in here may open a sync stream.
+//!
+//! Tree `trust` maps a device id (libp2p PeerId bytes) to a postcard-encoded [`TrustedDevice`].
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use libp2p::{Multiaddr, PeerId};
+use serde::{Deserialize, Serialize};
+
+use super::StoreError;
+
+/// A paired device, as remembered on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustedDevice {
+    pub name: String,
+    /// Seconds since the Unix epoch when the device was added.
+    pub added_at: u64,
+    /// Last addresses the device told us it listens on (used to redial it).
+    pub addrs: Vec<String>,
+}
+
+impl TrustedDevice {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            added_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            addrs: Vec::new(),
+        }
+    }
+
+    /// The stored addresses that parse as multiaddrs.
+    pub fn multiaddrs(&self) -> Vec<Multiaddr> {
+        self.addrs.iter().filter_map(|a| a.parse().ok()).collect()
+    }
+}
+
+/// The set of trusted devices, persisted in sled.
+#[derive(Clone)]
+pub struct TrustStore {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl TrustStore {
+    pub fn open(db: &sled::Db) -> Result<Self, StoreError> {
+        Ok(Self {
+            db: db.clone(),
+            tree: db.open_tree("trust")?,
+        })
+    }
+
+    pub fn is_trusted(&self, peer: &PeerId) -> bool {
+        matches!(self.tree.contains_key(peer.to_bytes()), Ok(true))
+    }
+
+    pub fn get(&self, peer: &PeerId) -> Result<Option<TrustedDevice>, StoreError> {
+        match self.tree.get(peer.to_bytes())? {
+            Some(bytes) => Ok(Some(decode(peer, &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds (or renames) a trusted device and flushes it to disk. Known addresses are kept.
+    pub fn add(&self, peer: PeerId, device: TrustedDevice) -> Result<(), StoreError> {
+        let mut device = device;
+        if let Some(old) = self.get(&peer)? {
+            if device.addrs.is_empty() {
+                device.addrs = old.addrs;
+            }
+        }
+        self.put(&peer, &device)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Removes a device; returns whether it was trusted.
+    pub fn remove(&self, peer: &PeerId) -> Result<bool, StoreError> {
+        let existed = self.tree.remove(peer.to_bytes())?.is_some();
+        self.db.flush()?;
+        Ok(existed)
+    }
+
+    /// Remembers the addresses a trusted device listens on (no-op for untrusted devices).
+    pub fn set_addrs(&self, peer: &PeerId, addrs: Vec<String>) -> Result<(), StoreError> {
+        if let Some(mut device) = self.get(peer)? {
+            if device.addrs != addrs {
+                device.addrs = addrs;
+                self.put(peer, &device)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every trusted device, in device-id order.
+    pub fn list(&self) -> Result<Vec<(PeerId, TrustedDevice)>, StoreError> {
+        let mut out = Vec::new();
+        for entry in self.tree.iter() {
+            let (key, value) = entry?;
+            let peer = PeerId::from_bytes(&key).map_err(|e| StoreError::CorruptTrust {
+                key: format!("{key:?}"),
+                reason: e.to_string(),
+            })?;
+            out.push((peer, decode(&peer, &value)?));
+        }
+        Ok(out)
+    }
+
+    fn put(&self, peer: &PeerId, device: &TrustedDevice) -> Result<(), StoreError> {
+        let bytes = postcard::to_allocvec(device).map_err(|e| StoreError::CorruptTrust {
+            key: peer.to_string(),
+            reason: e.to_string(),
+        })?;
+        self.tree.insert(peer.to_bytes(), bytes)?;
+        Ok(())
+    }
+}
+
+fn decode(peer: &PeerId, bytes: &[u8]) -> Result<TrustedDevice, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::CorruptTrust {
+        key: peer.to_string(),
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,78 @@
+//! Helpers shared by the integration tests: agents on 127.0.0.1 in temp dirs, bounded waits.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use devicelink::{Agent, AgentConfig, AgentHandle, DocHandle};
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Starts an agent on 127.0.0.1 (ephemeral port) with its data in `dir`.
+pub async fn start(dir: &Path, name: &str) -> AgentHandle {
+    init_tracing();
+    let mut config = AgentConfig::new(dir);
+    config.device_name = name.to_string();
+    Agent::start(config).await.expect("agent starts")
+}
+
+/// Makes `a` and `b` trust each other, and has `a` dial `b`.
+pub fn link(a: &AgentHandle, b: &AgentHandle) {
+    a.trust_add(b.device_id(), b.device_name()).unwrap();
+    b.trust_add(a.device_id(), a.device_name()).unwrap();
+    a.dial(b.listen_addrs()[0].clone()).unwrap();
+}
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `limit`.
+pub async fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Same as `wait_until`, with an async condition.
+pub async fn wait_until_async<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Two replicas hold the same document: same state vector, same JSON, same encoded state.
+pub fn same_state(a: &DocHandle, b: &DocHandle) -> bool {
+    a.state_vector_decoded() == b.state_vector_decoded() && a.to_json() == b.to_json()
+}
+
+/// Asserts full equality, including the encoded state (after both settle).
+pub fn assert_identical(a: &DocHandle, b: &DocHandle) {
+    assert_eq!(a.to_json(), b.to_json(), "JSON views differ");
+    assert_eq!(
+        a.state_vector_decoded(),
+        b.state_vector_decoded(),
+        "state vectors differ"
+    );
+    assert_eq!(a.encode_state(), b.encode_state(), "encoded states differ");
+}
+
+pub const LIMIT: Duration = Duration::from_secs(20);
