@@ -97,7 +97,8 @@ struct Inner {
     device_name: String,
     data_dir: PathBuf,
     registry: Arc<DocRegistry>,
-    trust: TrustStore,
+    /// `None` once shut down, so the database can be reopened while handles remain.
+    trust: RwLock<Option<TrustStore>>,
     peers: Arc<PeerTable>,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     commands: mpsc::UnboundedSender<NetCommand>,
@@ -156,7 +157,7 @@ impl Agent {
                 device_name: config.device_name,
                 data_dir: config.data_dir,
                 registry,
-                trust,
+                trust: RwLock::new(Some(trust)),
                 peers,
                 listen_addrs,
                 commands,
@@ -202,25 +203,34 @@ impl AgentHandle {
 
     /// Adds a device to the trust store; the agent starts syncing with it when connected.
     pub fn trust_add(&self, device: PeerId, name: &str) -> Result<(), AgentError> {
-        self.inner.trust.add(device, TrustedDevice::new(name))?;
+        self.trust()?.add(device, TrustedDevice::new(name))?;
         self.notify(NetCommand::TrustChanged)
     }
 
     /// Removes a device from the trust store and disconnects it.
     pub fn trust_remove(&self, device: &PeerId) -> Result<bool, AgentError> {
-        let existed = self.inner.trust.remove(device)?;
+        let existed = self.trust()?.remove(device)?;
         self.notify(NetCommand::TrustChanged)?;
         Ok(existed)
     }
 
     /// The trusted devices.
     pub fn trusted(&self) -> Result<Vec<(PeerId, TrustedDevice)>, AgentError> {
-        Ok(self.inner.trust.list()?)
+        Ok(self.trust()?.list()?)
     }
 
     /// Dials `addr` now and keeps redialing it when it drops.
     pub fn dial(&self, addr: Multiaddr) -> Result<(), AgentError> {
         self.notify(NetCommand::Dial(addr))
+    }
+
+    fn trust(&self) -> Result<TrustStore, AgentError> {
+        self.inner
+            .trust
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(AgentError::Stopped)
     }
 
     fn notify(&self, command: NetCommand) -> Result<(), AgentError> {
@@ -233,8 +243,7 @@ impl AgentHandle {
     /// Devices, connections, and per-peer sync progress.
     pub fn status(&self) -> Result<AgentStatus, AgentError> {
         let trusted: BTreeMap<PeerId, String> = self
-            .inner
-            .trust
+            .trust()?
             .list()?
             .into_iter()
             .map(|(id, d)| (id, d.name))
@@ -258,7 +267,8 @@ impl AgentHandle {
         Ok(self.inner.registry.writer().flush().await?)
     }
 
-    /// Stops networking, flushes every pending write, and closes the database. Idempotent.
+    /// Stops networking, flushes every pending write, and closes the database (it can be reopened
+    /// at once, even while handles to this agent remain; they then fail with `Stopped`). Idempotent.
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         let threads = self
             .inner
@@ -276,6 +286,12 @@ impl AgentHandle {
         let _ = net_task.await;
         let flushed = self.inner.registry.writer().shutdown().await;
         let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        self.inner.registry.close();
+        self.inner
+            .trust
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         tracing::info!(device = %self.inner.device_id, "agent stopped");
         Ok(flushed?)
     }

@@ -7,7 +7,7 @@
 //! caller's acknowledgement completes once the writer has flushed it to disk.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 use libp2p::PeerId;
@@ -66,7 +66,8 @@ pub(crate) struct LiveDoc {
 /// Every document this agent has in memory, plus the paths to disk and to peers.
 pub(crate) struct DocRegistry {
     docs: Mutex<HashMap<Arc<str>, Arc<LiveDoc>>>,
-    store: DocStore,
+    /// `None` once the agent has shut down (so the database can be reopened).
+    store: RwLock<Option<DocStore>>,
     writer: WriterHandle,
     bus: broadcast::Sender<DocUpdate>,
 }
@@ -75,10 +76,24 @@ impl DocRegistry {
     pub fn new(store: DocStore, writer: WriterHandle) -> Self {
         Self {
             docs: Mutex::new(HashMap::new()),
-            store,
+            store: RwLock::new(Some(store)),
             writer,
             bus: broadcast::channel(EVENT_CAPACITY).0,
         }
+    }
+
+    /// Releases the database; later loads fail with `StoreError::Closed`.
+    pub fn close(&self) {
+        self.store.write().unwrap_or_else(|p| p.into_inner()).take();
+        self.docs().clear();
+    }
+
+    fn store(&self) -> Result<DocStore, StoreError> {
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Closed)
     }
 
     pub fn writer(&self) -> &WriterHandle {
@@ -102,7 +117,7 @@ impl DocRegistry {
         }
         DocStore::validate_name(name)?;
         // Load outside the map lock; if two callers race, the first insert wins.
-        let stored = self.store.load(name)?;
+        let stored = self.store()?.load(name)?;
         let doc = yrs::Doc::new();
         {
             let mut txn = doc.transact_mut();
@@ -127,7 +142,7 @@ impl DocRegistry {
 
     /// Names of every document, stored or in memory, sorted.
     pub fn list(&self) -> Result<Vec<String>, DocError> {
-        let mut names: BTreeSet<String> = self.store.list()?.into_iter().collect();
+        let mut names: BTreeSet<String> = self.store()?.list()?.into_iter().collect();
         names.extend(self.docs().keys().map(|k| k.to_string()));
         Ok(names.into_iter().collect())
     }
@@ -291,6 +306,41 @@ impl DocHandle {
         self.transact(|txn| {
             let len = root.len(txn);
             root.insert(txn, len, text);
+        })
+        .await
+    }
+
+    /// Edits root text `name`: deletes `delete` characters at `index` (default: the end) and
+    /// inserts `insert` there. Indexes are UTF-8 byte offsets, clamped to the text and snapped to
+    /// character boundaries. Returns the new length in bytes.
+    pub async fn edit_text(
+        &self,
+        name: &str,
+        index: Option<u32>,
+        delete: u32,
+        insert: &str,
+    ) -> Result<u32, DocError> {
+        let root = self.live.doc.get_or_insert_text(name);
+        self.transact(|txn| {
+            // Snap both ends to character boundaries so no edit can split a character.
+            let current = root.get_string(txn);
+            let len = current.len();
+            let mut at = index.map_or(len, |i| (i as usize).min(len));
+            while !current.is_char_boundary(at) {
+                at -= 1;
+            }
+            let mut end = at.saturating_add(delete as usize).min(len);
+            while !current.is_char_boundary(end) {
+                end += 1;
+            }
+            let (at, delete) = (at as u32, (end - at) as u32);
+            if delete > 0 {
+                root.remove_range(txn, at, delete);
+            }
+            if !insert.is_empty() {
+                root.insert(txn, at, insert);
+            }
+            root.len(txn)
         })
         .await
     }

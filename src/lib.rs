@@ -21,12 +21,15 @@
 //! - [`sync`]: the `/devicelink/sync/1.4.0` wire protocol and per-peer sessions.
 //! - [`net`]: the libp2p swarm, trust gating, redial.
 //! - [`agent`]: ties it together behind [`AgentHandle`].
+//! - [`ipc`]: the local JSON-lines socket apps use; [`client`]: its async Rust client.
 //! - [`demo`]: the two-agent demonstration run by `devicelink demo`.
 
 pub mod agent;
+pub mod client;
 pub mod demo;
 pub mod docs;
 pub mod identity;
+pub mod ipc;
 pub mod net;
 pub mod status;
 pub mod store;

@@ -1,1 +1,315 @@
-fn main() {}
+//! The `devicelink` command: a thin clap layer over the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use devicelink::client::{Client, ClientError};
+use devicelink::ipc::{self, Event, RequestBody};
+use devicelink::store::{self, TrustStore, TrustedDevice};
+use devicelink::{Agent, AgentConfig, Multiaddr, PeerId};
+
+#[derive(Parser)]
+#[command(
+    name = "devicelink",
+    version,
+    about = "Local-first sync of your documents across your own devices"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args)]
+struct Global {
+    /// Data directory (identity, database). Default: $XDG_DATA_HOME/devicelink.
+    #[arg(long, global = true, env = "DEVICELINK_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The agent's IPC socket. Default: $XDG_RUNTIME_DIR/devicelink/agent-<hash>.sock, else <data dir>/agent.sock.
+    #[arg(long, global = true, env = "DEVICELINK_SOCKET")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (Ctrl-C or SIGTERM stops it after a final flush).
+    Agent {
+        /// libp2p listen address (repeatable).
+        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+        listen: Vec<Multiaddr>,
+        /// Address of another device to dial directly (repeatable).
+        #[arg(long)]
+        peer: Vec<Multiaddr>,
+        /// Name shown to your other devices. Default: the host name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Print this device's id.
+    Id,
+    /// Manage the devices this one syncs with.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+    /// Device, peers and sync state of the running agent (JSON).
+    Status,
+    /// Read and edit documents through the running agent.
+    #[command(subcommand)]
+    Doc(DocCommand),
+    /// Start two agents on 127.0.0.1 and show sync, live updates and offline catch-up.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Trust a device (by device id) so it may sync with this one.
+    Add {
+        device: PeerId,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Stop trusting a device.
+    Remove { device: PeerId },
+    /// List trusted devices.
+    List,
+}
+
+#[derive(Subcommand)]
+enum DocCommand {
+    /// List documents.
+    List,
+    /// Print a document as JSON (every root type).
+    Get { doc: String },
+    /// Set MAP.KEY to a JSON value.
+    Set {
+        doc: String,
+        map: String,
+        key: String,
+        /// A JSON value, e.g. '"text"', 42, '{"a":1}'.
+        value: String,
+    },
+    /// Edit a root text.
+    Text {
+        doc: String,
+        name: String,
+        #[arg(long)]
+        append: String,
+    },
+    /// Print each change to a document as it arrives, one JSON line each.
+    Watch { doc: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                if matches!(cli.command, Command::Agent { .. }) {
+                    "info"
+                } else {
+                    "warn"
+                }
+                .into()
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl Global {
+    fn data_dir(&self) -> Result<PathBuf> {
+        match &self.data_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => devicelink::agent::default_data_dir()
+                .context("cannot determine a default data dir; pass --data-dir"),
+        }
+    }
+
+    fn socket(&self) -> Result<PathBuf> {
+        match &self.socket {
+            Some(path) => Ok(path.clone()),
+            None => Ok(ipc::default_socket_path(&self.data_dir()?)),
+        }
+    }
+
+    async fn client(&self) -> Result<Client> {
+        Ok(Client::connect(&self.socket()?).await?)
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let global = cli.global;
+    match cli.command {
+        Command::Agent { listen, peer, name } => run_agent(&global, listen, peer, name).await,
+        Command::Id => {
+            println!("{}", devicelink::identity::device_id(&global.data_dir()?)?);
+            Ok(())
+        }
+        Command::Trust(command) => trust(&global, command).await,
+        Command::Status => print_json(&global.client().await?.status().await?),
+        Command::Doc(command) => doc(&global, command).await,
+        Command::Demo => {
+            devicelink::demo::run(&mut std::io::stdout()).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn run_agent(
+    global: &Global,
+    listen: Vec<Multiaddr>,
+    peers: Vec<Multiaddr>,
+    name: Option<String>,
+) -> Result<()> {
+    let mut config = AgentConfig::new(global.data_dir()?);
+    config.listen = listen;
+    config.peers = peers;
+    if let Some(name) = name {
+        config.device_name = name;
+    }
+    let agent = Agent::start(config).await?;
+    let socket = global.socket()?;
+    let server = ipc::server::serve(agent.clone(), socket).await;
+    let server = match server {
+        Ok(server) => server,
+        Err(e) => {
+            agent.shutdown().await?;
+            return Err(e.into());
+        }
+    };
+    println!("device id: {}", agent.device_id());
+    for addr in agent.listen_addrs() {
+        println!("listening: {addr}");
+    }
+    println!("ipc socket: {}", server.path().display());
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("stopping: flushing to disk");
+    drop(server);
+    agent.shutdown().await?;
+    Ok(())
+}
+
+async fn trust(global: &Global, command: TrustCommand) -> Result<()> {
+    // Through the running agent if there is one (it holds the database), else directly.
+    let client = match global.client().await {
+        Ok(client) => Some(client),
+        Err(e)
+            if matches!(
+                e.downcast_ref::<ClientError>(),
+                Some(ClientError::NotRunning(_))
+            ) =>
+        {
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(client) = client {
+        let body = match command {
+            TrustCommand::Add { device, name } => RequestBody::TrustAdd {
+                device: device.to_string(),
+                name,
+            },
+            TrustCommand::Remove { device } => RequestBody::TrustRemove {
+                device: device.to_string(),
+            },
+            TrustCommand::List => RequestBody::TrustList,
+        };
+        return print_json(&client.request(body).await?);
+    }
+    let data_dir = global.data_dir()?;
+    devicelink::identity::create_private_dir(&data_dir)?;
+    let db = store::open_db(&data_dir)?;
+    let trust = TrustStore::open(&db)?;
+    match command {
+        TrustCommand::Add { device, name } => {
+            let name = name.unwrap_or_else(|| device.to_string().chars().take(12).collect());
+            trust.add(device, TrustedDevice::new(name.clone()))?;
+            println!("trusted {device} ({name})");
+        }
+        TrustCommand::Remove { device } => {
+            if !trust.remove(&device)? {
+                bail!("{device} was not trusted");
+            }
+            println!("removed {device}");
+        }
+        TrustCommand::List => {
+            for (id, device) in trust.list()? {
+                println!("{id}  {}  {}", device.name, device.addrs.join(" "));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn doc(global: &Global, command: DocCommand) -> Result<()> {
+    let client = global.client().await?;
+    match command {
+        DocCommand::List => {
+            for name in client.doc_list().await? {
+                println!("{name}");
+            }
+        }
+        DocCommand::Get { doc } => print_json(&client.doc_get(&doc).await?)?,
+        DocCommand::Set {
+            doc,
+            map,
+            key,
+            value,
+        } => {
+            let value: serde_json::Value = serde_json::from_str(&value).with_context(|| {
+                format!("VALUE must be JSON (for a string, quote it: '\"{value}\"')")
+            })?;
+            client.doc_set(&doc, &map, &key, value).await?;
+        }
+        DocCommand::Text { doc, name, append } => {
+            client.doc_text_append(&doc, &name, &append).await?
+        }
+        DocCommand::Watch { doc } => {
+            let mut events = client.take_events().context("event stream already taken")?;
+            client.subscribe(&doc).await?;
+            while let Some(event) = events.recv().await {
+                let line = match event {
+                    Event::Update { origin, update, .. } => {
+                        let json = client.doc_get(&doc).await?;
+                        serde_json::json!({ "doc": doc, "origin": origin, "update": update, "state": json })
+                    }
+                    Event::Lagged { missed, .. } => {
+                        serde_json::json!({ "doc": doc, "lagged": missed })
+                    }
+                };
+                println!("{line}");
+                use std::io::Write as _;
+                std::io::stdout().flush()?;
+            }
+            bail!("the agent closed the connection");
+        }
+    }
+    Ok(())
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! Local IPC: how apps on this device talk to the agent.
+//!
+//! A Unix domain socket (folder 0700, socket 0600) carrying JSON lines. Each line from the app is
+//! a [`Request`] with an `id`; the agent answers each with one [`Response`] carrying the same
+//! `id`, and pushes [`Event`]s for subscriptions. Binary payloads (Yjs updates, state vectors)
+//! are base64. protocol/README.md ("Local IPC") is the normative description.
+
+pub mod protocol;
+pub mod server;
+
+use std::path::{Path, PathBuf};
+
+pub use protocol::{ErrorBody, ErrorCode, Event, Request, RequestBody, Response, MAX_LINE_LEN};
+
+/// The socket path for the agent using `data_dir`:
+/// `$XDG_RUNTIME_DIR/devicelink/agent-<hash of the data dir>.sock`, else `<data_dir>/agent.sock`.
+pub fn default_socket_path(data_dir: &Path) -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(runtime) => {
+            let canonical = data_dir
+                .canonicalize()
+                .unwrap_or_else(|_| data_dir.to_path_buf());
+            let hash = crc32fast::hash(canonical.to_string_lossy().as_bytes());
+            PathBuf::from(runtime)
+                .join("devicelink")
+                .join(format!("agent-{hash:08x}.sock"))
+        }
+        None => data_dir.join("agent.sock"),
+    }
+}

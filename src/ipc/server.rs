@@ -1,0 +1,447 @@
+//! The IPC server: accepts local connections on the agent's Unix socket and serves requests
+//! against an [`AgentHandle`]. Every connection has a reader (requests, bounded line length) and
+//! a writer task (responses and events in order). A bad line gets an error response; the
+//! connection and the agent go on.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::Engine as _;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::{AbortHandle, JoinSet};
+
+use super::protocol::{ErrorCode, Event, Request, RequestBody, Response, MAX_LINE_LEN};
+use crate::agent::{AgentError, AgentHandle};
+use crate::docs::{DocError, Origin};
+use crate::store::StoreError;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpcError {
+    #[error("cannot create the socket folder {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another agent is already serving {0}")]
+    InUse(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A running IPC server; dropping it stops accepting and removes the socket file.
+pub struct IpcServer {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl IpcServer {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for IpcServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `path` (folder 0700, socket 0600) and serves `agent` on it.
+pub async fn serve(agent: AgentHandle, path: PathBuf) -> Result<IpcServer, IpcError> {
+    if let Some(dir) = path.parent() {
+        crate::identity::create_private_dir(dir).map_err(|source| IpcError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        set_mode(dir, 0o700).map_err(|source| IpcError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    if path.exists() {
+        // A live agent answers; a stale socket from a killed agent does not.
+        if UnixStream::connect(&path).await.is_ok() {
+            return Err(IpcError::InUse(path));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    let listener = UnixListener::bind(&path).map_err(|source| IpcError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    set_mode(&path, 0o600).map_err(|source| IpcError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    let task = tokio::spawn(accept_loop(agent, listener));
+    Ok(IpcServer { path, task })
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+async fn accept_loop(agent: AgentHandle, listener: UnixListener) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(Connection::new(agent.clone()).serve(stream));
+                }
+                Err(e) => {
+                    tracing::warn!("ipc accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// One line read from a connection.
+enum Line {
+    Complete(Vec<u8>),
+    TooLong,
+    Eof,
+}
+
+/// Reads one `\n`-terminated line of at most `max` bytes, discarding the rest of longer lines.
+async fn read_line(
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Line> {
+    buf.clear();
+    let mut too_long = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(if buf.is_empty() && !too_long {
+                Line::Eof
+            } else if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete(std::mem::take(buf))
+            });
+        }
+        let (chunk, found) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        if !too_long {
+            if buf.len() + chunk.len() > max {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        let consumed = found.unwrap_or(available.len());
+        reader.consume(consumed);
+        if found.is_some() {
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Complete(std::mem::take(buf))
+            });
+        }
+    }
+}
+
+struct Connection {
+    agent: AgentHandle,
+    subscriptions: HashMap<u64, AbortHandle>,
+    next_subscription: u64,
+}
+
+impl Connection {
+    fn new(agent: AgentHandle) -> Self {
+        Self {
+            agent,
+            subscriptions: HashMap::new(),
+            next_subscription: 1,
+        }
+    }
+
+    async fn serve(mut self, stream: UnixStream) {
+        let (read, write) = stream.into_split();
+        let (out, out_rx) = mpsc::unbounded_channel::<String>();
+        let writer = tokio::spawn(write_lines(write, out_rx));
+        let mut reader = BufReader::with_capacity(64 * 1024, read);
+        let mut buf = Vec::new();
+        let out = Arc::new(out);
+        loop {
+            let response = match read_line(&mut reader, &mut buf, MAX_LINE_LEN).await {
+                Ok(Line::Eof) | Err(_) => break,
+                Ok(Line::TooLong) => Response::err(
+                    None,
+                    ErrorCode::LineTooLong,
+                    format!("request line longer than {MAX_LINE_LEN} bytes"),
+                ),
+                Ok(Line::Complete(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                Ok(Line::Complete(line)) => match serde_json::from_slice::<Request>(&line) {
+                    Ok(request) => self.handle(request, &out).await,
+                    Err(e) => Response::err(read_id(&line), ErrorCode::BadRequest, e.to_string()),
+                },
+            };
+            if send(&out, &response).is_err() {
+                break;
+            }
+        }
+        for (_, sub) in self.subscriptions.drain() {
+            sub.abort();
+        }
+        drop(out);
+        let _ = writer.await;
+    }
+
+    async fn handle(
+        &mut self,
+        request: Request,
+        out: &Arc<mpsc::UnboundedSender<String>>,
+    ) -> Response {
+        let id = request.id;
+        match self.execute(request.body, out).await {
+            Ok(result) => Response::ok(id, result),
+            Err((code, message)) => Response::err(Some(id), code, message),
+        }
+    }
+
+    async fn execute(
+        &mut self,
+        body: RequestBody,
+        out: &Arc<mpsc::UnboundedSender<String>>,
+    ) -> Result<serde_json::Value, (ErrorCode, String)> {
+        let agent = &self.agent;
+        Ok(match body {
+            RequestBody::Status => to_value(agent.status().map_err(agent_error)?),
+            RequestBody::DocList => json!(agent.list_docs().map_err(agent_error)?),
+            RequestBody::DocOpen { doc } => {
+                agent.open_doc(&doc).map_err(agent_error)?;
+                json!({ "doc": doc })
+            }
+            RequestBody::DocGet { doc } => agent.open_doc(&doc).map_err(agent_error)?.to_json(),
+            RequestBody::DocSet {
+                doc,
+                map,
+                key,
+                value,
+            } => {
+                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                handle
+                    .set_map_value(&map, &key, crate::docs::json_to_any(&value))
+                    .await
+                    .map_err(doc_error)?;
+                json!({})
+            }
+            RequestBody::DocText {
+                doc,
+                name,
+                index,
+                delete,
+                insert,
+            } => {
+                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                let len = handle
+                    .edit_text(&name, index, delete, &insert)
+                    .await
+                    .map_err(doc_error)?;
+                json!({ "len": len })
+            }
+            RequestBody::DocApply { doc, update } => {
+                let bytes = decode_b64(&update, "update")?;
+                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                handle.apply_update(&bytes).await.map_err(doc_error)?;
+                json!({})
+            }
+            RequestBody::DocStateVector { doc } => {
+                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                json!({ "state_vector": B64.encode(handle.state_vector()) })
+            }
+            RequestBody::DocDiff { doc, state_vector } => {
+                let sv = decode_b64(&state_vector, "state_vector")?;
+                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                let update = if sv.is_empty() {
+                    handle.encode_state()
+                } else {
+                    handle.diff(&sv).map_err(doc_error)?
+                };
+                json!({ "update": B64.encode(update) })
+            }
+            RequestBody::DocSubscribe { doc } => {
+                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                let subscription = self.next_subscription;
+                self.next_subscription += 1;
+                let events = handle.subscribe();
+                let task = tokio::spawn(forward_events(subscription, events, out.clone()));
+                self.subscriptions.insert(subscription, task.abort_handle());
+                json!({ "subscription": subscription, "state_vector": B64.encode(handle.state_vector()) })
+            }
+            RequestBody::DocUnsubscribe { subscription } => {
+                match self.subscriptions.remove(&subscription) {
+                    Some(task) => task.abort(),
+                    None => {
+                        return Err((
+                            ErrorCode::NoSuchSubscription,
+                            format!("no subscription {subscription} on this connection"),
+                        ))
+                    }
+                }
+                json!({})
+            }
+            RequestBody::TrustAdd { device, name } => {
+                let peer = parse_device(&device)?;
+                let name = name.unwrap_or_else(|| device.chars().take(12).collect());
+                agent.trust_add(peer, &name).map_err(agent_error)?;
+                json!({ "device": device, "name": name })
+            }
+            RequestBody::TrustRemove { device } => {
+                let peer = parse_device(&device)?;
+                json!({ "removed": agent.trust_remove(&peer).map_err(agent_error)? })
+            }
+            RequestBody::TrustList => {
+                let list: Vec<_> = agent
+                    .trusted()
+                    .map_err(agent_error)?
+                    .into_iter()
+                    .map(|(id, d)| json!({ "device": id.to_string(), "name": d.name, "addrs": d.addrs, "added_at": d.added_at }))
+                    .collect();
+                json!(list)
+            }
+            RequestBody::PeerDial { addr } => {
+                let addr = addr.parse().map_err(|e| {
+                    (
+                        ErrorCode::InvalidArgument,
+                        format!("bad multiaddr {addr:?}: {e}"),
+                    )
+                })?;
+                agent.dial(addr).map_err(agent_error)?;
+                json!({})
+            }
+        })
+    }
+}
+
+async fn forward_events(
+    subscription: u64,
+    mut events: broadcast::Receiver<crate::DocUpdate>,
+    out: Arc<mpsc::UnboundedSender<String>>,
+) {
+    loop {
+        let event = match events.recv().await {
+            Ok(update) => Event::Update {
+                subscription,
+                doc: update.doc.to_string(),
+                update: B64.encode(&update.update),
+                origin: match update.origin {
+                    Origin::Local => "local".to_string(),
+                    Origin::Peer(peer) => peer.to_string(),
+                },
+            },
+            Err(broadcast::error::RecvError::Lagged(missed)) => Event::Lagged {
+                subscription,
+                missed,
+            },
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if send(&out, &event).is_err() {
+            return;
+        }
+    }
+}
+
+fn send(out: &mpsc::UnboundedSender<String>, value: &impl serde::Serialize) -> Result<(), ()> {
+    let line = serde_json::to_string(value).map_err(|_| ())?;
+    out.send(line).map_err(|_| ())
+}
+
+async fn write_lines(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut lines: mpsc::UnboundedReceiver<String>,
+) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(line) = lines.recv().await {
+        buf.clear();
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        // Coalesce whatever else is ready into one write.
+        while buf.len() < 1 << 20 {
+            match lines.try_recv() {
+                Ok(line) => {
+                    buf.extend_from_slice(line.as_bytes());
+                    buf.push(b'\n');
+                }
+                Err(_) => break,
+            }
+        }
+        if write.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The `id` of a line that is JSON but not a valid request, so the error can be matched.
+fn read_id(line: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(line)
+        .ok()?
+        .get("id")?
+        .as_u64()
+}
+
+fn to_value(value: impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+fn decode_b64(text: &str, what: &str) -> Result<Vec<u8>, (ErrorCode, String)> {
+    B64.decode(text).map_err(|e| {
+        (
+            ErrorCode::InvalidArgument,
+            format!("{what} is not valid base64: {e}"),
+        )
+    })
+}
+
+fn parse_device(text: &str) -> Result<libp2p::PeerId, (ErrorCode, String)> {
+    text.parse().map_err(|e| {
+        (
+            ErrorCode::InvalidArgument,
+            format!("bad device id {text:?}: {e}"),
+        )
+    })
+}
+
+fn agent_error(e: AgentError) -> (ErrorCode, String) {
+    match e {
+        AgentError::Doc(e) => doc_error(e),
+        AgentError::Store(e) => store_error(e),
+        other => (ErrorCode::Internal, other.to_string()),
+    }
+}
+
+fn doc_error(e: DocError) -> (ErrorCode, String) {
+    match e {
+        DocError::InvalidUpdate { .. } => (ErrorCode::InvalidArgument, e.to_string()),
+        DocError::NotDurable { .. } => (ErrorCode::NotDurable, e.to_string()),
+        DocError::Store(e) => store_error(e),
+        DocError::AgentStopped => (ErrorCode::Internal, e.to_string()),
+    }
+}
+
+fn store_error(e: StoreError) -> (ErrorCode, String) {
+    match e {
+        StoreError::InvalidDocName { .. } => (ErrorCode::InvalidArgument, e.to_string()),
+        _ => (ErrorCode::Storage, e.to_string()),
+    }
+}
