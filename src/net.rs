@@ -457,12 +457,18 @@ impl SessionRunner {
             listen_addrs,
         };
         let trust = self.trust.clone();
-        session::run(peer, stream, &self.ctx, hello, |theirs| {
+        let result = session::run(peer, stream, &self.ctx, hello, |theirs| {
             if let Err(e) = trust.set_addrs(&peer, theirs.listen_addrs.clone()) {
                 tracing::warn!(%peer, "cannot remember the peer's addresses: {e}");
             }
         })
-        .await
+        .await;
+        if let Err(e) = &result {
+            if !matches!(e, SessionError::Closed) {
+                self.ctx.peers.set_error(peer, e.to_string());
+            }
+        }
+        result
     }
 }
 

@@ -1,0 +1,347 @@
+//! The agent against a hand-driven libp2p peer: version refusal, malformed and oversized frames,
+//! and devices that are not trusted. The raw peer uses the same transport stack (TCP + Noise +
+//! Yamux) but writes frames by hand.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use devicelink::sync::message::codec;
+use devicelink::sync::{Hello, Message, RefuseCode, Version, PROTOCOL_VERSION, SYNC_PROTOCOL};
+use devicelink::{AgentHandle, PeerId};
+use futures::{SinkExt, StreamExt};
+use libp2p::swarm::SwarmEvent;
+use tokio::io::AsyncWriteExt;
+use tokio_util::codec::Framed;
+use tokio_util::compat::FuturesAsyncReadCompatExt;
+
+type Transport =
+    Framed<tokio_util::compat::Compat<libp2p::Stream>, tokio_util::codec::LengthDelimitedCodec>;
+
+/// A raw libp2p peer connected to `agent`; its swarm is driven by a background task.
+struct RawPeer {
+    id: PeerId,
+    control: libp2p_stream::Control,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawPeer {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// A raw peer that has dialed `agent` and completed the Noise handshake (the agent may still
+/// drop the connection right after, if it does not trust the peer).
+async fn raw_peer_connected_to(agent: &AgentHandle) -> RawPeer {
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    raw_peer_with(keypair, agent).await
+}
+
+async fn raw_peer_with(keypair: libp2p::identity::Keypair, agent: &AgentHandle) -> RawPeer {
+    let id = keypair.public().to_peer_id();
+    let mut swarm = devicelink::net::build_swarm(keypair).unwrap();
+    let control = swarm.behaviour().stream.new_control();
+    let (agent_id, addr) = (agent.device_id(), agent.listen_addrs()[0].clone());
+    let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(agent_id)
+        .addresses(vec![addr])
+        .build();
+    swarm.dial(opts).unwrap();
+    let (connected, connected_rx) = tokio::sync::oneshot::channel();
+    let driver = tokio::spawn(async move {
+        let mut connected = Some(connected);
+        loop {
+            if let SwarmEvent::ConnectionEstablished { .. } = swarm.select_next_some().await {
+                if let Some(tx) = connected.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    tokio::time::timeout(LIMIT, connected_rx)
+        .await
+        .expect("raw peer connects in time")
+        .expect("driver alive");
+    RawPeer {
+        id,
+        control,
+        driver,
+    }
+}
+
+async fn open(peer: &mut RawPeer, agent: &AgentHandle) -> Result<Transport, String> {
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        peer.control.open_stream(agent.device_id(), SYNC_PROTOCOL),
+    )
+    .await
+    .map_err(|_| "open_stream timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(Framed::new(stream.compat(), codec()))
+}
+
+fn hello(version: Version) -> Message {
+    Message::Hello(Hello {
+        version,
+        device_name: "raw".into(),
+        listen_addrs: vec![],
+    })
+}
+
+/// Reads frames until the stream ends (bounded in time); returns the decoded messages.
+async fn read_all(transport: &mut Transport) -> Vec<Message> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, transport.next()).await {
+        out.push(Message::decode(&frame).expect("the agent only sends valid frames"));
+    }
+    out
+}
+
+fn refusal(messages: &[Message]) -> Option<(RefuseCode, String)> {
+    messages.iter().find_map(|m| match m {
+        Message::Refuse(r) => Some((r.code, r.message.clone())),
+        _ => None,
+    })
+}
+
+async fn linked_pair() -> (
+    AgentHandle,
+    AgentHandle,
+    tempfile::TempDir,
+    tempfile::TempDir,
+) {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), "a").await;
+    let b = start(db.path(), "b").await;
+    link(&a, &b);
+    wait_until(LIMIT, "a-b session", || a.is_syncing_with(&b.device_id())).await;
+    (a, b, da, db)
+}
+
+/// Acceptance 5: a 1.3 peer is refused with a clear message, and the agent keeps serving B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_protocol_version_is_refused_clearly() {
+    let (a, b, _da, _db) = linked_pair().await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    // Trusted, so the version is what gets refused.
+    a.trust_add(keypair.public().to_peer_id(), "old-device")
+        .unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    transport
+        .send(Bytes::from(
+            hello(Version { major: 1, minor: 3 }).encode().unwrap(),
+        ))
+        .await
+        .unwrap();
+    let messages = read_all(&mut transport).await;
+    assert!(matches!(messages.first(), Some(Message::Hello(h)) if h.version == PROTOCOL_VERSION));
+    let (code, message) = refusal(&messages).expect("a Refuse frame");
+    assert_eq!(code, RefuseCode::UnsupportedVersion);
+    assert!(message.contains("1.3 is too old"), "{message}");
+    assert!(
+        !messages.iter().any(|m| m.doc().is_some()),
+        "no document data for a refused peer"
+    );
+
+    // The agent logged it (visible in status) ...
+    let raw_id = raw.id.to_string();
+    wait_until(LIMIT, "the refusal in status", || {
+        a.status().unwrap().peers.iter().any(|p| {
+            p.device_id == raw_id
+                && p.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("too old"))
+        })
+    })
+    .await;
+    // ... and an unknown major version is refused too.
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    transport
+        .send(Bytes::from(
+            hello(Version { major: 2, minor: 0 }).encode().unwrap(),
+        ))
+        .await
+        .unwrap();
+    let (code, message) = refusal(&read_all(&mut transport).await).expect("a Refuse frame");
+    assert_eq!(code, RefuseCode::UnsupportedVersion);
+    assert!(message.contains("unknown major"), "{message}");
+
+    assert_still_serving(&a, &b).await;
+}
+
+/// Acceptance 5: malformed and oversized frames end that stream with an error; other peers are
+/// unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_frames_end_only_that_stream() {
+    let (a, b, _da, _db) = linked_pair().await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    a.trust_add(keypair.public().to_peer_id(), "fuzzer")
+        .unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+
+    // Garbage body after a valid hello.
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    transport
+        .send(Bytes::from(hello(PROTOCOL_VERSION).encode().unwrap()))
+        .await
+        .unwrap();
+    transport
+        .send(Bytes::from_static(&[0xff, 0xff, 0xff, 0x07, 0x01]))
+        .await
+        .unwrap();
+    let (code, _) = refusal(&read_all(&mut transport).await).expect("a Refuse frame");
+    assert_eq!(code, RefuseCode::Malformed);
+
+    // A length prefix far over the limit (written raw, bypassing our codec's own check).
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    transport
+        .send(Bytes::from(hello(PROTOCOL_VERSION).encode().unwrap()))
+        .await
+        .unwrap();
+    {
+        let io = transport.get_mut();
+        io.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+        io.write_all(&[0u8; 64]).await.unwrap();
+        io.flush().await.unwrap();
+    }
+    let (code, message) = refusal(&read_all(&mut transport).await).expect("a Refuse frame");
+    assert_eq!(code, RefuseCode::FrameTooLarge, "{message}");
+
+    // A corrupt Yjs update inside a valid frame is a per-document error; the stream goes on.
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    transport
+        .send(Bytes::from(hello(PROTOCOL_VERSION).encode().unwrap()))
+        .await
+        .unwrap();
+    let bad = Message::Update {
+        doc: "victim".into(),
+        update: vec![9, 9, 9, 9],
+    };
+    transport
+        .send(Bytes::from(bad.encode().unwrap()))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut got_doc_error = false;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, transport.next()).await {
+        if let Message::DocError { doc, .. } = Message::decode(&frame).unwrap() {
+            assert_eq!(doc, "victim");
+            got_doc_error = true;
+            break;
+        }
+    }
+    assert!(got_doc_error, "a DocError answer for the corrupt update");
+    assert_still_serving(&a, &b).await;
+}
+
+/// Acceptance 6: a device not in the trust store can neither read nor change any document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_devices_cannot_read_or_write() {
+    let (da, dc) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), "a").await;
+    let secret = a.open_doc("secret").unwrap();
+    secret.set_map_value("m", "pin", "1234").await.unwrap();
+    let before = secret.encode_state();
+
+    // A raw intruder speaking the protocol perfectly, but unknown to A.
+    let mut raw = raw_peer_connected_to(&a).await;
+    if let Ok(mut transport) = open(&mut raw, &a).await {
+        let _ = transport
+            .send(Bytes::from(hello(PROTOCOL_VERSION).encode().unwrap()))
+            .await;
+        let _ = transport
+            .send(Bytes::from(
+                Message::SyncStep1 {
+                    doc: "secret".into(),
+                    state_vector: vec![0],
+                }
+                .encode()
+                .unwrap(),
+            ))
+            .await;
+        let intruder_doc = yrs::Doc::new();
+        let update = {
+            use yrs::{Map, Transact};
+            let map = intruder_doc.get_or_insert_map("m");
+            let mut txn = intruder_doc.transact_mut();
+            map.insert(&mut txn, "pin", "0000");
+            txn.encode_update_v1()
+        };
+        let _ = transport
+            .send(Bytes::from(
+                Message::Update {
+                    doc: "secret".into(),
+                    update,
+                }
+                .encode()
+                .unwrap(),
+            ))
+            .await;
+        let messages = read_all(&mut transport).await;
+        assert!(
+            !messages.iter().any(|m| m.doc().is_some()),
+            "an untrusted device got document data: {messages:?}"
+        );
+        if let Some((code, _)) = refusal(&messages) {
+            assert_eq!(code, RefuseCode::NotTrusted);
+        }
+    }
+
+    // A refused it at the connection, and says why.
+    let raw_id = raw.id.to_string();
+    wait_until(LIMIT, "the refusal in status", || {
+        a.status().unwrap().peers.iter().any(|p| {
+            p.device_id == raw_id
+                && !p.trusted
+                && p.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("not in the trust store"))
+        })
+    })
+    .await;
+
+    // A full agent C that trusts A, but A does not trust C.
+    let c = start(dc.path(), "c").await;
+    c.trust_add(a.device_id(), "a").unwrap();
+    let c_doc = c.open_doc("secret").unwrap();
+    c_doc.set_map_value("m", "pin", "6666").await.unwrap();
+    c.dial(a.listen_addrs()[0].clone()).unwrap();
+    // Give C every chance (several redials) to push or pull anything.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!a.is_syncing_with(&c.device_id()));
+    assert_eq!(
+        secret.encode_state(),
+        before,
+        "A's document was changed by an untrusted device"
+    );
+    assert_eq!(secret.to_json()["m"]["pin"], "1234");
+    assert_eq!(c_doc.to_json()["m"]["pin"], "6666", "C read A's document");
+    assert_eq!(a.list_docs().unwrap(), vec!["secret".to_string()]);
+
+    // Control: once A trusts C, the same setup syncs (so the negative above is meaningful).
+    a.trust_add(c.device_id(), "c").unwrap();
+    wait_until(LIMIT, "sync after trusting", || same_state(&secret, &c_doc)).await;
+    a.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
+}
+
+/// B's edits still reach A, and A's reach B.
+async fn assert_still_serving(a: &AgentHandle, b: &AgentHandle) {
+    let doc_a = a.open_doc("after").unwrap();
+    let doc_b = b.open_doc("after").unwrap();
+    doc_b.set_map_value("m", "from", "b").await.unwrap();
+    doc_a.set_map_value("m", "to", "a").await.unwrap();
+    wait_until(LIMIT, "a and b still syncing", || {
+        same_state(&doc_a, &doc_b)
+            && doc_a.to_json()["m"]
+                .as_object()
+                .is_some_and(|m| m.len() == 2)
+    })
+    .await;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
