@@ -1,0 +1,243 @@
+//! Black-box tests of the `devicelink` binary: real processes, real sockets, real sled dirs.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::LIMIT;
+use devicelink::client::Client;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_devicelink");
+
+/// An agent child process, killed on drop.
+struct AgentProcess {
+    child: Child,
+    data_dir: PathBuf,
+    socket: PathBuf,
+    device_id: String,
+    addr: String,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AgentProcess {
+    /// Starts `devicelink agent` on 127.0.0.1 and waits until it prints its socket.
+    fn start(data_dir: &Path, peers: &[&str]) -> Self {
+        let socket = data_dir.join("agent.sock");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("agent")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null());
+        for peer in peers {
+            cmd.args(["--peer", peer]);
+        }
+        let mut child = cmd.spawn().expect("spawn agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut device_id, mut addr) = (String::new(), String::new());
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("agent prints its socket in time");
+            if let Some(id) = line.strip_prefix("device id: ") {
+                device_id = id.to_string();
+            } else if let Some(a) = line.strip_prefix("listening: ") {
+                addr = a.to_string();
+            } else if line.starts_with("ipc socket: ") {
+                break;
+            }
+        }
+        Self {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            socket,
+            device_id,
+            addr,
+        }
+    }
+
+    async fn client(&self) -> Client {
+        Client::connect(&self.socket).await.expect("connect to agent")
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.data_dir, &self.socket, args)
+    }
+
+    fn kill9(mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+fn cli(data_dir: &Path, socket: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run devicelink")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Acceptance 4: SIGKILL right after N acknowledged changes; on restart all N are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_changes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut total = 0usize;
+    for (cycle, n) in [200usize, 1_000, 3_000].into_iter().enumerate() {
+        let agent = AgentProcess::start(dir.path(), &[]);
+        let client = std::sync::Arc::new(agent.client().await);
+        // Many concurrent writers: acknowledgements share flushes (group commit).
+        let writes = (0..n).map(|i| {
+            let client = client.clone();
+            async move {
+                let key = format!("c{cycle}-k{i}");
+                client.doc_set("ledger", "entries", &key, json!(i)).await
+            }
+        });
+        for result in futures::future::join_all(writes).await {
+            result.expect("acknowledged");
+        }
+        client.doc_text_append("ledger", "log", &format!("cycle {cycle};")).await.unwrap();
+        total += n;
+        agent.kill9(); // no chance to flush anything more
+    }
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let doc = agent.client().await.doc_get("ledger").await.unwrap();
+    let entries = doc["entries"].as_object().expect("entries map");
+    assert_eq!(entries.len(), total, "every acknowledged change survived SIGKILL");
+    for (cycle, n) in [200usize, 1_000, 3_000].into_iter().enumerate() {
+        for i in 0..n {
+            assert_eq!(entries[&format!("c{cycle}-k{i}")], json!(i));
+        }
+    }
+    assert_eq!(doc["log"], "cycle 0;cycle 1;cycle 2;");
+}
+
+/// Two agent processes linked with `trust add` and `--peer`: `doc set` on A, `doc get` on B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agent_processes_sync_through_the_cli() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let id = |dir: &Path| {
+        let out = cli(dir, &dir.join("agent.sock"), &["id"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).trim().to_string()
+    };
+    let (id_a, id_b) = (id(da.path()), id(db.path()));
+    assert_eq!(id(da.path()), id_a, "the device id is stable");
+    // With no agent running, `trust add` edits the store directly.
+    for (dir, other) in [(da.path(), &id_b), (db.path(), &id_a)] {
+        let out = cli(dir, &dir.join("agent.sock"), &["trust", "add", other, "--name", "peer"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let b = AgentProcess::start(db.path(), &[]);
+    let a = AgentProcess::start(da.path(), &[&b.addr]);
+    assert_eq!((a.device_id.as_str(), b.device_id.as_str()), (id_a.as_str(), id_b.as_str()));
+
+    let out = a.cli(&["doc", "set", "trip", "plan", "city", "\"Lisbon\""]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let start = Instant::now();
+    loop {
+        let out = b.cli(&["doc", "get", "trip"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        if json["plan"]["city"] == "Lisbon" {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "B never saw A's change: {json}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = a.cli(&["trust", "list"]);
+    assert!(stdout(&out).contains(&id_b), "trust list through the running agent: {}", stdout(&out));
+    let out = b.cli(&["status"]);
+    let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(status["device_id"], id_b.as_str());
+    assert!(status["docs"].as_array().unwrap().contains(&json!("trip")));
+}
+
+/// SIGTERM stops the agent cleanly (exit 0) after a final flush.
+#[test]
+fn sigterm_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = AgentProcess::start(dir.path(), &[]);
+    let pid = agent.child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + LIMIT;
+    let exit = loop {
+        if let Some(exit) = agent.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "clean exit: {exit:?}");
+    assert!(!agent.socket.exists(), "socket removed on stop");
+}
+
+/// Commands that need an agent say clearly that none is running; bad arguments are rejected.
+#[test]
+fn clear_errors_without_agent_and_for_bad_arguments() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    for args in [&["status"][..], &["doc", "get", "x"], &["doc", "list"]] {
+        let out = cli(dir.path(), &socket, args);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("no devicelink agent is running"), "{}", stderr(&out));
+    }
+    let out = cli(dir.path(), &socket, &["trust", "add", "not-a-device-id"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not-a-device-id"), "{}", stderr(&out));
+    let out = cli(dir.path(), &socket, &["agent", "--listen", "nonsense"]);
+    assert!(!out.status.success());
+    let out = cli(dir.path(), &socket, &["frobnicate"]);
+    assert!(!out.status.success());
+}
+
+/// A second agent on the same data dir is refused with a clear message.
+#[test]
+fn second_agent_on_the_same_data_dir_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let _first = AgentProcess::start(dir.path(), &[]);
+    let out = cli(
+        dir.path(),
+        &dir.path().join("other.sock"),
+        &["agent", "--listen", "/ip4/127.0.0.1/tcp/0"],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("in use by another devicelink agent"), "{}", stderr(&out));
+}
