@@ -376,7 +376,7 @@ impl Network {
         self.peers.connected(peer, connections);
         self.backoffs.remove(&peer);
         let opener = *self.swarm.local_peer_id() < peer;
-        if opener && !self.session_of.get(&peer).is_some_and(|h| !h.is_finished()) {
+        if opener && self.session_of.get(&peer).is_none_or(|h| h.is_finished()) {
             let control = self.swarm.behaviour().stream.new_control();
             let task = open_sessions(peer, control, self.session_ctx());
             let handle = self.sessions.spawn(task);

@@ -132,9 +132,7 @@ async fn old_protocol_version_is_refused_clearly() {
     let mut raw = raw_peer_with(keypair, &a).await;
     let mut transport = open(&mut raw, &a).await.unwrap();
     transport
-        .send(Bytes::from(
-            hello(Version { major: 1, minor: 3 }).encode().unwrap(),
-        ))
+        .send(hello(Version { major: 1, minor: 3 }).encode().unwrap())
         .await
         .unwrap();
     let messages = read_all(&mut transport).await;
@@ -161,9 +159,7 @@ async fn old_protocol_version_is_refused_clearly() {
     // ... and an unknown major version is refused too.
     let mut transport = open(&mut raw, &a).await.unwrap();
     transport
-        .send(Bytes::from(
-            hello(Version { major: 2, minor: 0 }).encode().unwrap(),
-        ))
+        .send(hello(Version { major: 2, minor: 0 }).encode().unwrap())
         .await
         .unwrap();
     let (code, message) = refusal(&read_all(&mut transport).await).expect("a Refuse frame");
@@ -186,7 +182,7 @@ async fn malformed_and_oversized_frames_end_only_that_stream() {
     // Garbage body after a valid hello.
     let mut transport = open(&mut raw, &a).await.unwrap();
     transport
-        .send(Bytes::from(hello(PROTOCOL_VERSION).encode().unwrap()))
+        .send(hello(PROTOCOL_VERSION).encode().unwrap())
         .await
         .unwrap();
     transport
@@ -199,7 +195,7 @@ async fn malformed_and_oversized_frames_end_only_that_stream() {
     // A length prefix far over the limit (written raw, bypassing our codec's own check).
     let mut transport = open(&mut raw, &a).await.unwrap();
     transport
-        .send(Bytes::from(hello(PROTOCOL_VERSION).encode().unwrap()))
+        .send(hello(PROTOCOL_VERSION).encode().unwrap())
         .await
         .unwrap();
     {
@@ -214,17 +210,14 @@ async fn malformed_and_oversized_frames_end_only_that_stream() {
     // A corrupt Yjs update inside a valid frame is a per-document error; the stream goes on.
     let mut transport = open(&mut raw, &a).await.unwrap();
     transport
-        .send(Bytes::from(hello(PROTOCOL_VERSION).encode().unwrap()))
+        .send(hello(PROTOCOL_VERSION).encode().unwrap())
         .await
         .unwrap();
     let bad = Message::Update {
         doc: "victim".into(),
         update: vec![9, 9, 9, 9],
     };
-    transport
-        .send(Bytes::from(bad.encode().unwrap()))
-        .await
-        .unwrap();
+    transport.send(bad.encode().unwrap()).await.unwrap();
     let deadline = tokio::time::Instant::now() + LIMIT;
     let mut got_doc_error = false;
     while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, transport.next()).await {
@@ -251,17 +244,17 @@ async fn untrusted_devices_cannot_read_or_write() {
     let mut raw = raw_peer_connected_to(&a).await;
     if let Ok(mut transport) = open(&mut raw, &a).await {
         let _ = transport
-            .send(Bytes::from(hello(PROTOCOL_VERSION).encode().unwrap()))
+            .send(hello(PROTOCOL_VERSION).encode().unwrap())
             .await;
         let _ = transport
-            .send(Bytes::from(
+            .send(
                 Message::SyncStep1 {
                     doc: "secret".into(),
                     state_vector: vec![0],
                 }
                 .encode()
                 .unwrap(),
-            ))
+            )
             .await;
         let intruder_doc = yrs::Doc::new();
         let update = {
@@ -272,14 +265,14 @@ async fn untrusted_devices_cannot_read_or_write() {
             txn.encode_update_v1()
         };
         let _ = transport
-            .send(Bytes::from(
+            .send(
                 Message::Update {
                     doc: "secret".into(),
                     update,
                 }
                 .encode()
                 .unwrap(),
-            ))
+            )
             .await;
         let messages = read_all(&mut transport).await;
         assert!(

@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use devicelink::yrs::{Map, Text};
 
@@ -61,8 +59,6 @@ async fn concurrent_edits_while_connected_converge() {
     wait_until(LIMIT, "session", || a.is_syncing_with(&b.device_id())).await;
 
     let edit = |doc: devicelink::DocHandle, who: &'static str| async move {
-        let text = doc.read(|_| ()); // make sure the doc is open
-        let _ = text;
         for i in 0..300 {
             let body = doc.yrs_doc().get_or_insert_text("body");
             let map = doc.yrs_doc().get_or_insert_map("keys");
@@ -208,5 +204,4 @@ async fn corrupt_record_is_reported_not_dropped() {
         "kept on disk"
     );
     agent.shutdown().await.unwrap();
-    let _ = Duration::ZERO;
 }

@@ -1,0 +1,25 @@
+# Everyday recipes. `just --list` shows them.
+
+# The two-agent demo: sync, live edits, offline catch-up.
+demo:
+    cargo run --release -- demo
+
+# The whole test suite (what CI runs).
+test:
+    cargo test --release
+
+# Lints and formatting, as CI expects them.
+check:
+    cargo fmt --all -- --check
+    cargo clippy --all-targets -- -D warnings
+
+fmt:
+    cargo fmt --all
+
+# Run an agent in the foreground; pass extra flags, e.g. `just agent --peer /ip4/127.0.0.1/tcp/4001`.
+agent *ARGS:
+    cargo run --release -- agent {{ARGS}}
+
+# Regenerate protocol/vectors after an intentional wire change.
+vectors:
+    DEVICELINK_WRITE_VECTORS=1 cargo test --release --test protocol_vectors
