@@ -80,7 +80,9 @@ impl AgentProcess {
     }
 
     async fn client(&self) -> Client {
-        Client::connect(&self.socket).await.expect("connect to agent")
+        Client::connect(&self.socket)
+            .await
+            .expect("connect to agent")
     }
 
     fn cli(&self, args: &[&str]) -> Output {
@@ -132,14 +134,21 @@ async fn acknowledged_changes_survive_sigkill() {
         for result in futures::future::join_all(writes).await {
             result.expect("acknowledged");
         }
-        client.doc_text_append("ledger", "log", &format!("cycle {cycle};")).await.unwrap();
+        client
+            .doc_text_append("ledger", "log", &format!("cycle {cycle};"))
+            .await
+            .unwrap();
         total += n;
         agent.kill9(); // no chance to flush anything more
     }
     let agent = AgentProcess::start(dir.path(), &[]);
     let doc = agent.client().await.doc_get("ledger").await.unwrap();
     let entries = doc["entries"].as_object().expect("entries map");
-    assert_eq!(entries.len(), total, "every acknowledged change survived SIGKILL");
+    assert_eq!(
+        entries.len(),
+        total,
+        "every acknowledged change survived SIGKILL"
+    );
     for (cycle, n) in [200usize, 1_000, 3_000].into_iter().enumerate() {
         for i in 0..n {
             assert_eq!(entries[&format!("c{cycle}-k{i}")], json!(i));
@@ -161,12 +170,19 @@ async fn two_agent_processes_sync_through_the_cli() {
     assert_eq!(id(da.path()), id_a, "the device id is stable");
     // With no agent running, `trust add` edits the store directly.
     for (dir, other) in [(da.path(), &id_b), (db.path(), &id_a)] {
-        let out = cli(dir, &dir.join("agent.sock"), &["trust", "add", other, "--name", "peer"]);
+        let out = cli(
+            dir,
+            &dir.join("agent.sock"),
+            &["trust", "add", other, "--name", "peer"],
+        );
         assert!(out.status.success(), "{}", stderr(&out));
     }
     let b = AgentProcess::start(db.path(), &[]);
     let a = AgentProcess::start(da.path(), &[&b.addr]);
-    assert_eq!((a.device_id.as_str(), b.device_id.as_str()), (id_a.as_str(), id_b.as_str()));
+    assert_eq!(
+        (a.device_id.as_str(), b.device_id.as_str()),
+        (id_a.as_str(), id_b.as_str())
+    );
 
     let out = a.cli(&["doc", "set", "trip", "plan", "city", "\"Lisbon\""]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -182,7 +198,11 @@ async fn two_agent_processes_sync_through_the_cli() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = a.cli(&["trust", "list"]);
-    assert!(stdout(&out).contains(&id_b), "trust list through the running agent: {}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&id_b),
+        "trust list through the running agent: {}",
+        stdout(&out)
+    );
     let out = b.cli(&["status"]);
     let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(status["device_id"], id_b.as_str());
@@ -217,7 +237,11 @@ fn clear_errors_without_agent_and_for_bad_arguments() {
     for args in [&["status"][..], &["doc", "get", "x"], &["doc", "list"]] {
         let out = cli(dir.path(), &socket, args);
         assert!(!out.status.success());
-        assert!(stderr(&out).contains("no devicelink agent is running"), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no devicelink agent is running"),
+            "{}",
+            stderr(&out)
+        );
     }
     let out = cli(dir.path(), &socket, &["trust", "add", "not-a-device-id"]);
     assert!(!out.status.success());
@@ -239,5 +263,9 @@ fn second_agent_on_the_same_data_dir_is_refused() {
         &["agent", "--listen", "/ip4/127.0.0.1/tcp/0"],
     );
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("in use by another devicelink agent"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("in use by another devicelink agent"),
+        "{}",
+        stderr(&out)
+    );
 }
