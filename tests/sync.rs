@@ -205,3 +205,31 @@ async fn corrupt_record_is_reported_not_dropped() {
     );
     agent.shutdown().await.unwrap();
 }
+
+/// A peer that drops is redialed by the other side with backoff, from the addresses it announced
+/// in its hello, and catches up by state vectors; here B never dials anyone itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_peer_is_redialed_automatically() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), "a").await;
+    let b = start(db.path(), "b").await;
+    link(&a, &b);
+    let b_id = b.device_id();
+    let b_addr = b.listen_addrs()[0].clone();
+    wait_until(LIMIT, "first session", || a.is_syncing_with(&b_id)).await;
+    b.shutdown().await.unwrap();
+    drop(b);
+    wait_until(LIMIT, "a to notice", || !a.is_syncing_with(&b_id)).await;
+    let doc_a = a.open_doc("d").unwrap();
+    doc_a.append_text("t", "written while b was away").await.unwrap();
+
+    // B restarts on the same address and does not dial: A must find it again.
+    let mut config = devicelink::AgentConfig::new(db.path());
+    config.listen = vec![b_addr];
+    let b = devicelink::Agent::start(config).await.unwrap();
+    let doc_b = b.open_doc("d").unwrap();
+    wait_until(LIMIT, "a to redial b and sync", || same_state(&doc_a, &doc_b)).await;
+    assert_eq!(doc_b.text("t"), "written while b was away");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
