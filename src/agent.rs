@@ -253,7 +253,11 @@ impl AgentHandle {
             device_name: self.inner.device_name.clone(),
             listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
             docs: self.list_docs()?,
-            peers: self.inner.peers.snapshot(&trusted),
+            peers: self.inner.peers.snapshot(&trusted, |doc| {
+                self.inner.registry.open(doc).ok().map(|live| {
+                    DocHandle::new(live, self.inner.registry.clone()).state_vector_decoded()
+                })
+            }),
         })
     }
 

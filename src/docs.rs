@@ -42,6 +42,14 @@ pub struct DocUpdate {
     pub origin: Origin,
 }
 
+/// The outcome of applying an update.
+pub(crate) struct Applied {
+    /// Completes once the update is on disk (local updates only; `None` if nothing to wait for).
+    pub durable: Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>,
+    /// The upper state vector of the update: its sender holds at least this.
+    pub state_vector: StateVector,
+}
+
 /// Errors of document operations.
 #[derive(Debug, thiserror::Error)]
 pub enum DocError {
@@ -157,19 +165,23 @@ impl DocRegistry {
         name: &str,
         bytes: &[u8],
         origin: Origin,
-    ) -> Result<Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>, DocError> {
+    ) -> Result<Applied, DocError> {
         let invalid = |reason: String| DocError::InvalidUpdate {
             doc: name.to_string(),
             reason,
         };
         let update = Update::decode_v1(bytes).map_err(|e| invalid(e.to_string()))?;
+        let state_vector = upper_state_vector(&update);
         let live = self.open(name)?;
         let mut txn = live.doc.transact_mut();
         txn.apply_update(update)
             .map_err(|e| invalid(e.to_string()))?;
         let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
         if !changed && !txn.has_missing_updates() {
-            return Ok(None);
+            return Ok(Applied {
+                durable: None,
+                state_vector,
+            });
         }
         // Store what was received: it may hold not-yet-integrable parts the delta lacks.
         let stored = Bytes::copy_from_slice(bytes);
@@ -188,7 +200,10 @@ impl DocRegistry {
             let delta = Bytes::from(txn.encode_update_v1());
             self.publish(&live, delta, origin);
         }
-        Ok(ack)
+        Ok(Applied {
+            durable: ack,
+            state_vector,
+        })
     }
 
     /// Runs `f` in a local write transaction; returns its result and, if it changed anything,
@@ -260,6 +275,7 @@ impl DocHandle {
         if let Some(ack) = self
             .registry
             .apply_update(&self.live.name, update, Origin::Local)?
+            .durable
         {
             self.wait_durable(ack).await?;
         }
@@ -394,6 +410,18 @@ impl DocHandle {
     pub fn subscribe(&self) -> broadcast::Receiver<DocUpdate> {
         self.live.events.subscribe()
     }
+}
+
+/// The highest clock of each client in `update`: whoever made it holds at least this (a device's
+/// clocks per client are contiguous). Unlike `Update::state_vector`, also right for deltas.
+pub(crate) fn upper_state_vector(update: &Update) -> StateVector {
+    let mut sv = StateVector::default();
+    for (client, ranges) in update.insertions(true).iter() {
+        for range in ranges.iter() {
+            sv.set_max(*client, range.end);
+        }
+    }
+    sv
 }
 
 /// JSON view of a document. Root types this device has not used yet have no declared type;

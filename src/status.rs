@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use libp2p::PeerId;
 use serde::Serialize;
+use yrs::StateVector;
 
 /// A snapshot of one peer's state, as reported by [`crate::AgentHandle::status`].
 #[derive(Debug, Clone, Serialize)]
@@ -19,6 +20,10 @@ pub struct PeerStatus {
     pub syncing: bool,
     /// Documents whose initial state-vector exchange with this peer completed in this session.
     pub synced_docs: BTreeSet<String>,
+    /// Per document: how much of this device's content the peer is not known to have yet, in
+    /// Yjs clock units (one per inserted character, item or map write); 0 = in sync. Only for
+    /// documents whose state the peer has told us in this session.
+    pub pending: BTreeMap<String, u64>,
     /// When the last update or sync answer from this peer arrived.
     #[serde(serialize_with = "ser_time")]
     pub last_sync: Option<SystemTime>,
@@ -39,6 +44,8 @@ struct PeerState {
     connections: u32,
     sessions: u32,
     synced_docs: BTreeSet<String>,
+    /// What the peer is known to hold, per document (its SyncStep1, what it sent, what we sent).
+    known: HashMap<String, StateVector>,
     last_sync: Option<SystemTime>,
     last_error: Option<String>,
 }
@@ -68,7 +75,22 @@ impl PeerTable {
         state.sessions += 1;
         state.name = Some(name.to_string());
         state.synced_docs.clear();
+        state.known.clear();
         state.last_error = None;
+    }
+
+    /// Records that `peer` holds at least `sv` of `doc`.
+    pub fn peer_has(&self, peer: PeerId, doc: &str, sv: &StateVector) {
+        let mut peers = self.lock();
+        let known = peers
+            .entry(peer)
+            .or_default()
+            .known
+            .entry(doc.to_string())
+            .or_default();
+        for (client, clock) in sv.iter() {
+            known.set_max(*client, *clock);
+        }
     }
 
     pub fn session_ended(&self, peer: PeerId, error: Option<String>) {
@@ -77,6 +99,7 @@ impl PeerTable {
         state.sessions = state.sessions.saturating_sub(1);
         if state.sessions == 0 {
             state.synced_docs.clear();
+            state.known.clear();
         }
         if error.is_some() {
             state.last_error = error;
@@ -103,7 +126,12 @@ impl PeerTable {
     }
 
     /// Status of every peer seen, merged with the trusted set (name from the trust store wins).
-    pub fn snapshot(&self, trusted: &BTreeMap<PeerId, String>) -> Vec<PeerStatus> {
+    /// `local_sv` gives this device's state vector of a document, to compute what is pending.
+    pub fn snapshot(
+        &self,
+        trusted: &BTreeMap<PeerId, String>,
+        local_sv: impl Fn(&str) -> Option<StateVector>,
+    ) -> Vec<PeerStatus> {
         let peers = self.lock();
         let ids: BTreeSet<PeerId> = peers.keys().chain(trusted.keys()).copied().collect();
         ids.into_iter()
@@ -119,10 +147,46 @@ impl PeerTable {
                     connected: state.is_some_and(|s| s.connections > 0),
                     syncing: state.is_some_and(|s| s.sessions > 0),
                     synced_docs: state.map(|s| s.synced_docs.clone()).unwrap_or_default(),
+                    pending: state
+                        .map(|s| {
+                            s.known
+                                .iter()
+                                .filter_map(|(doc, known)| {
+                                    Some((doc.clone(), missing(&local_sv(doc)?, known)))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     last_sync: state.and_then(|s| s.last_sync),
                     last_error: state.and_then(|s| s.last_error.clone()),
                 }
             })
             .collect()
+    }
+}
+
+/// How many clock units `local` has beyond `known`.
+fn missing(local: &StateVector, known: &StateVector) -> u64 {
+    local
+        .iter()
+        .map(|(client, clock)| u64::from(clock.saturating_sub(known.get(client))))
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_counts_clock_units_beyond_the_known_state() {
+        let mut local = StateVector::default();
+        local.set_max(yrs::block::ClientID::new(1), 10);
+        local.set_max(yrs::block::ClientID::new(2), 5);
+        let mut known = StateVector::default();
+        known.set_max(yrs::block::ClientID::new(1), 4);
+        assert_eq!(missing(&local, &known), 6 + 5);
+        known.set_max(yrs::block::ClientID::new(2), 9);
+        known.set_max(yrs::block::ClientID::new(1), 10);
+        assert_eq!(missing(&local, &known), 0);
     }
 }

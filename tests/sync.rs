@@ -86,6 +86,20 @@ async fn concurrent_edits_while_connected_converge() {
     assert_identical(&doc_a, &doc_b);
     let keys = doc_a.to_json()["keys"].as_object().unwrap().len();
     assert_eq!(keys, 601, "every key from both sides plus 'last'");
+    // Status agrees: each side knows the other holds everything it has.
+    for (me, other) in [(&a, &b), (&b, &a)] {
+        let other_id = other.device_id().to_string();
+        wait_until(LIMIT, "status to report in sync", || {
+            let status = me.status().unwrap();
+            let peer = status
+                .peers
+                .iter()
+                .find(|p| p.device_id == other_id)
+                .unwrap();
+            peer.syncing && peer.pending.get("doc") == Some(&0)
+        })
+        .await;
+    }
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
@@ -221,14 +235,20 @@ async fn dropped_peer_is_redialed_automatically() {
     drop(b);
     wait_until(LIMIT, "a to notice", || !a.is_syncing_with(&b_id)).await;
     let doc_a = a.open_doc("d").unwrap();
-    doc_a.append_text("t", "written while b was away").await.unwrap();
+    doc_a
+        .append_text("t", "written while b was away")
+        .await
+        .unwrap();
 
     // B restarts on the same address and does not dial: A must find it again.
     let mut config = devicelink::AgentConfig::new(db.path());
     config.listen = vec![b_addr];
     let b = devicelink::Agent::start(config).await.unwrap();
     let doc_b = b.open_doc("d").unwrap();
-    wait_until(LIMIT, "a to redial b and sync", || same_state(&doc_a, &doc_b)).await;
+    wait_until(LIMIT, "a to redial b and sync", || {
+        same_state(&doc_a, &doc_b)
+    })
+    .await;
     assert_eq!(doc_b.text("t"), "written while b was away");
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();

@@ -20,6 +20,7 @@ use libp2p::PeerId;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use yrs::updates::decoder::Decode;
 
 use super::message::{codec, DocErrorCode, Hello, Message, MessageError, Refusal, RefuseCode};
 use crate::docs::{DocError, DocRegistry, DocUpdate, Origin};
@@ -100,7 +101,7 @@ pub(crate) async fn run(
     }
 
     let (sink, source) = transport.split();
-    let mut writer = tokio::spawn(write_loop(peer, sink, out_rx, bus));
+    let mut writer = tokio::spawn(write_loop(peer, sink, out_rx, bus, ctx.peers.clone()));
     let mut reader = Reader {
         peer,
         ctx,
@@ -233,6 +234,9 @@ impl Reader<'_> {
     fn handle(&mut self, msg: Message) -> Result<(), SessionError> {
         match msg {
             Message::SyncStep1 { doc, state_vector } => {
+                if let Ok(sv) = yrs::StateVector::decode_v1(&state_vector) {
+                    self.ctx.peers.peer_has(self.peer, &doc, &sv);
+                }
                 let answer = self
                     .ctx
                     .registry
@@ -294,7 +298,12 @@ impl Reader<'_> {
             .registry
             .apply_update(doc, update, Origin::Peer(self.peer))
         {
-            Ok(_) => true,
+            Ok(applied) => {
+                self.ctx
+                    .peers
+                    .peer_has(self.peer, doc, &applied.state_vector);
+                true
+            }
             Err(e) => {
                 self.doc_error(doc.to_string(), e);
                 false
@@ -323,6 +332,7 @@ async fn write_loop(
     mut sink: futures::stream::SplitSink<Transport, Bytes>,
     mut out: mpsc::UnboundedReceiver<Outgoing>,
     mut bus: broadcast::Receiver<DocUpdate>,
+    peers: Arc<PeerTable>,
 ) -> Result<(), SessionError> {
     let from_peer = Origin::Peer(peer);
     loop {
@@ -330,11 +340,29 @@ async fn write_loop(
             biased;
             item = out.recv() => match item {
                 Some(Outgoing::Msg(msg)) => {
-                    sink.feed(msg.encode()?).await?;
-                    while let Ok(Outgoing::Msg(msg)) = out.try_recv() {
+                    // Write everything queued, then flush once.
+                    let (mut next, mut close, mut answered) = (Some(msg), false, Vec::new());
+                    while let Some(msg) = next.take() {
+                        if let Message::SyncStep2 { doc, update } = &msg {
+                            if let Ok(decoded) = yrs::Update::decode_v1(update) {
+                                answered.push((doc.clone(), crate::docs::upper_state_vector(&decoded)));
+                            }
+                        }
                         sink.feed(msg.encode()?).await?;
+                        match out.try_recv() {
+                            Ok(Outgoing::Msg(msg)) => next = Some(msg),
+                            Ok(Outgoing::Close) => close = true,
+                            Err(_) => {}
+                        }
                     }
                     sink.flush().await?;
+                    for (doc, sv) in answered {
+                        peers.peer_has(peer, &doc, &sv);
+                    }
+                    if close {
+                        let _ = SinkExt::<Bytes>::close(&mut sink).await;
+                        return Ok(());
+                    }
                 }
                 Some(Outgoing::Close) | None => {
                     let _ = sink.close().await;
@@ -365,12 +393,19 @@ async fn write_loop(
                 if by_doc.is_empty() {
                     continue;
                 }
+                let mut sent = Vec::with_capacity(by_doc.len());
                 for (doc, updates) in by_doc {
                     for update in merge(&updates) {
+                        if let Ok(decoded) = yrs::Update::decode_v1(&update) {
+                            sent.push((doc.clone(), crate::docs::upper_state_vector(&decoded)));
+                        }
                         sink.feed(Message::Update { doc: doc.to_string(), update }.encode()?).await?;
                     }
                 }
                 sink.flush().await?;
+                for (doc, sv) in sent {
+                    peers.peer_has(peer, &doc, &sv);
+                }
             }
         }
     }
