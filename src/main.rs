@@ -96,7 +96,7 @@ enum DocCommand {
         #[arg(long)]
         append: String,
     },
-    /// Print each change to a document as it arrives, one JSON line each.
+    /// Print the document, then each change as it arrives, one JSON line each.
     Watch { doc: String },
 }
 
@@ -289,6 +289,11 @@ async fn doc(global: &Global, command: DocCommand) -> Result<()> {
         DocCommand::Watch { doc } => {
             let mut events = client.take_events().context("event stream already taken")?;
             client.subscribe(&doc).await?;
+            // The current state first (the subscription is in place), then every change.
+            let state = client.doc_get(&doc).await?;
+            println!("{}", serde_json::json!({ "doc": doc, "state": state }));
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
             while let Some(event) = events.recv().await {
                 let line = match event {
                     Event::Update { origin, update, .. } => {
@@ -300,7 +305,6 @@ async fn doc(global: &Global, command: DocCommand) -> Result<()> {
                     }
                 };
                 println!("{line}");
-                use std::io::Write as _;
                 std::io::stdout().flush()?;
             }
             bail!("the agent closed the connection");

@@ -184,6 +184,28 @@ async fn two_agent_processes_sync_through_the_cli() {
         (id_a.as_str(), id_b.as_str())
     );
 
+    // `doc watch` on B, started before the change, prints it when it arrives.
+    let mut watch = Command::new(BIN)
+        .arg("--socket")
+        .arg(&b.socket)
+        .args(["doc", "watch", "trip"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let watch_out = watch.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(watch_out).lines().map_while(Result::ok) {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Its first line (the current state) means the subscription is in place.
+    let first = line_rx.recv_timeout(LIMIT).expect("doc watch started");
+    assert!(first.contains("\"state\""), "{first}");
+
     let out = a.cli(&["doc", "set", "trip", "plan", "city", "\"Lisbon\""]);
     assert!(out.status.success(), "{}", stderr(&out));
     let start = Instant::now();
@@ -197,6 +219,15 @@ async fn two_agent_processes_sync_through_the_cli() {
         assert!(start.elapsed() < LIMIT, "B never saw A's change: {json}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    let line = line_rx
+        .recv_timeout(LIMIT)
+        .expect("doc watch printed the change");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["origin"], id_a.as_str());
+    assert_eq!(event["state"]["plan"]["city"], "Lisbon");
+    let _ = watch.kill();
+    let _ = watch.wait();
+
     let out = a.cli(&["trust", "list"]);
     assert!(
         stdout(&out).contains(&id_b),

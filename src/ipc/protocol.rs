@@ -13,9 +13,10 @@ pub struct Request {
     pub body: RequestBody,
 }
 
-/// What a request asks for, tagged by `op`.
+/// What a request asks for, tagged by `op`. Unknown fields are ignored, so newer apps can send
+/// optional fields to older agents; an unknown `op` is an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "op", rename_all = "snake_case")]
 pub enum RequestBody {
     /// Device, peers and per-document sync state.
     Status,
