@@ -9,9 +9,13 @@ use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::discovery::{Announcement, DiscoveryConfig, InterfaceReport};
 use crate::docs::{DocError, DocHandle, DocRegistry};
 use crate::identity::{self, IdentityError};
-use crate::net::{self, NetCommand, NetError, Network, RedialPolicy};
+use crate::net::{
+    self, ConnectTarget, Neighborhood, NetCommand, NetError, Network, NetworkDeps, RedialPolicy,
+};
+use crate::pairing::{self, HostEvent, LocalDevice, PairError, Paired, PairingCode};
 use crate::status::{PeerStatus, PeerTable};
 use crate::store::writer::{self, CompactionPolicy};
 use crate::store::{self as store, DocStore, StoreError, TrustStore, TrustedDevice};
@@ -30,6 +34,8 @@ pub struct AgentConfig {
     pub device_name: String,
     pub redial: RedialPolicy,
     pub compaction: CompactionPolicy,
+    /// mDNS discovery (off by default in the library; the CLI turns it on).
+    pub discovery: DiscoveryConfig,
 }
 
 impl AgentConfig {
@@ -42,6 +48,7 @@ impl AgentConfig {
             device_name: default_device_name(),
             redial: RedialPolicy::default(),
             compaction: CompactionPolicy::default(),
+            discovery: DiscoveryConfig::default(),
         }
     }
 }
@@ -102,7 +109,16 @@ struct Inner {
     peers: Arc<PeerTable>,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     commands: mpsc::UnboundedSender<NetCommand>,
-    threads: Mutex<Option<(tokio::task::JoinHandle<()>, std::thread::JoinHandle<()>)>>,
+    neighborhood: Arc<Neighborhood>,
+    control: tokio::sync::Mutex<libp2p_stream::Control>,
+    threads: Mutex<Option<Tasks>>,
+}
+
+/// What `shutdown` stops and waits for.
+struct Tasks {
+    net: tokio::task::JoinHandle<()>,
+    group: tokio::task::JoinHandle<()>,
+    writer: std::thread::JoinHandle<()>,
 }
 
 /// A running agent. Cheap to clone; [`AgentHandle::shutdown`] stops it.
@@ -133,23 +149,36 @@ impl Agent {
             peers: peers.clone(),
         });
         let swarm = net::build_swarm(keypair)?;
+        let control = swarm.behaviour().stream.new_control();
+        let neighborhood = Arc::new(Neighborhood::default());
+        let (commands, command_rx) = mpsc::unbounded_channel();
         let mut network = Network::new(
             swarm,
-            ctx,
-            trust.clone(),
-            peers.clone(),
-            listen_addrs.clone(),
-            config.device_name.clone(),
-            config.redial,
-            config.peers.clone(),
+            NetworkDeps {
+                ctx,
+                trust: trust.clone(),
+                peers: peers.clone(),
+                listen_addrs: listen_addrs.clone(),
+                device_name: config.device_name.clone(),
+                redial: config.redial,
+                static_peers: config.peers.clone(),
+                neighborhood: neighborhood.clone(),
+                discovery: config.discovery.clone(),
+                commands: commands.clone(),
+            },
         );
         if let Err(e) = network.listen(&config.listen).await {
             drop(network);
             let _ = registry.writer().shutdown().await;
             return Err(e.into());
         }
-        let (commands, command_rx) = mpsc::unbounded_channel();
         let net_task = tokio::spawn(network.run(command_rx));
+        let group_task = tokio::spawn(reconcile_group(
+            registry.clone(),
+            trust.clone(),
+            device_id,
+            commands.clone(),
+        ));
         tracing::info!(device = %device_id, "agent started");
         Ok(AgentHandle {
             inner: Arc::new(Inner {
@@ -161,7 +190,13 @@ impl Agent {
                 peers,
                 listen_addrs,
                 commands,
-                threads: Mutex::new(Some((net_task, writer_thread))),
+                neighborhood,
+                control: tokio::sync::Mutex::new(control),
+                threads: Mutex::new(Some(Tasks {
+                    net: net_task,
+                    group: group_task,
+                    writer: writer_thread,
+                })),
             }),
         })
     }
@@ -196,9 +231,11 @@ impl AgentHandle {
         Ok(DocHandle::new(live, self.inner.registry.clone()))
     }
 
-    /// Names of every document this device has.
+    /// Names of the documents this device has (the agent's own `_devicelink/` documents aside).
     pub fn list_docs(&self) -> Result<Vec<String>, AgentError> {
-        Ok(self.inner.registry.list()?)
+        let mut docs = self.inner.registry.list()?;
+        docs.retain(|d| !d.starts_with(crate::group::RESERVED_PREFIX));
+        Ok(docs)
     }
 
     /// Adds a device to the trust store; the agent starts syncing with it when connected.
@@ -261,6 +298,141 @@ impl AgentHandle {
         })
     }
 
+    /// Opens a pairing code for `expiry` (advertised over mDNS while open). The receiver reports
+    /// failed attempts and the outcome.
+    pub async fn pair_open(
+        &self,
+        expiry: std::time::Duration,
+    ) -> Result<(PairingCode, tokio::sync::broadcast::Receiver<HostEvent>), AgentError> {
+        let (reply, rx) = oneshot::channel();
+        self.notify(NetCommand::PairOpen { expiry, reply })?;
+        rx.await.map_err(|_| AgentError::Stopped)
+    }
+
+    /// Pairs with the device that opened `code`: found over mDNS by the code's slot, or dialed at
+    /// `addr`. Both devices then trust each other (and the rest of each other's group).
+    pub async fn pair_join(
+        &self,
+        code: &PairingCode,
+        addr: Option<Multiaddr>,
+    ) -> Result<Paired, PairError> {
+        let neighborhood = &self.inner.neighborhood;
+        neighborhood
+            .joins
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let result = self.pair_join_inner(code, addr).await;
+        neighborhood
+            .joins
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.notify(NetCommand::PairingEnded);
+        result
+    }
+
+    async fn pair_join_inner(
+        &self,
+        code: &PairingCode,
+        addr: Option<Multiaddr>,
+    ) -> Result<Paired, PairError> {
+        let target = match addr {
+            Some(addr) => ConnectTarget::Addr(addr),
+            None => {
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+                loop {
+                    let found = self
+                        .inner
+                        .neighborhood
+                        .nearby()
+                        .into_iter()
+                        .find(|a| a.pair_slot == Some(code.slot()));
+                    if let Some(a) = found {
+                        break ConnectTarget::Peer(a.claimed_id, a.addrs);
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(PairError::NotFound(code.slot()));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
+        // A connection to the same device that is just closing can fail the first stream: retry.
+        let mut attempt = 0;
+        let (peer, stream) = loop {
+            attempt += 1;
+            let (reply, rx) = oneshot::channel();
+            self.notify(NetCommand::Connect {
+                target: target.clone(),
+                reply,
+            })
+            .map_err(|e| PairError::Unreachable(e.to_string()))?;
+            let peer = rx
+                .await
+                .map_err(|_| PairError::Unreachable("the agent stopped".into()))?
+                .map_err(PairError::Unreachable)?;
+            if peer == self.inner.device_id {
+                return Err(PairError::Unreachable("that address is this device".into()));
+            }
+            let opened = self
+                .inner
+                .control
+                .lock()
+                .await
+                .open_stream(peer, pairing::PAIR_PROTOCOL)
+                .await;
+            match opened {
+                Ok(stream) => break (peer, stream),
+                Err(e) if attempt >= 3 => return Err(PairError::Unreachable(e.to_string())),
+                Err(e) => {
+                    tracing::debug!(%peer, "pairing stream failed ({e}); retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+            }
+        };
+        let me = LocalDevice {
+            id: self.inner.device_id,
+            name: self.inner.device_name.clone(),
+            listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
+        };
+        let trust = self.trust().map_err(|e| PairError::Store(e.to_string()))?;
+        let paired = pairing::join(&me, peer, stream, code, |p| {
+            net::save_paired(&trust, peer, p)
+        })
+        .await?;
+        net::record_in_group(&self.inner.registry, &me, peer, &paired).await;
+        let _ = self.notify(NetCommand::TrustChanged);
+        Ok(paired)
+    }
+
+    /// Removes `device` from the group on every device: it is disconnected and refused from now
+    /// on. Returns whether it was a member.
+    pub async fn unpair(&self, device: &PeerId) -> Result<bool, AgentError> {
+        let trust = self.trust()?;
+        let name = trust.get(device)?.map(|d| d.name);
+        let group = self.open_doc(crate::group::GROUP_DOC)?;
+        let known = name.is_some()
+            || crate::group::members(&group)
+                .iter()
+                .any(|m| m.id == *device && !m.removed);
+        crate::group::remove(&group, *device, name.as_deref().unwrap_or("")).await?;
+        trust.revoke(device)?;
+        self.notify(NetCommand::TrustChanged)?;
+        Ok(known)
+    }
+
+    /// Agents announced over mDNS (claimed ids, not yet verified).
+    pub fn nearby(&self) -> Vec<Announcement> {
+        self.inner.neighborhood.nearby()
+    }
+
+    /// Why mDNS is not running, if it is not.
+    pub fn mdns_error(&self) -> Option<String> {
+        self.inner
+            .neighborhood
+            .mdns_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Whether a sync session with `peer` is running.
     pub fn is_syncing_with(&self, peer: &PeerId) -> bool {
         self.inner.peers.has_session(peer)
@@ -280,16 +452,19 @@ impl AgentHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        let Some((net_task, writer_thread)) = threads else {
+        let Some(tasks) = threads else {
             return Ok(());
         };
+        tasks.group.abort();
+        let _ = tasks.group.await;
         let (done, done_rx) = oneshot::channel();
         if self.inner.commands.send(NetCommand::Shutdown(done)).is_ok() {
             let _ = done_rx.await;
         }
-        let _ = net_task.await;
+        let _ = tasks.net.await;
         let flushed = self.inner.registry.writer().shutdown().await;
-        let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+        let writer = tasks.writer;
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         self.inner.registry.close();
         self.inner
             .trust
@@ -298,5 +473,70 @@ impl AgentHandle {
             .take();
         tracing::info!(device = %self.inner.device_id, "agent stopped");
         Ok(flushed?)
+    }
+}
+
+/// Keeps the trust store in line with the replicated device group, now and after every change.
+async fn reconcile_group(
+    registry: Arc<DocRegistry>,
+    trust: TrustStore,
+    me: PeerId,
+    commands: mpsc::UnboundedSender<NetCommand>,
+) {
+    let doc = match registry.open(crate::group::GROUP_DOC) {
+        Ok(live) => DocHandle::new(live, registry.clone()),
+        Err(e) => {
+            tracing::error!("cannot open the device group: {e}");
+            return;
+        }
+    };
+    let mut changes = doc.subscribe();
+    loop {
+        let result = crate::group::reconcile(&doc, &trust, me);
+        if result.removed_self {
+            tracing::warn!("this device was removed from its device group");
+        }
+        if !result.trusted.is_empty() || !result.revoked.is_empty() {
+            tracing::info!(trusted = ?result.trusted, revoked = ?result.revoked, "device group changed");
+            if commands.send(NetCommand::TrustChanged).is_err() {
+                return;
+            }
+        }
+        match changes.recv().await {
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// What `devicelink doctor` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct DoctorReport {
+    pub device_id: String,
+    pub listen_addrs: Vec<String>,
+    pub mdns: String,
+    pub interfaces: Vec<InterfaceReport>,
+    pub nearby: Vec<Announcement>,
+    pub peers: Vec<PeerStatus>,
+}
+
+impl AgentHandle {
+    /// Discovery and connectivity diagnosis: multicast per interface, how each peer was found,
+    /// whether it is connected, how far behind it is per document.
+    pub async fn doctor(&self) -> Result<DoctorReport, AgentError> {
+        let interfaces = tokio::task::spawn_blocking(crate::discovery::probe_interfaces)
+            .await
+            .unwrap_or_default();
+        let status = self.status()?;
+        Ok(DoctorReport {
+            device_id: status.device_id,
+            listen_addrs: status.listen_addrs,
+            mdns: self
+                .mdns_error()
+                .unwrap_or_else(|| "advertising and browsing".into()),
+            interfaces,
+            nearby: self.nearby(),
+            peers: status.peers,
+        })
     }
 }

@@ -27,10 +27,13 @@
 pub mod agent;
 pub mod client;
 pub mod demo;
+pub mod discovery;
 pub mod docs;
+pub mod group;
 pub mod identity;
 pub mod ipc;
 pub mod net;
+pub mod pairing;
 pub mod status;
 pub mod store;
 pub mod sync;

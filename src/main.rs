@@ -46,7 +46,32 @@ enum Command {
         /// Name shown to your other devices. Default: the host name.
         #[arg(long)]
         name: Option<String>,
+        /// Do not advertise or browse over mDNS (direct --peer dialing still works).
+        #[arg(long)]
+        no_mdns: bool,
+        /// Use mDNS on the loopback interface only, advertising 127.0.0.1 (several agents on
+        /// one machine, tests).
+        #[arg(long, conflicts_with = "no_mdns")]
+        mdns_loopback: bool,
     },
+    /// Link this device with another: without CODE, open a code and wait; with CODE, join the
+    /// device showing it.
+    Pair {
+        /// The code shown on the other device, like 42-815-067.
+        code: Option<String>,
+        /// Dial the other device at this address instead of finding it over mDNS.
+        #[arg(long, requires = "code")]
+        peer: Option<Multiaddr>,
+        /// How long a new code stays valid, in seconds.
+        #[arg(long, default_value_t = 300, conflicts_with = "code")]
+        expires: u64,
+    },
+    /// Remove a device from your devices, on every device.
+    Unpair { device: PeerId },
+    /// Paired devices (online or not) and nearby unpaired agents.
+    Peers,
+    /// Diagnose discovery and sync: multicast per interface, how each peer was found, lag.
+    Doctor,
     /// Print this device's id.
     Id,
     /// Manage the devices this one syncs with.
@@ -155,7 +180,48 @@ impl Global {
 async fn run(cli: Cli) -> Result<()> {
     let global = cli.global;
     match cli.command {
-        Command::Agent { listen, peer, name } => run_agent(&global, listen, peer, name).await,
+        Command::Agent {
+            listen,
+            peer,
+            name,
+            no_mdns,
+            mdns_loopback,
+        } => {
+            let discovery = if no_mdns {
+                devicelink::discovery::DiscoveryConfig::default()
+            } else if mdns_loopback {
+                devicelink::discovery::DiscoveryConfig::loopback()
+            } else {
+                devicelink::discovery::DiscoveryConfig {
+                    enabled: true,
+                    ..Default::default()
+                }
+            };
+            run_agent(&global, listen, peer, name, discovery).await
+        }
+        Command::Pair {
+            code,
+            peer,
+            expires,
+        } => pair(&global, code, peer, expires).await,
+        Command::Unpair { device } => {
+            let result = global
+                .client()
+                .await?
+                .request(RequestBody::Unpair {
+                    device: device.to_string(),
+                })
+                .await?;
+            if result["removed"] != true {
+                bail!("{device} was not one of your devices");
+            }
+            println!(
+                "removed {device} from your devices; it is disconnected and refused everywhere"
+            );
+            Ok(())
+        }
+        Command::Peers => peers(&global).await,
+        Command::Doctor => doctor(&global).await,
         Command::Id => {
             println!("{}", devicelink::identity::device_id(&global.data_dir()?)?);
             Ok(())
@@ -175,10 +241,12 @@ async fn run_agent(
     listen: Vec<Multiaddr>,
     peers: Vec<Multiaddr>,
     name: Option<String>,
+    discovery: devicelink::discovery::DiscoveryConfig,
 ) -> Result<()> {
     let mut config = AgentConfig::new(global.data_dir()?);
     config.listen = listen;
     config.peers = peers;
+    config.discovery = discovery;
     if let Some(name) = name {
         config.device_name = name;
     }
@@ -303,6 +371,7 @@ async fn doc(global: &Global, command: DocCommand) -> Result<()> {
                     Event::Lagged { missed, .. } => {
                         serde_json::json!({ "doc": doc, "lagged": missed })
                     }
+                    Event::Pairing { .. } => continue,
                 };
                 println!("{line}");
                 std::io::stdout().flush()?;
@@ -310,6 +379,190 @@ async fn doc(global: &Global, command: DocCommand) -> Result<()> {
             bail!("the agent closed the connection");
         }
     }
+    Ok(())
+}
+
+async fn pair(
+    global: &Global,
+    code: Option<String>,
+    peer: Option<Multiaddr>,
+    expires: u64,
+) -> Result<()> {
+    use devicelink::pairing::{HostEvent, Paired};
+    use std::io::Write as _;
+    let client = global.client().await?;
+    let show = |p: &Paired| {
+        println!("paired with {} ({})", p.name, p.device_id);
+        println!(
+            "verification: {}  (the other device must show the same digits)",
+            p.verification
+        );
+    };
+    if let Some(code) = code {
+        let body = RequestBody::PairJoin {
+            code,
+            addr: peer.map(|a| a.to_string()),
+        };
+        let paired: Paired = serde_json::from_value(client.request(body).await?)?;
+        show(&paired);
+        return Ok(());
+    }
+    let mut events = client.take_events().context("event stream already taken")?;
+    let opened = client
+        .request(RequestBody::PairStart {
+            expiry_secs: Some(expires),
+        })
+        .await?;
+    let code = opened["code"].as_str().unwrap_or_default();
+    println!("pairing code: {code}");
+    println!("on your other device run: devicelink pair {code}   (valid {expires} s, single use)");
+    std::io::stdout().flush()?;
+    while let Some(event) = events.recv().await {
+        let Event::Pairing { update } = event else {
+            continue;
+        };
+        match update {
+            HostEvent::AttemptFailed {
+                device_id,
+                attempts_left,
+            } => {
+                println!("a wrong code was tried by {device_id}; {attempts_left} attempt(s) left");
+                std::io::stdout().flush()?;
+            }
+            HostEvent::Paired(paired) => {
+                show(&paired);
+                return Ok(());
+            }
+            HostEvent::Closed { reason } => bail!("pairing failed: {reason}"),
+        }
+    }
+    bail!("the agent closed the connection")
+}
+
+async fn peers(global: &Global) -> Result<()> {
+    let report = global.client().await?.request(RequestBody::Peers).await?;
+    println!("your devices:");
+    let paired = report["paired"].as_array().cloned().unwrap_or_default();
+    if paired.is_empty() {
+        println!("  (none yet: run `devicelink pair`)");
+    }
+    for p in paired {
+        let online = if p["connected"] == true {
+            "online "
+        } else {
+            "offline"
+        };
+        let last = p["last_sync"]
+            .as_f64()
+            .map(|t| {
+                let ago = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|now| now.as_secs_f64() - t)
+                    .unwrap_or(0.0);
+                format!("last sync {ago:.0}s ago")
+            })
+            .unwrap_or_else(|| "never synced".into());
+        println!(
+            "  {online}  {:<16} {}  {}  {last}",
+            p["name"].as_str().unwrap_or("?"),
+            p["device_id"].as_str().unwrap_or("?"),
+            p["address"].as_str().unwrap_or("-"),
+        );
+    }
+    let nearby = report["nearby"].as_array().cloned().unwrap_or_default();
+    println!("nearby, not paired:");
+    if nearby.is_empty() {
+        println!("  (none)");
+    }
+    for n in nearby {
+        println!(
+            "  {:<16} {}  {}{}",
+            n["name"].as_str().unwrap_or("?"),
+            n["claimed_id"].as_str().unwrap_or("?"),
+            n["addrs"]
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(|a| a.as_str())
+                .unwrap_or("-"),
+            if n["pair_slot"].is_number() {
+                "  (pairing open)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+async fn doctor(global: &Global) -> Result<()> {
+    let r = global.client().await?.request(RequestBody::Doctor).await?;
+    println!("device {}", r["device_id"].as_str().unwrap_or("?"));
+    println!("listening on {}", r["listen_addrs"]);
+    println!("mDNS: {}", r["mdns"].as_str().unwrap_or("?"));
+    println!("multicast per interface:");
+    for i in r["interfaces"].as_array().cloned().unwrap_or_default() {
+        let ok = if i["multicast"] == true {
+            "ok  "
+        } else {
+            "FAIL"
+        };
+        println!(
+            "  {ok} {:<10} {:<16} {}",
+            i["name"].as_str().unwrap_or("?"),
+            i["addr"].as_str().unwrap_or(""),
+            i["detail"].as_str().unwrap_or("")
+        );
+    }
+    println!("peers:");
+    for p in r["peers"].as_array().cloned().unwrap_or_default() {
+        let via: Vec<String> = p["found_via"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let state = if p["syncing"] == true {
+            "connected and syncing"
+        } else if p["connected"] == true {
+            "connected"
+        } else {
+            "not connected"
+        };
+        println!(
+            "  {} {} ({}): {state}, found via {}{}",
+            if p["trusted"] == true {
+                "paired  "
+            } else {
+                "UNPAIRED"
+            },
+            p["name"].as_str().unwrap_or("?"),
+            p["device_id"].as_str().unwrap_or("?"),
+            if via.is_empty() {
+                "nothing yet".to_string()
+            } else {
+                via.join(", ")
+            },
+            p["last_error"]
+                .as_str()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default(),
+        );
+        if let Some(pending) = p["pending"].as_object() {
+            for (doc, n) in pending {
+                let n = n.as_u64().unwrap_or(0);
+                let lag = if n == 0 {
+                    "in sync".to_string()
+                } else {
+                    format!("{n} changes behind")
+                };
+                println!("      {doc}: {lag}");
+            }
+        }
+    }
+    let nearby = r["nearby"].as_array().map(|a| a.len()).unwrap_or(0);
+    println!("nearby agents seen over mDNS: {nearby}");
     Ok(())
 }
 

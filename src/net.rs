@@ -6,21 +6,24 @@
 //! other accepts. So each pair of devices has exactly one session, whoever dialed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use libp2p::core::ConnectedPoint;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
+use crate::discovery::{Announcement, Discovery, DiscoveryConfig, DiscoveryEvent};
+use crate::pairing::{self, HostEvent, LocalDevice, PairingCode, PairingHost, PAIR_PROTOCOL};
 use crate::status::PeerTable;
-use crate::store::TrustStore;
+use crate::store::{TrustStore, TrustedDevice};
 use crate::sync::message::{codec, Hello, Message, Refusal, RefuseCode, PROTOCOL_VERSION};
 use crate::sync::session::{self, SessionCtx, SessionError};
 use crate::sync::SYNC_PROTOCOL;
@@ -76,9 +79,72 @@ impl Default for RedialPolicy {
 
 pub(crate) enum NetCommand {
     Dial(Multiaddr),
+    /// Connect (trusted or not, for pairing) and report the authenticated device id.
+    Connect {
+        target: ConnectTarget,
+        reply: oneshot::Sender<Result<PeerId, String>>,
+    },
+    /// Open a pairing code (advertised over mDNS while open).
+    PairOpen {
+        expiry: Duration,
+        reply: oneshot::Sender<(PairingCode, tokio::sync::broadcast::Receiver<HostEvent>)>,
+    },
     /// The trust store changed: drop peers no longer trusted, dial new ones.
     TrustChanged,
+    /// A pairing attempt ended: re-advertise and drop leftover untrusted connections.
+    PairingEnded,
     Shutdown(oneshot::Sender<()>),
+}
+
+/// How long an untrusted device may stay connected (to pair) when no pairing is open here.
+const UNTRUSTED_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub(crate) enum ConnectTarget {
+    Addr(Multiaddr),
+    Peer(PeerId, Vec<Multiaddr>),
+}
+
+/// What the network shares with the rest of the agent about the neighbourhood and pairing.
+#[derive(Default)]
+pub(crate) struct Neighborhood {
+    /// Agents announced over mDNS, by claimed id.
+    pub nearby: Mutex<BTreeMap<PeerId, Announcement>>,
+    pub host: PairingHost,
+    /// Joins running on this device (untrusted connections are kept while any is).
+    pub joins: AtomicUsize,
+    /// Why mDNS is not running, if it is not.
+    pub mdns_error: Mutex<Option<String>>,
+}
+
+impl Neighborhood {
+    pub fn nearby(&self) -> Vec<Announcement> {
+        self.nearby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn pairing_window(&self) -> bool {
+        self.host.is_open() || self.joins.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Everything the network loop works with besides the swarm.
+pub(crate) struct NetworkDeps {
+    pub ctx: Arc<SessionCtx>,
+    pub trust: TrustStore,
+    pub peers: Arc<PeerTable>,
+    pub listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    pub device_name: String,
+    pub redial: RedialPolicy,
+    pub static_peers: Vec<Multiaddr>,
+    pub neighborhood: Arc<Neighborhood>,
+    pub discovery: DiscoveryConfig,
+    /// Sender of this loop's own command channel (pairing tasks report trust changes on it).
+    pub commands: mpsc::UnboundedSender<NetCommand>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,40 +180,45 @@ struct StaticPeer {
 }
 
 pub(crate) struct Network {
-    pub swarm: Swarm<Behaviour>,
-    pub ctx: Arc<SessionCtx>,
-    pub trust: TrustStore,
-    pub peers: Arc<PeerTable>,
-    pub listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
-    pub device_name: String,
-    pub redial: RedialPolicy,
+    swarm: Swarm<Behaviour>,
+    ctx: Arc<SessionCtx>,
+    trust: TrustStore,
+    peers: Arc<PeerTable>,
+    listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    device_name: String,
+    redial: RedialPolicy,
+    neighborhood: Arc<Neighborhood>,
+    discovery_config: DiscoveryConfig,
+    discovery: Option<Discovery>,
+    commands: mpsc::UnboundedSender<NetCommand>,
+    pending_connects: HashMap<ConnectionId, oneshot::Sender<Result<PeerId, String>>>,
     static_peers: Vec<StaticPeer>,
+    /// Untrusted connections and when they were made: dropped after [`UNTRUSTED_GRACE`]
+    /// (they may only pair in the meantime; sync streams are refused at once).
+    untrusted: HashMap<PeerId, Instant>,
     backoffs: HashMap<PeerId, Backoff>,
     sessions: JoinSet<()>,
     session_of: HashMap<PeerId, AbortHandle>,
 }
 
 impl Network {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        swarm: Swarm<Behaviour>,
-        ctx: Arc<SessionCtx>,
-        trust: TrustStore,
-        peers: Arc<PeerTable>,
-        listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
-        device_name: String,
-        redial: RedialPolicy,
-        static_peers: Vec<Multiaddr>,
-    ) -> Self {
+    pub fn new(swarm: Swarm<Behaviour>, deps: NetworkDeps) -> Self {
+        let redial = deps.redial;
         Self {
             swarm,
-            ctx,
-            trust,
-            peers,
-            listen_addrs,
-            device_name,
+            ctx: deps.ctx,
+            trust: deps.trust,
+            peers: deps.peers,
+            listen_addrs: deps.listen_addrs,
+            device_name: deps.device_name,
             redial,
-            static_peers: static_peers
+            neighborhood: deps.neighborhood,
+            discovery_config: deps.discovery,
+            discovery: None,
+            commands: deps.commands,
+            pending_connects: HashMap::new(),
+            static_peers: deps
+                .static_peers
                 .into_iter()
                 .map(|addr| StaticPeer {
                     addr,
@@ -155,6 +226,7 @@ impl Network {
                     backoff: Backoff::new(redial),
                 })
                 .collect(),
+            untrusted: HashMap::new(),
             backoffs: HashMap::new(),
             sessions: JoinSet::new(),
             session_of: HashMap::new(),
@@ -219,35 +291,201 @@ impl Network {
     /// Runs until a shutdown command (or until every command sender is gone).
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<NetCommand>) {
         let mut control = self.swarm.behaviour().stream.new_control();
-        let mut incoming = match control.accept(SYNC_PROTOCOL) {
-            Ok(incoming) => incoming,
-            Err(e) => {
-                tracing::error!("cannot accept sync streams: {e:?}");
-                return;
-            }
-        };
+        let (mut incoming, mut incoming_pair) =
+            match (control.accept(SYNC_PROTOCOL), control.accept(PAIR_PROTOCOL)) {
+                (Ok(sync), Ok(pair)) => (sync, pair),
+                _ => {
+                    tracing::error!("cannot accept sync and pairing streams");
+                    return;
+                }
+            };
+        let (discovered_tx, mut discovered) = mpsc::unbounded_channel();
+        self.start_discovery(discovered_tx);
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let done = loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream),
+                Some((peer, stream)) = incoming_pair.next() => self.on_pair_stream(peer, stream),
+                Some(event) = discovered.recv() => self.on_discovery(event),
                 command = commands.recv() => match command {
                     Some(NetCommand::Dial(addr)) => self.add_static_peer(addr),
+                    Some(NetCommand::Connect { target, reply }) => self.connect(target, reply),
+                    Some(NetCommand::PairOpen { expiry, reply }) => {
+                        let code = self.neighborhood.host.open(expiry);
+                        let events = self.neighborhood.host.subscribe();
+                        self.advertise();
+                        let _ = reply.send((code, events));
+                    }
                     Some(NetCommand::TrustChanged) => self.enforce_trust(),
+                    Some(NetCommand::PairingEnded) => {
+                        self.advertise();
+                        self.enforce_trust();
+                    }
                     Some(NetCommand::Shutdown(done)) => break Some(done),
                     None => break None,
                 },
-                _ = tick.tick() => self.maintain_connections(),
+                _ = tick.tick() => {
+                    if self.neighborhood.host.expire() {
+                        self.advertise();
+                        self.enforce_trust();
+                    }
+                    self.drop_untrusted_after_grace();
+                    self.maintain_connections();
+                }
                 Some(_) = self.sessions.join_next(), if !self.sessions.is_empty() => {}
             }
         };
         self.sessions.shutdown().await;
         drop(incoming);
+        drop(incoming_pair);
         drop(self);
         if let Some(done) = done {
             let _ = done.send(());
         }
+    }
+
+    fn start_discovery(&mut self, events: mpsc::UnboundedSender<DiscoveryEvent>) {
+        let error = if !self.discovery_config.enabled {
+            Some("mDNS is turned off (--no-mdns)".to_string())
+        } else {
+            let port = self
+                .listen_addrs
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .find_map(|a| {
+                    a.iter().find_map(|p| match p {
+                        libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+                        _ => None,
+                    })
+                });
+            match port {
+                None => Some("no TCP listen address to advertise".to_string()),
+                Some(port) => match Discovery::start(
+                    self.discovery_config.clone(),
+                    *self.swarm.local_peer_id(),
+                    &self.device_name,
+                    port,
+                    events,
+                ) {
+                    Ok(discovery) => {
+                        self.discovery = Some(discovery);
+                        None
+                    }
+                    Err(e) => Some(e.to_string()),
+                },
+            }
+        };
+        if let Some(error) = &error {
+            if self.discovery_config.enabled {
+                tracing::warn!("{error}; direct --peer dialing still works");
+            }
+        }
+        *self
+            .neighborhood
+            .mdns_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    /// Re-announces this device over mDNS (with the open pairing slot, if any).
+    fn advertise(&self) {
+        if let Some(discovery) = &self.discovery {
+            if let Err(e) = discovery.advertise(self.neighborhood.host.open_slot()) {
+                tracing::warn!("cannot update the mDNS announcement: {e}");
+            }
+        }
+    }
+
+    fn on_discovery(&mut self, event: DiscoveryEvent) {
+        let mut nearby = self
+            .neighborhood
+            .nearby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match event {
+            DiscoveryEvent::Found(announcement) => {
+                let id = announcement.claimed_id;
+                let addrs = announcement.addrs.clone();
+                tracing::debug!(device = %id, name = announcement.name, "found over mDNS");
+                nearby.insert(id, announcement);
+                drop(nearby);
+                if self.trust.is_trusted(&id) {
+                    self.peers.found_via(id, "mdns");
+                    if !self.swarm.is_connected(&id) {
+                        // The dial names the claimed id: Noise fails unless it is really that device.
+                        let opts = DialOpts::peer_id(id)
+                            .addresses(addrs)
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        let _ = self.swarm.dial(opts);
+                    }
+                }
+            }
+            DiscoveryEvent::Lost(id) => {
+                nearby.remove(&id);
+            }
+        }
+    }
+
+    fn connect(&mut self, target: ConnectTarget, reply: oneshot::Sender<Result<PeerId, String>>) {
+        let opts = match target {
+            ConnectTarget::Peer(peer, _) if self.swarm.is_connected(&peer) => {
+                let _ = reply.send(Ok(peer));
+                return;
+            }
+            ConnectTarget::Peer(peer, addrs) => DialOpts::peer_id(peer).addresses(addrs).build(),
+            ConnectTarget::Addr(addr) => DialOpts::unknown_peer_id().address(addr).build(),
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_connects.insert(id, reply);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+            }
+        }
+    }
+
+    /// A pairing stream from `peer`: run the host side of the exchange.
+    fn on_pair_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        let me = LocalDevice {
+            id: *self.swarm.local_peer_id(),
+            name: self.device_name.clone(),
+            listen_addrs: self.listen_addr_strings(),
+        };
+        let (host, trust, commands, registry) = (
+            self.neighborhood.host.clone(),
+            self.trust.clone(),
+            self.commands.clone(),
+            self.ctx.registry.clone(),
+        );
+        self.sessions.spawn(async move {
+            let result = pairing::host(&host, &me, peer, stream, |paired| {
+                save_paired(&trust, peer, paired)
+            })
+            .await;
+            match result {
+                Ok(paired) => {
+                    tracing::info!(device = %peer, name = paired.name, "paired");
+                    record_in_group(&registry, &me, peer, &paired).await;
+                }
+                Err(e) => tracing::warn!(device = %peer, "pairing attempt failed: {e}"),
+            }
+            let _ = commands.send(NetCommand::PairingEnded);
+        });
+    }
+
+    fn listen_addr_strings(&self) -> Vec<String> {
+        self.listen_addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
     }
 
     fn add_static_peer(&mut self, addr: Multiaddr) {
@@ -324,10 +562,16 @@ impl Network {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
-            } => self.on_connected(peer_id, &endpoint, num_established.get()),
+            } => {
+                if let Some(reply) = self.pending_connects.remove(&connection_id) {
+                    let _ = reply.send(Ok(peer_id));
+                }
+                self.on_connected(peer_id, &endpoint, num_established.get())
+            }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established,
@@ -336,6 +580,7 @@ impl Network {
             } => {
                 self.peers.connected(peer_id, num_established);
                 if num_established == 0 {
+                    self.untrusted.remove(&peer_id);
                     tracing::info!(peer = %peer_id, "disconnected{}", cause.map(|c| format!(": {c}")).unwrap_or_default());
                     // Redial soon, then back off.
                     self.backoffs.insert(peer_id, Backoff::new(self.redial));
@@ -348,7 +593,14 @@ impl Network {
                     }
                 }
             }
-            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+            SwarmEvent::OutgoingConnectionError {
+                peer_id,
+                connection_id,
+                error,
+            } => {
+                if let Some(reply) = self.pending_connects.remove(&connection_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
                 tracing::debug!(peer = ?peer_id, "dial failed: {error}");
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
@@ -359,24 +611,53 @@ impl Network {
     }
 
     fn on_connected(&mut self, peer: PeerId, endpoint: &ConnectedPoint, connections: u32) {
-        if let ConnectedPoint::Dialer { address, .. } = endpoint {
-            for sp in self.static_peers.iter_mut().filter(|s| &s.addr == address) {
-                sp.peer = Some(peer);
-                sp.backoff = Backoff::new(self.redial);
+        match endpoint {
+            ConnectedPoint::Dialer { address, .. } => {
+                for sp in self.static_peers.iter_mut().filter(|s| &s.addr == address) {
+                    sp.peer = Some(peer);
+                    sp.backoff = Backoff::new(self.redial);
+                    self.peers.found_via(peer, "address (--peer)");
+                }
+                self.peers.set_address(peer, address.to_string());
+            }
+            ConnectedPoint::Listener { send_back_addr, .. } => {
+                self.peers.found_via(peer, "it dialed this device");
+                self.peers.set_address(peer, send_back_addr.to_string());
             }
         }
         if !self.trust.is_trusted(&peer) {
-            tracing::warn!(%peer, "refusing a device that is not in the trust store (add it with `devicelink trust add {peer}`)");
-            self.peers
-                .set_error(peer, "not in the trust store; connection refused".into());
-            let _ = self.swarm.disconnect_peer_id(peer);
+            if self.trust.is_revoked(&peer) {
+                tracing::warn!(%peer, "refusing a device that was removed from this group");
+                self.peers.set_error(
+                    peer,
+                    "removed from the device group; connection refused".into(),
+                );
+                let _ = self.swarm.disconnect_peer_id(peer);
+                return;
+            }
+            // It may only pair: sync streams are refused, and the connection is dropped after a
+            // short grace unless a pairing is open here.
+            tracing::info!(%peer, "a device that is not in the trust store connected; it may only pair");
+            self.peers.set_error(
+                peer,
+                "not in the trust store; sync refused (pair it with `devicelink pair`)".into(),
+            );
+            self.untrusted.entry(peer).or_insert_with(Instant::now);
             return;
         }
+        self.untrusted.remove(&peer);
         tracing::info!(%peer, "connected");
         self.peers.connected(peer, connections);
         self.backoffs.remove(&peer);
+        self.start_session_if_opener(peer);
+    }
+
+    /// Of two devices, the one with the smaller id opens the sync stream.
+    fn start_session_if_opener(&mut self, peer: PeerId) {
         let opener = *self.swarm.local_peer_id() < peer;
         if opener && self.session_of.get(&peer).is_none_or(|h| h.is_finished()) {
+            self.peers
+                .connected(peer, self.swarm.is_connected(&peer) as u32);
             let control = self.swarm.behaviour().stream.new_control();
             let task = open_sessions(peer, control, self.session_ctx());
             let handle = self.sessions.spawn(task);
@@ -411,7 +692,13 @@ impl Network {
     fn enforce_trust(&mut self) {
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in connected {
-            if !self.trust.is_trusted(&peer) {
+            let trusted = self.trust.is_trusted(&peer);
+            if trusted && self.session_of.get(&peer).is_none_or(|h| h.is_finished()) {
+                // Newly trusted while connected (just paired): start syncing.
+                self.start_session_if_opener(peer);
+            }
+            let was_syncing = self.session_of.get(&peer).is_some_and(|h| !h.is_finished());
+            if !trusted && (self.trust.is_revoked(&peer) || was_syncing) {
                 tracing::info!(%peer, "no longer trusted; disconnecting");
                 if let Some(handle) = self.session_of.remove(&peer) {
                     handle.abort();
@@ -421,6 +708,26 @@ impl Network {
         }
         self.backoffs.clear();
         self.maintain_connections();
+    }
+
+    fn drop_untrusted_after_grace(&mut self) {
+        if self.untrusted.is_empty() || self.neighborhood.pairing_window() {
+            return;
+        }
+        let now = Instant::now();
+        let expired: Vec<PeerId> = self
+            .untrusted
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) > UNTRUSTED_GRACE)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in expired {
+            self.untrusted.remove(&peer);
+            if !self.trust.is_trusted(&peer) {
+                tracing::debug!(%peer, "dropping an untrusted connection");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
     }
 
     fn session_ctx(&self) -> SessionRunner {
@@ -515,5 +822,40 @@ async fn refuse(stream: libp2p::Stream, code: RefuseCode, message: String) {
             SinkExt::<bytes::Bytes>::close(&mut transport).await
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
+    }
+}
+
+/// Stores a freshly paired device as trusted (clearing any earlier revocation).
+pub(crate) fn save_paired(
+    trust: &TrustStore,
+    peer: PeerId,
+    paired: &pairing::Paired,
+) -> Result<(), String> {
+    trust.unrevoke(&peer).map_err(|e| e.to_string())?;
+    let mut device = TrustedDevice::new(paired.name.clone());
+    device.addrs = paired.listen_addrs.clone();
+    trust.add(peer, device).map_err(|e| e.to_string())
+}
+
+/// Adds both devices of a pairing to the replicated device group.
+pub(crate) async fn record_in_group(
+    registry: &Arc<crate::docs::DocRegistry>,
+    me: &LocalDevice,
+    peer: PeerId,
+    paired: &pairing::Paired,
+) {
+    let doc = match registry.open(crate::group::GROUP_DOC) {
+        Ok(live) => crate::docs::DocHandle::new(live, registry.clone()),
+        Err(e) => {
+            tracing::error!("cannot open the device group: {e}");
+            return;
+        }
+    };
+    let members = [
+        (me.id, me.name.clone(), me.listen_addrs.clone()),
+        (peer, paired.name.clone(), paired.listen_addrs.clone()),
+    ];
+    if let Err(e) = crate::group::upsert(&doc, &members).await {
+        tracing::error!("cannot record the pairing in the device group: {e}");
     }
 }

@@ -29,6 +29,10 @@ pub struct PeerStatus {
     pub last_sync: Option<SystemTime>,
     /// Why the last session with this peer ended, if it ended with an error.
     pub last_error: Option<String>,
+    /// How this device found the peer (mdns, address, it dialed us...).
+    pub found_via: BTreeSet<String>,
+    /// The address of the last connection.
+    pub address: Option<String>,
 }
 
 fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
@@ -48,6 +52,8 @@ struct PeerState {
     known: HashMap<String, StateVector>,
     last_sync: Option<SystemTime>,
     last_error: Option<String>,
+    found_via: BTreeSet<String>,
+    address: Option<String>,
 }
 
 /// Live per-peer state shared by the network loop and sessions.
@@ -63,6 +69,18 @@ impl PeerTable {
 
     pub fn connected(&self, peer: PeerId, connections: u32) {
         self.lock().entry(peer).or_default().connections = connections;
+    }
+
+    pub fn found_via(&self, peer: PeerId, how: &str) {
+        self.lock()
+            .entry(peer)
+            .or_default()
+            .found_via
+            .insert(how.to_string());
+    }
+
+    pub fn set_address(&self, peer: PeerId, address: String) {
+        self.lock().entry(peer).or_default().address = Some(address);
     }
 
     pub fn is_connected(&self, peer: &PeerId) -> bool {
@@ -159,6 +177,8 @@ impl PeerTable {
                         .unwrap_or_default(),
                     last_sync: state.and_then(|s| s.last_sync),
                     last_error: state.and_then(|s| s.last_error.clone()),
+                    found_via: state.map(|s| s.found_via.clone()).unwrap_or_default(),
+                    address: state.and_then(|s| s.address.clone()),
                 }
             })
             .collect()

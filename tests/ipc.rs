@@ -86,6 +86,7 @@ async fn subscriber_receives_every_one_of_1000_remote_updates() {
                 received += 1;
             }
             Event::Lagged { missed, .. } => panic!("subscriber lagged, missed {missed}"),
+            other => panic!("unexpected event {other:?}"),
         }
     }
     println!("1000 updates arrived in {received} events (the wire merges queued updates)");

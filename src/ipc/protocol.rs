@@ -85,6 +85,25 @@ pub enum RequestBody {
     PeerDial {
         addr: String,
     },
+    /// Opens a pairing code (default expiry 300 s); `pairing` events follow on this connection.
+    PairStart {
+        #[serde(default)]
+        expiry_secs: Option<u64>,
+    },
+    /// Pairs with the device showing `code`, found over mDNS or dialed at `addr`.
+    PairJoin {
+        code: String,
+        #[serde(default)]
+        addr: Option<String>,
+    },
+    /// Removes a device from the group, on every device.
+    Unpair {
+        device: String,
+    },
+    /// Paired devices and nearby unpaired agents.
+    Peers,
+    /// Discovery and connectivity diagnosis.
+    Doctor,
 }
 
 /// One response line: `{"id": 7, "ok": true, "result": ...}` or `{"id": 7, "ok": false, "error": {...}}`.
@@ -119,6 +138,8 @@ pub enum ErrorCode {
     NotDurable,
     /// Stored data could not be read.
     Storage,
+    /// Pairing failed (wrong or expired code, unreachable device...).
+    Pairing,
     NoSuchSubscription,
     Internal,
 }
@@ -134,6 +155,8 @@ pub enum Event {
         update: String,
         origin: String,
     },
+    /// Progress of a pairing code opened with `pair_start` on this connection.
+    Pairing { update: crate::pairing::HostEvent },
     /// The subscriber fell behind and missed `missed` updates: re-read the doc (or diff by
     /// state vector) to catch up.
     Lagged { subscription: u64, missed: u64 },

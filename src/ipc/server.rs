@@ -239,6 +239,7 @@ impl Connection {
                 key,
                 value,
             } => {
+                writable(&doc)?;
                 let handle = agent.open_doc(&doc).map_err(agent_error)?;
                 handle
                     .set_map_value(&map, &key, crate::docs::json_to_any(&value))
@@ -253,6 +254,7 @@ impl Connection {
                 delete,
                 insert,
             } => {
+                writable(&doc)?;
                 let handle = agent.open_doc(&doc).map_err(agent_error)?;
                 let len = handle
                     .edit_text(&name, index, delete, &insert)
@@ -261,6 +263,7 @@ impl Connection {
                 json!({ "len": len })
             }
             RequestBody::DocApply { doc, update } => {
+                writable(&doc)?;
                 let bytes = decode_b64(&update, "update")?;
                 let handle = agent.open_doc(&doc).map_err(agent_error)?;
                 handle.apply_update(&bytes).await.map_err(doc_error)?;
@@ -320,6 +323,62 @@ impl Connection {
                     .collect();
                 json!(list)
             }
+            RequestBody::PairStart { expiry_secs } => {
+                let expiry = expiry_secs
+                    .map(std::time::Duration::from_secs)
+                    .unwrap_or(crate::pairing::DEFAULT_EXPIRY);
+                let (code, mut events) = agent.pair_open(expiry).await.map_err(agent_error)?;
+                let out = out.clone();
+                tokio::spawn(async move {
+                    while let Ok(update) = events.recv().await {
+                        let done =
+                            !matches!(update, crate::pairing::HostEvent::AttemptFailed { .. });
+                        if send(&out, &Event::Pairing { update }).is_err() || done {
+                            return;
+                        }
+                    }
+                });
+                json!({ "code": code.to_string(), "slot": code.slot(), "expires_in_secs": expiry.as_secs() })
+            }
+            RequestBody::PairJoin { code, addr } => {
+                let code: crate::pairing::PairingCode =
+                    code.parse().map_err(|e: crate::pairing::BadCode| {
+                        (ErrorCode::InvalidArgument, e.to_string())
+                    })?;
+                let addr = match addr {
+                    Some(a) => Some(a.parse().map_err(|e| {
+                        (
+                            ErrorCode::InvalidArgument,
+                            format!("bad multiaddr {a:?}: {e}"),
+                        )
+                    })?),
+                    None => None,
+                };
+                let paired = agent
+                    .pair_join(&code, addr)
+                    .await
+                    .map_err(|e| (ErrorCode::Pairing, e.to_string()))?;
+                to_value(paired)
+            }
+            RequestBody::Unpair { device } => {
+                let peer = parse_device(&device)?;
+                json!({ "removed": agent.unpair(&peer).await.map_err(agent_error)? })
+            }
+            RequestBody::Peers => {
+                let status = agent.status().map_err(agent_error)?;
+                let paired: Vec<_> = status.peers.iter().filter(|p| p.trusted).cloned().collect();
+                let nearby: Vec<_> = agent
+                    .nearby()
+                    .into_iter()
+                    .filter(|a| {
+                        !paired
+                            .iter()
+                            .any(|p| p.device_id == a.claimed_id.to_string())
+                    })
+                    .collect();
+                json!({ "paired": to_value(paired), "nearby": to_value(nearby) })
+            }
+            RequestBody::Doctor => to_value(agent.doctor().await.map_err(agent_error)?),
             RequestBody::PeerDial { addr } => {
                 let addr = addr.parse().map_err(|e| {
                     (
@@ -398,6 +457,20 @@ fn read_id(line: &[u8]) -> Option<u64> {
         .ok()?
         .get("id")?
         .as_u64()
+}
+
+/// Documents under `_devicelink/` belong to the agent; apps may read but not write them.
+fn writable(doc: &str) -> Result<(), (ErrorCode, String)> {
+    if doc.starts_with(crate::group::RESERVED_PREFIX) {
+        return Err((
+            ErrorCode::InvalidArgument,
+            format!(
+                "document {doc:?} is reserved for the agent (names starting with {:?})",
+                crate::group::RESERVED_PREFIX
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn to_value(value: impl serde::Serialize) -> serde_json::Value {

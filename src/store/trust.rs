@@ -37,11 +37,12 @@ impl TrustedDevice {
     }
 }
 
-/// The set of trusted devices, persisted in sled.
+/// The set of trusted devices, persisted in sled, plus the devices revoked by `unpair`.
 #[derive(Clone)]
 pub struct TrustStore {
     db: sled::Db,
     tree: sled::Tree,
+    revoked: sled::Tree,
 }
 
 impl TrustStore {
@@ -49,6 +50,7 @@ impl TrustStore {
         Ok(Self {
             db: db.clone(),
             tree: db.open_tree("trust")?,
+            revoked: db.open_tree("revoked")?,
         })
     }
 
@@ -73,6 +75,25 @@ impl TrustStore {
         }
         self.put(&peer, &device)?;
         self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether `peer` was removed from the group (it is then never re-added from group data).
+    pub fn is_revoked(&self, peer: &PeerId) -> bool {
+        matches!(self.revoked.contains_key(peer.to_bytes()), Ok(true))
+    }
+
+    /// Removes `peer` and remembers it as revoked.
+    pub fn revoke(&self, peer: &PeerId) -> Result<(), StoreError> {
+        self.tree.remove(peer.to_bytes())?;
+        self.revoked.insert(peer.to_bytes(), &[])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Forgets a revocation (the user paired the device again, explicitly).
+    pub fn unrevoke(&self, peer: &PeerId) -> Result<(), StoreError> {
+        self.revoked.remove(peer.to_bytes())?;
         Ok(())
     }
 

@@ -78,6 +78,12 @@ pub(crate) async fn run(
     let hello = handshake(&mut transport, local_hello).await?;
     on_hello(&hello);
     ctx.peers.session_started(peer, &hello.device_name);
+    // Ends the session in the peer table however this future ends, aborts included.
+    let mut ended = SessionEnd {
+        peers: &ctx.peers,
+        peer,
+        error: None,
+    };
 
     // Subscribe before reading state vectors: nothing committed after this point can be missed,
     // and everything before it is covered by the state-vector exchange.
@@ -123,9 +129,20 @@ pub(crate) async fn run(
         }
     }
     writer.abort();
-    ctx.peers
-        .session_ended(peer, result.as_ref().err().map(|e| e.to_string()));
+    ended.error = result.as_ref().err().map(|e| e.to_string());
     result
+}
+
+struct SessionEnd<'a> {
+    peers: &'a PeerTable,
+    peer: PeerId,
+    error: Option<String>,
+}
+
+impl Drop for SessionEnd<'_> {
+    fn drop(&mut self) {
+        self.peers.session_ended(self.peer, self.error.take());
+    }
 }
 
 /// What we tell a peer whose stream we end because of its own fault.

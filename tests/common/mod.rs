@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: agents on 127.0.0.1 in temp dirs, bounded waits.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -1,0 +1,142 @@
+//! The device group: which devices belong to this user, replicated between them as a system
+//! document, so pairing one device makes it known to all and `unpair` reaches all.
+//!
+//! Document `_devicelink/devices`, root map `devices`: device id -> `{name, addrs, removed}`.
+//! It syncs like any document, so only trusted devices can change it. Each agent reconciles its
+//! trust store with it: members are trusted, removed devices are dropped and remembered as
+//! revoked (a tombstone is final: a removed device cannot re-add itself).
+
+use std::sync::Arc;
+
+use libp2p::PeerId;
+use yrs::{Any, Map, Out, ReadTxn};
+
+use crate::docs::{DocError, DocHandle};
+use crate::store::{TrustStore, TrustedDevice};
+
+/// Name of the group document. Names starting with `_devicelink/` are reserved for the agent.
+pub const GROUP_DOC: &str = "_devicelink/devices";
+/// Prefix of documents apps may not write through IPC.
+pub const RESERVED_PREFIX: &str = "_devicelink/";
+const MAP: &str = "devices";
+
+/// One member as stored in the group document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub id: PeerId,
+    pub name: String,
+    pub addrs: Vec<String>,
+    pub removed: bool,
+}
+
+/// Adds or refreshes members (never resurrects a removed one).
+pub async fn upsert(
+    doc: &DocHandle,
+    members: &[(PeerId, String, Vec<String>)],
+) -> Result<(), DocError> {
+    let map = doc.yrs_doc().get_or_insert_map(MAP);
+    doc.transact(|txn| {
+        for (id, name, addrs) in members {
+            let key = id.to_string();
+            if read_member(txn, &map, &key).is_some_and(|m| m.removed) {
+                continue;
+            }
+            map.insert(txn, key, entry(name, addrs, false));
+        }
+    })
+    .await
+}
+
+/// Marks a device removed (a tombstone that replicates to every member).
+pub async fn remove(doc: &DocHandle, id: PeerId, name: &str) -> Result<(), DocError> {
+    let map = doc.yrs_doc().get_or_insert_map(MAP);
+    doc.transact(|txn| {
+        map.insert(txn, id.to_string(), entry(name, &[], true));
+    })
+    .await
+}
+
+fn entry(name: &str, addrs: &[String], removed: bool) -> Any {
+    let mut m = std::collections::HashMap::new();
+    m.insert("name".to_string(), Any::from(name));
+    m.insert(
+        "addrs".to_string(),
+        Any::Array(addrs.iter().map(|a| Any::from(a.as_str())).collect()),
+    );
+    m.insert("removed".to_string(), Any::Bool(removed));
+    Any::Map(Arc::new(m))
+}
+
+fn read_member<T: ReadTxn>(txn: &T, map: &yrs::MapRef, key: &str) -> Option<Member> {
+    let id: PeerId = key.parse().ok()?;
+    let Some(Out::Any(Any::Map(fields))) = map.get(txn, key) else {
+        return None;
+    };
+    let text = |k: &str| match fields.get(k) {
+        Some(Any::String(s)) => s.to_string(),
+        _ => String::new(),
+    };
+    let addrs = match fields.get("addrs") {
+        Some(Any::Array(items)) => items
+            .iter()
+            .filter_map(|a| match a {
+                Any::String(s) => Some(s.to_string()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Some(Member {
+        id,
+        name: text("name"),
+        addrs,
+        removed: matches!(fields.get("removed"), Some(Any::Bool(true))),
+    })
+}
+
+/// Every member in the document.
+pub fn members(doc: &DocHandle) -> Vec<Member> {
+    let map = doc.yrs_doc().get_or_insert_map(MAP);
+    doc.read(|txn| {
+        map.keys(txn)
+            .filter_map(|key| read_member(txn, &map, key))
+            .collect()
+    })
+}
+
+/// What reconciling changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub trusted: Vec<PeerId>,
+    pub revoked: Vec<PeerId>,
+    /// This device itself was removed from the group.
+    pub removed_self: bool,
+}
+
+/// Brings the trust store in line with the group document.
+pub fn reconcile(doc: &DocHandle, trust: &TrustStore, me: PeerId) -> Reconciled {
+    let mut out = Reconciled::default();
+    for member in members(doc) {
+        if member.id == me {
+            out.removed_self |= member.removed;
+            continue;
+        }
+        if member.removed {
+            if !trust.is_revoked(&member.id) || trust.is_trusted(&member.id) {
+                if let Err(e) = trust.revoke(&member.id) {
+                    tracing::error!(device = %member.id, "cannot revoke: {e}");
+                    continue;
+                }
+                out.revoked.push(member.id);
+            }
+        } else if !trust.is_trusted(&member.id) && !trust.is_revoked(&member.id) {
+            let mut device = TrustedDevice::new(member.name.clone());
+            device.addrs = member.addrs.clone();
+            match trust.add(member.id, device) {
+                Ok(()) => out.trusted.push(member.id),
+                Err(e) => tracing::error!(device = %member.id, "cannot trust group member: {e}"),
+            }
+        }
+    }
+    out
+}

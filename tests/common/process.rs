@@ -1,0 +1,120 @@
+//! Agent child processes for black-box tests: started on 127.0.0.1, killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Instant;
+
+use devicelink::client::Client;
+
+use super::LIMIT;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_devicelink");
+
+/// An agent child process, killed on drop.
+pub struct AgentProcess {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub device_id: String,
+    pub addr: String,
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AgentProcess {
+    /// Starts `devicelink agent` on 127.0.0.1 (no mDNS) and waits until it prints its socket.
+    pub fn start(data_dir: &Path, peers: &[&str]) -> Self {
+        Self::start_with(data_dir, peers, &["--no-mdns"])
+    }
+
+    /// Same, with extra agent flags (e.g. `--mdns-loopback` instead of `--no-mdns`).
+    pub fn start_with(data_dir: &Path, peers: &[&str], extra: &[&str]) -> Self {
+        let socket = data_dir.join("agent.sock");
+        let mut cmd = Command::new(BIN);
+        cmd.arg("agent")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .stdin(Stdio::null());
+        for peer in peers {
+            cmd.args(["--peer", peer]);
+        }
+        let mut child = cmd.spawn().expect("spawn agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut device_id, mut addr) = (String::new(), String::new());
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("agent prints its socket in time");
+            if let Some(id) = line.strip_prefix("device id: ") {
+                device_id = id.to_string();
+            } else if let Some(a) = line.strip_prefix("listening: ") {
+                addr = a.to_string();
+            } else if line.starts_with("ipc socket: ") {
+                break;
+            }
+        }
+        Self {
+            child,
+            data_dir: data_dir.to_path_buf(),
+            socket,
+            device_id,
+            addr,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket)
+            .await
+            .expect("connect to agent")
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli(&self.data_dir, &self.socket, args)
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+pub fn cli(data_dir: &Path, socket: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run devicelink")
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
