@@ -141,7 +141,13 @@ impl Agent {
         let trust = TrustStore::open(&db)?;
         let (writer, writer_thread) =
             writer::spawn(doc_store.clone(), config.compaction).map_err(AgentError::Thread)?;
-        let registry = Arc::new(DocRegistry::new(doc_store, writer));
+        let (conflicts_tx, conflicts_rx) = mpsc::unbounded_channel();
+        let registry = Arc::new(DocRegistry::new(
+            doc_store,
+            writer,
+            device_id.to_string(),
+            conflicts_tx,
+        ));
         let peers = Arc::new(PeerTable::default());
         let listen_addrs = Arc::new(RwLock::new(Vec::new()));
         let ctx = Arc::new(SessionCtx {
@@ -173,12 +179,16 @@ impl Agent {
             return Err(e.into());
         }
         let net_task = tokio::spawn(network.run(command_rx));
-        let group_task = tokio::spawn(reconcile_group(
-            registry.clone(),
-            trust.clone(),
-            device_id,
-            commands.clone(),
-        ));
+        let group_task = tokio::spawn({
+            let registry = registry.clone();
+            let (trust, commands) = (trust.clone(), commands.clone());
+            async move {
+                tokio::join!(
+                    reconcile_group(registry.clone(), trust, device_id, commands),
+                    record_conflicts(registry, conflicts_rx),
+                );
+            }
+        });
         tracing::info!(device = %device_id, "agent started");
         Ok(AgentHandle {
             inner: Arc::new(Inner {
@@ -538,5 +548,94 @@ impl AgentHandle {
             nearby: self.nearby(),
             peers: status.peers,
         })
+    }
+}
+
+/// Writes detected conflicts into the replicated conflicts document.
+async fn record_conflicts(
+    registry: Arc<DocRegistry>,
+    mut detected: mpsc::UnboundedReceiver<crate::conflict::Conflict>,
+) {
+    while let Some(conflict) = detected.recv().await {
+        let doc = match registry.open(crate::conflict::CONFLICTS_DOC) {
+            Ok(live) => DocHandle::new(live, registry.clone()),
+            Err(e) => {
+                tracing::error!("cannot open the conflicts document: {e}");
+                continue;
+            }
+        };
+        if let Err(e) = crate::conflict::record(&doc, &conflict).await {
+            tracing::error!("cannot record a conflict: {e}");
+        }
+    }
+}
+
+impl AgentHandle {
+    fn system_doc(&self, name: &str) -> Result<DocHandle, AgentError> {
+        let live = self.inner.registry.open(name)?;
+        Ok(DocHandle::new(live, self.inner.registry.clone()))
+    }
+
+    /// Conflicts recorded on any device of the group, optionally only for `doc`; open ones
+    /// unless `include_resolved`.
+    pub fn conflicts(
+        &self,
+        doc: Option<&str>,
+        include_resolved: bool,
+    ) -> Result<Vec<crate::conflict::Conflict>, AgentError> {
+        let records = crate::conflict::list(
+            &self.system_doc(crate::conflict::CONFLICTS_DOC)?,
+            !include_resolved,
+        );
+        Ok(records
+            .into_iter()
+            .filter(|c| doc.is_none_or(|d| c.doc == d))
+            .collect())
+    }
+
+    /// Settles a conflict: writes the kept value (unless it is already the winner) and marks the
+    /// conflict resolved on every device.
+    pub async fn resolve_conflict(
+        &self,
+        id: &str,
+        keep: crate::conflict::Keep,
+    ) -> Result<crate::conflict::Conflict, crate::conflict::ConflictError> {
+        use crate::conflict::{ConflictError, Resolution};
+        let records = self
+            .system_doc(crate::conflict::CONFLICTS_DOC)
+            .map_err(|e| match e {
+                AgentError::Doc(d) => ConflictError::Doc(d),
+                other => ConflictError::Doc(DocError::Store(StoreError::Open {
+                    path: self.inner.data_dir.clone(),
+                    source: sled::Error::Unsupported(other.to_string()),
+                })),
+            })?;
+        let conflict = crate::conflict::list(&records, false)
+            .into_iter()
+            .find(|c| c.id == id)
+            .ok_or_else(|| ConflictError::NotFound(id.to_string()))?;
+        if conflict.resolution.is_some() {
+            return Err(ConflictError::AlreadyResolved(id.to_string()));
+        }
+        let me = self.inner.device_id.to_string();
+        let (kept, value) = crate::conflict::choose(&conflict, &keep, &me)?;
+        if kept != "winner" {
+            let live = self
+                .inner
+                .registry
+                .open(&conflict.doc)
+                .map_err(ConflictError::Doc)?;
+            let doc = DocHandle::new(live, self.inner.registry.clone());
+            let map = conflict.map.first().cloned().unwrap_or_default();
+            doc.set_map_value(&map, &conflict.key, crate::docs::json_to_any(&value))
+                .await?;
+        }
+        let resolution = Resolution {
+            kept,
+            value,
+            by: me,
+            at: crate::conflict::now(),
+        };
+        Ok(crate::conflict::mark_resolved(&records, conflict, resolution).await?)
     }
 }

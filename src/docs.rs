@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
 use libp2p::PeerId;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use yrs::updates::decoder::Decode;
 use yrs::{
     Array, GetString, Map, ReadTxn, StateVector, Text, Transact, Transaction, TransactionMut,
@@ -69,6 +69,8 @@ pub(crate) struct LiveDoc {
     name: Arc<str>,
     doc: yrs::Doc,
     events: broadcast::Sender<DocUpdate>,
+    /// This device's last write to each map key, to tell concurrent overwrites from later ones.
+    local_writes: Mutex<crate::conflict::LocalWrites>,
 }
 
 /// Every document this agent has in memory, plus the paths to disk and to peers.
@@ -78,15 +80,25 @@ pub(crate) struct DocRegistry {
     store: RwLock<Option<DocStore>>,
     writer: WriterHandle,
     bus: broadcast::Sender<DocUpdate>,
+    device_id: String,
+    /// Detected conflicts go here, to be recorded in the conflicts document.
+    conflicts: mpsc::UnboundedSender<crate::conflict::Conflict>,
 }
 
 impl DocRegistry {
-    pub fn new(store: DocStore, writer: WriterHandle) -> Self {
+    pub fn new(
+        store: DocStore,
+        writer: WriterHandle,
+        device_id: String,
+        conflicts: mpsc::UnboundedSender<crate::conflict::Conflict>,
+    ) -> Self {
         Self {
             docs: Mutex::new(HashMap::new()),
             store: RwLock::new(Some(store)),
             writer,
             bus: broadcast::channel(EVENT_CAPACITY).0,
+            device_id,
+            conflicts,
         }
     }
 
@@ -125,7 +137,9 @@ impl DocRegistry {
         }
         DocStore::validate_name(name)?;
         // Load outside the map lock; if two callers race, the first insert wins.
-        let stored = self.store()?.load(name)?;
+        let store = self.store()?;
+        let stored = store.load(name)?;
+        let local_writes = store.local_writes(name)?;
         let doc = yrs::Doc::new();
         {
             let mut txn = doc.transact_mut();
@@ -144,6 +158,7 @@ impl DocRegistry {
             name: Arc::from(name),
             doc,
             events: broadcast::channel(EVENT_CAPACITY).0,
+            local_writes: Mutex::new(local_writes),
         });
         Ok(self.docs().entry(live.name.clone()).or_insert(live).clone())
     }
@@ -172,11 +187,16 @@ impl DocRegistry {
         };
         let update = Update::decode_v1(bytes).map_err(|e| invalid(e.to_string()))?;
         let state_vector = upper_state_vector(&update);
+        let remote_deletes = update.delete_set().clone();
         let live = self.open(name)?;
+        let watched = self.watched_maps(&live);
         let mut txn = live.doc.transact_mut();
         txn.apply_update(update)
             .map_err(|e| invalid(e.to_string()))?;
         let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
+        if let Origin::Peer(peer) = origin {
+            self.detect_conflicts(&live, &txn, &watched, &remote_deletes, peer);
+        }
         if !changed && !txn.has_missing_updates() {
             return Ok(Applied {
                 durable: None,
@@ -227,6 +247,88 @@ impl DocRegistry {
             .append(live.name.clone(), live.doc.clone(), update.clone());
         self.publish(live, update, Origin::Local);
         (result, Some(ack))
+    }
+
+    /// Map refs for every map this device has a remembered write in (taken before a transaction).
+    fn watched_maps(&self, live: &LiveDoc) -> HashMap<String, yrs::MapRef> {
+        let writes = live.local_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let names: BTreeSet<String> = writes.keys().map(|(map, _)| map.clone()).collect();
+        drop(writes);
+        names
+            .into_iter()
+            .map(|name| {
+                let map = live.doc.get_or_insert_map(name.as_str());
+                (name, map)
+            })
+            .collect()
+    }
+
+    /// A local write deleted by this remote update although the update's author did not delete
+    /// it (it never saw it) lost to a concurrent write: report it.
+    fn detect_conflicts(
+        &self,
+        live: &LiveDoc,
+        txn: &TransactionMut<'_>,
+        maps: &HashMap<String, yrs::MapRef>,
+        remote_deletes: &yrs::IdSet,
+        peer: PeerId,
+    ) {
+        let mut writes = live.local_writes.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<(String, String)> = writes
+            .iter()
+            .filter(|(_, w)| txn.delete_set().contains(&w.id()))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (map_name, key) in gone {
+            let Some(write) = writes.remove(&(map_name.clone(), key.clone())) else {
+                continue;
+            };
+            if let Ok(store) = self.store() {
+                let _ = store.set_local_write(&live.name, &map_name, &key, None);
+            }
+            if remote_deletes.contains(&write.id()) {
+                continue; // overwritten by someone who had seen it: a normal later edit
+            }
+            let winner = maps
+                .get(&map_name)
+                .and_then(|m| m.get(txn, &key))
+                .map(|out| any_to_json(&yrs::types::ToJson::to_json(&out, txn)))
+                .unwrap_or(serde_json::Value::Null);
+            let conflict = crate::conflict::Conflict {
+                id: crate::conflict::conflict_id(&live.name, &map_name, &key, &write),
+                doc: live.name.to_string(),
+                map: vec![map_name.clone()],
+                key: key.clone(),
+                winner_value: winner,
+                winner_device: peer.to_string(),
+                loser_value: write.value.clone(),
+                loser_device: self.device_id.clone(),
+                detected_by: self.device_id.clone(),
+                detected_at: crate::conflict::now(),
+                resolution: None,
+            };
+            tracing::info!(doc = %live.name, map = map_name, key, "concurrent writes to one key: recorded a conflict");
+            let _ = self.conflicts.send(conflict);
+        }
+    }
+
+    /// Remembers a local map write (see [`crate::conflict`]).
+    fn remember_write(
+        &self,
+        live: &LiveDoc,
+        map: &str,
+        key: &str,
+        write: crate::conflict::LocalWrite,
+    ) {
+        if let Ok(store) = self.store() {
+            if let Err(e) = store.set_local_write(&live.name, map, key, Some(&write)) {
+                tracing::warn!("cannot remember a local write: {e}");
+            }
+        }
+        live.local_writes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((map.to_string(), key.to_string()), write);
     }
 
     fn publish(&self, live: &LiveDoc, update: Bytes, origin: Origin) {
@@ -310,10 +412,23 @@ impl DocHandle {
     ) -> Result<(), DocError> {
         let root = self.live.doc.get_or_insert_map(map);
         let value = value.into();
-        self.transact(|txn| {
-            root.insert(txn, key, value);
-        })
-        .await
+        let json = any_to_json(&value);
+        let client = self.live.doc.client_id();
+        let clock = self
+            .transact(|txn| {
+                // The new map item gets the next clock of this document's client.
+                let clock = txn.state_vector().get(&client);
+                root.insert(txn, key, value);
+                clock
+            })
+            .await?;
+        let write = crate::conflict::LocalWrite {
+            client: client.get(),
+            clock,
+            value: json,
+        };
+        self.registry.remember_write(&self.live, map, key, write);
+        Ok(())
     }
 
     /// Appends `text` to the root text `name`.

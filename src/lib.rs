@@ -26,6 +26,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod conflict;
 pub mod demo;
 pub mod discovery;
 pub mod docs;

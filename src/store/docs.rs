@@ -44,6 +44,7 @@ pub struct DocStore {
     db: sled::Db,
     names: sled::Tree,
     snapshots: sled::Tree,
+    local_writes: sled::Tree,
 }
 
 impl DocStore {
@@ -52,6 +53,7 @@ impl DocStore {
             db: db.clone(),
             names: db.open_tree("docs")?,
             snapshots: db.open_tree("snapshots")?,
+            local_writes: db.open_tree("local_writes")?,
         })
     }
 
@@ -177,6 +179,52 @@ impl DocStore {
         Ok(())
     }
 
+    /// The remembered last local write to each map key of `name` (for conflict detection).
+    pub fn local_writes(&self, name: &str) -> Result<crate::conflict::LocalWrites, StoreError> {
+        let mut out = crate::conflict::LocalWrites::new();
+        for entry in self.local_writes.scan_prefix(doc_prefix(name)) {
+            let (key, value) = entry?;
+            let decoded = postcard::from_bytes::<(String, String)>(&key[doc_prefix(name).len()..])
+                .ok()
+                .zip(postcard::from_bytes::<(u64, u32, String)>(&value).ok());
+            if let Some(((map, k), (client, clock, json))) = decoded {
+                let value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
+                out.insert(
+                    (map, k),
+                    crate::conflict::LocalWrite {
+                        client,
+                        clock,
+                        value,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remembers (or with `None`, forgets) the last local write to `map.key` of `name`.
+    pub fn set_local_write(
+        &self,
+        name: &str,
+        map: &str,
+        key: &str,
+        write: Option<&crate::conflict::LocalWrite>,
+    ) -> Result<(), StoreError> {
+        let mut k = doc_prefix(name);
+        k.extend(postcard::to_allocvec(&(map, key)).unwrap_or_default());
+        match write {
+            Some(w) => {
+                let v = postcard::to_allocvec(&(w.client, w.clock, w.value.to_string()))
+                    .unwrap_or_default();
+                self.local_writes.insert(k, v)?;
+            }
+            None => {
+                self.local_writes.remove(k)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Overwrites a raw log record; only for tests that simulate disk corruption.
     #[doc(hidden)]
     pub fn corrupt_log_record_for_test(&self, name: &str, seq: u64) -> Result<(), StoreError> {
@@ -184,6 +232,12 @@ impl DocStore {
         log.insert(seq.to_be_bytes(), &b"\x01garbage!"[..])?;
         self.flush()
     }
+}
+
+fn doc_prefix(name: &str) -> Vec<u8> {
+    let mut prefix = (name.len() as u16).to_be_bytes().to_vec();
+    prefix.extend_from_slice(name.as_bytes());
+    prefix
 }
 
 fn decode_seq(key: &[u8]) -> Option<u64> {

@@ -1,0 +1,193 @@
+//! Conflict reporting: Yjs merges every concurrent edit, and when two devices set the same map
+//! key concurrently one value silently wins. This module makes that visible.
+//!
+//! Detection happens on the device whose value lost: the agent remembers the id of the item its
+//! own last write to each map key created ([`LocalWrite`]). When a remote update makes that item
+//! disappear, and the remote update itself did not delete it (so its writer never saw it), the
+//! two writes were concurrent. Yjs resolves the same way everywhere, so exactly one of the two
+//! devices detects each conflict. It records a [`Conflict`] in the replicated system document
+//! `_devicelink/conflicts`, so every device lists it, and resolving it anywhere clears it
+//! everywhere. Text edits interleave by design and are never conflicts.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use yrs::{Map, Out};
+
+use crate::docs::{DocError, DocHandle};
+
+/// The replicated document holding conflict records.
+pub const CONFLICTS_DOC: &str = "_devicelink/conflicts";
+const MAP: &str = "conflicts";
+
+/// The item a local map write created, and the value written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalWrite {
+    pub client: u64,
+    pub clock: u32,
+    pub value: Value,
+}
+
+impl LocalWrite {
+    pub fn id(&self) -> yrs::ID {
+        yrs::ID::new(yrs::block::ClientID::new(self.client), self.clock)
+    }
+}
+
+/// Two concurrent writes to one map key, and which one Yjs kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub id: String,
+    pub doc: String,
+    /// Path of the map: its root name.
+    pub map: Vec<String>,
+    pub key: String,
+    /// The value every device now has.
+    pub winner_value: Value,
+    pub winner_device: String,
+    /// The value that was silently replaced.
+    pub loser_value: Value,
+    pub loser_device: String,
+    pub detected_by: String,
+    /// Seconds since the Unix epoch.
+    pub detected_at: f64,
+    pub resolution: Option<Resolution>,
+}
+
+/// How a conflict was settled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resolution {
+    /// "winner", "other" or "merged".
+    pub kept: String,
+    pub value: Value,
+    pub by: String,
+    pub at: f64,
+}
+
+/// What the user keeps when resolving.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Keep {
+    /// The value written on this device.
+    Local,
+    /// The value written on the other device.
+    Remote,
+    Winner,
+    Other,
+    /// A merged value.
+    Value(Value),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConflictError {
+    #[error("no conflict {0}")]
+    NotFound(String),
+    #[error("conflict {0} is already resolved")]
+    AlreadyResolved(String),
+    #[error(
+        "this device wrote neither value of conflict {0}; use --keep winner, other or a JSON value"
+    )]
+    NotInvolved(String),
+    #[error(transparent)]
+    Doc(#[from] DocError),
+}
+
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A stable id, so the same conflict detected twice is one record.
+pub fn conflict_id(doc: &str, map: &str, key: &str, lost: &LocalWrite) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!(
+        "{doc}\0{map}\0{key}\0{}\0{}",
+        lost.client, lost.clock
+    ));
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a newly detected conflict (no-op if it is already recorded).
+pub async fn record(doc: &DocHandle, conflict: &Conflict) -> Result<(), DocError> {
+    let map = doc.yrs_doc().get_or_insert_map(MAP);
+    let json = serde_json::to_string(conflict).unwrap_or_default();
+    let id = conflict.id.clone();
+    doc.transact(|txn| {
+        if map.get(txn, &id).is_none() {
+            map.insert(txn, id, json);
+        }
+    })
+    .await
+}
+
+/// Every conflict record; `open_only` leaves resolved ones out. Sorted by detection time.
+pub fn list(doc: &DocHandle, open_only: bool) -> Vec<Conflict> {
+    let map = doc.yrs_doc().get_or_insert_map(MAP);
+    let mut out: Vec<Conflict> = doc.read(|txn| {
+        map.iter(txn)
+            .filter_map(|(_, value)| match value {
+                Out::Any(yrs::Any::String(s)) => serde_json::from_str(&s).ok(),
+                _ => None,
+            })
+            .collect()
+    });
+    out.retain(|c: &Conflict| !open_only || c.resolution.is_none());
+    out.sort_by(|a, b| {
+        a.detected_at
+            .total_cmp(&b.detected_at)
+            .then(a.id.cmp(&b.id))
+    });
+    out
+}
+
+/// Picks the value to keep; the caller writes it to the document and then [`mark_resolved`].
+pub fn choose(
+    conflict: &Conflict,
+    keep: &Keep,
+    me: &str,
+) -> Result<(String, Value), ConflictError> {
+    let mine_is_winner = if conflict.winner_device == me {
+        Some(true)
+    } else if conflict.loser_device == me {
+        Some(false)
+    } else {
+        None
+    };
+    let not_involved = || ConflictError::NotInvolved(conflict.id.clone());
+    Ok(match keep {
+        Keep::Winner => ("winner".into(), conflict.winner_value.clone()),
+        Keep::Other => ("other".into(), conflict.loser_value.clone()),
+        Keep::Local if mine_is_winner.ok_or_else(not_involved)? => {
+            ("winner".into(), conflict.winner_value.clone())
+        }
+        Keep::Local => ("other".into(), conflict.loser_value.clone()),
+        Keep::Remote if mine_is_winner.ok_or_else(not_involved)? => {
+            ("other".into(), conflict.loser_value.clone())
+        }
+        Keep::Remote => ("winner".into(), conflict.winner_value.clone()),
+        Keep::Value(v) => ("merged".into(), v.clone()),
+    })
+}
+
+/// Marks a conflict resolved (replicates to every device).
+pub async fn mark_resolved(
+    doc: &DocHandle,
+    mut conflict: Conflict,
+    resolution: Resolution,
+) -> Result<Conflict, DocError> {
+    let map = doc.yrs_doc().get_or_insert_map(MAP);
+    conflict.resolution = Some(resolution);
+    let json = serde_json::to_string(&conflict).unwrap_or_default();
+    let id = conflict.id.clone();
+    doc.transact(|txn| {
+        map.insert(txn, id, json);
+    })
+    .await?;
+    Ok(conflict)
+}
+
+/// Local writes per (map, key), as kept in memory by a live document.
+pub type LocalWrites = BTreeMap<(String, String), LocalWrite>;

@@ -1,0 +1,155 @@
+//! Conflict reporting between real agents: concurrent writes to one map key while partitioned.
+
+mod common;
+
+use common::*;
+use devicelink::conflict::Keep;
+use devicelink::AgentHandle;
+
+/// Starts A and B, links them, then partitions them (B stopped) and returns B's dir to restart.
+async fn partitioned() -> (AgentHandle, tempfile::TempDir, tempfile::TempDir) {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), "a").await;
+    let b = start(db.path(), "b").await;
+    link(&a, &b);
+    let (doc_a, doc_b) = (a.open_doc("note").unwrap(), b.open_doc("note").unwrap());
+    doc_a.set_map_value("meta", "title", "first").await.unwrap();
+    doc_a.append_text("body", "hello").await.unwrap();
+    wait_until(LIMIT, "initial sync", || same_state(&doc_a, &doc_b)).await;
+    // B writes once more while connected: sequential overwrites are not conflicts.
+    doc_b
+        .set_map_value("meta", "title", "second")
+        .await
+        .unwrap();
+    wait_until(LIMIT, "b's write on a", || {
+        doc_a.to_json()["meta"]["title"] == "second"
+    })
+    .await;
+    let b_id = b.device_id();
+    b.shutdown().await.unwrap();
+    wait_until(LIMIT, "a to see b leave", || !a.is_syncing_with(&b_id)).await;
+    (a, da, db)
+}
+
+/// Restarts B from its dir without dialing anyone (still partitioned).
+async fn restart_b(dir: &std::path::Path) -> AgentHandle {
+    start(dir, "b").await
+}
+
+async fn reconnect(a: &AgentHandle, b: &AgentHandle) {
+    b.dial(a.listen_addrs()[0].clone()).unwrap();
+    let (doc_a, doc_b) = (a.open_doc("note").unwrap(), b.open_doc("note").unwrap());
+    wait_until(LIMIT, "reconnect and converge", || {
+        same_state(&doc_a, &doc_b)
+    })
+    .await;
+}
+
+/// Acceptance 3: concurrent sets of one key produce exactly one conflict record on each side;
+/// resolving it on one device clears it on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sets_of_one_key_make_one_conflict_resolved_everywhere() {
+    let (a, _da, db) = partitioned().await;
+    a.open_doc("note")
+        .unwrap()
+        .set_map_value("meta", "title", "from a")
+        .await
+        .unwrap();
+    let b = restart_b(db.path()).await;
+    b.open_doc("note")
+        .unwrap()
+        .set_map_value("meta", "title", "from b")
+        .await
+        .unwrap();
+    reconnect(&a, &b).await;
+
+    wait_until(LIMIT, "one conflict on each side", || {
+        a.conflicts(None, false).unwrap().len() == 1 && b.conflicts(None, false).unwrap().len() == 1
+    })
+    .await;
+    // Settle for a moment: still exactly one on each side.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let (ca, cb) = (
+        a.conflicts(None, false).unwrap(),
+        b.conflicts(None, false).unwrap(),
+    );
+    assert_eq!(ca.len(), 1);
+    assert_eq!(ca, cb, "the same record on both devices");
+    let c = &ca[0];
+    assert_eq!(
+        (c.doc.as_str(), c.map.as_slice(), c.key.as_str()),
+        ("note", &["meta".to_string()][..], "title")
+    );
+    let current = a.open_doc("note").unwrap().to_json()["meta"]["title"].clone();
+    assert_eq!(
+        c.winner_value, current,
+        "the winner is what both devices show"
+    );
+    let mut values = [
+        c.winner_value.as_str().unwrap(),
+        c.loser_value.as_str().unwrap(),
+    ];
+    values.sort();
+    assert_eq!(values, ["from a", "from b"]);
+    let devices = [a.device_id().to_string(), b.device_id().to_string()];
+    assert!(devices.contains(&c.winner_device) && devices.contains(&c.loser_device));
+    assert_ne!(c.winner_device, c.loser_device);
+
+    // Resolve on A by picking the value that lost: cleared on both, value everywhere.
+    let resolved = a.resolve_conflict(&c.id, Keep::Other).await.unwrap();
+    assert_eq!(resolved.resolution.as_ref().unwrap().kept, "other");
+    let lost = c.loser_value.clone();
+    wait_until(LIMIT, "resolution to replicate", || {
+        b.conflicts(None, false).unwrap().is_empty()
+            && b.open_doc("note").unwrap().to_json()["meta"]["title"] == lost
+    })
+    .await;
+    assert!(a.conflicts(None, false).unwrap().is_empty());
+    assert_eq!(a.open_doc("note").unwrap().to_json()["meta"]["title"], lost);
+    assert_eq!(
+        b.conflicts(None, true).unwrap().len(),
+        1,
+        "kept as resolved history"
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Acceptance 4: concurrent sets of different keys, and concurrent text edits, are no conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn different_keys_and_text_edits_are_not_conflicts() {
+    let (a, _da, db) = partitioned().await;
+    let doc_a = a.open_doc("note").unwrap();
+    doc_a.set_map_value("meta", "color", "red").await.unwrap();
+    doc_a.append_text("body", " from a").await.unwrap();
+    let b = restart_b(db.path()).await;
+    let doc_b = b.open_doc("note").unwrap();
+    doc_b.set_map_value("meta", "size", 3i64).await.unwrap();
+    doc_b
+        .edit_text("body", Some(0), 0, "b says ")
+        .await
+        .unwrap();
+    reconnect(&a, &b).await;
+    let json = a.open_doc("note").unwrap().to_json();
+    assert_eq!(
+        (
+            json["meta"]["color"].as_str(),
+            json["meta"]["size"].as_i64()
+        ),
+        (Some("red"), Some(3))
+    );
+    assert!(json["body"].as_str().unwrap().contains("from a"));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        a.conflicts(None, true).unwrap().is_empty(),
+        "{:?}",
+        a.conflicts(None, true)
+    );
+    assert!(
+        b.conflicts(None, true).unwrap().is_empty(),
+        "{:?}",
+        b.conflicts(None, true)
+    );
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
