@@ -639,3 +639,186 @@ impl AgentHandle {
         Ok(crate::conflict::mark_resolved(&records, conflict, resolution).await?)
     }
 }
+
+/// The result of a handoff, as delivered to the app on the claiming device.
+#[derive(Debug, Clone, Serialize)]
+pub struct Handoff {
+    pub activity: crate::handoff::Activity,
+    /// Every document the activity needs, as JSON, caught up to at least the recorded state.
+    pub docs: BTreeMap<String, serde_json::Value>,
+}
+
+impl AgentHandle {
+    fn activities_doc(&self) -> Result<DocHandle, crate::handoff::HandoffError> {
+        self.system_doc(crate::handoff::ACTIVITIES_DOC)
+            .map_err(|e| match e {
+                AgentError::Doc(d) => crate::handoff::HandoffError::Doc(d),
+                other => crate::handoff::HandoffError::Invalid(other.to_string()),
+            })
+    }
+
+    /// Publishes (or, with the id of one this device holds, updates) this device's activity.
+    /// Records the current state vector of each document it needs.
+    pub async fn publish_activity(
+        &self,
+        draft: crate::handoff::ActivityDraft,
+    ) -> Result<crate::handoff::Activity, crate::handoff::HandoffError> {
+        use crate::handoff::{ActivityDoc, HandoffError};
+        let mut docs = Vec::with_capacity(draft.docs.len());
+        for name in &draft.docs {
+            if name.starts_with(crate::group::RESERVED_PREFIX) {
+                return Err(HandoffError::Invalid(format!(
+                    "{name:?} is reserved for the agent"
+                )));
+            }
+            let doc = self
+                .open_doc(name)
+                .map_err(|e| HandoffError::Invalid(e.to_string()))?;
+            docs.push(ActivityDoc {
+                doc: name.clone(),
+                state_vector: crate::handoff::encode_sv(&doc.state_vector()),
+            });
+        }
+        let store = self.activities_doc()?;
+        let existing = draft
+            .id
+            .as_ref()
+            .and_then(|id| crate::handoff::current(&store).remove(id));
+        let me = self.inner.device_id.to_string();
+        let activity = crate::handoff::prepare(draft, existing.as_ref(), &me, docs)?;
+        crate::handoff::write(&store, &activity).await?;
+        Ok(activity)
+    }
+
+    /// Live activities of every device in the group (newest first).
+    pub fn activities(
+        &self,
+    ) -> Result<Vec<crate::handoff::Activity>, crate::handoff::HandoffError> {
+        Ok(crate::handoff::live(&self.activities_doc()?))
+    }
+
+    /// Withdraws an activity (by its origin or holder); it disappears everywhere.
+    pub async fn unpublish_activity(&self, id: &str) -> Result<(), crate::handoff::HandoffError> {
+        use crate::handoff::{ActivityState, HandoffError};
+        let store = self.activities_doc()?;
+        let current = crate::handoff::current(&store)
+            .remove(id)
+            .ok_or_else(|| HandoffError::NotFound(id.to_string()))?;
+        let me = self.inner.device_id.to_string();
+        if current.origin != me && current.holder != me {
+            return Err(HandoffError::NotHolder {
+                id: id.to_string(),
+                holder: current.holder,
+            });
+        }
+        let withdrawn = crate::handoff::Activity {
+            state: ActivityState::Unpublished,
+            updated_at: crate::conflict::now(),
+            ..current
+        };
+        crate::handoff::write(&store, &withdrawn).await?;
+        Ok(())
+    }
+
+    /// Activities of this device that were continued on another one.
+    pub fn continued_elsewhere(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<crate::handoff::Activity> {
+        self.inner.neighborhood.continued.subscribe()
+    }
+
+    /// Continues activity `id` on this device: catches up every document it needs to at least
+    /// the recorded state (from any peer), then claims it from its holder, then returns its app
+    /// state and documents. Fails clearly, and hands nothing over, if either step cannot finish
+    /// within `timeout`.
+    pub async fn handoff(
+        &self,
+        id: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Handoff, crate::handoff::HandoffError> {
+        use crate::handoff::HandoffError;
+        let store = self.activities_doc()?;
+        let me = self.inner.device_id.to_string();
+        let activity = crate::handoff::current(&store)
+            .remove(id)
+            .ok_or_else(|| HandoffError::NotFound(id.to_string()))?;
+        if !activity.is_live(crate::conflict::now()) {
+            return Err(HandoffError::Gone(id.to_string()));
+        }
+        if activity.holder == me {
+            return Err(HandoffError::AlreadyHere(id.to_string()));
+        }
+        // 1. Never hand over a document older than the one the user left.
+        let deadline = tokio::time::Instant::now() + timeout;
+        for needed in &activity.docs {
+            let doc = self
+                .open_doc(&needed.doc)
+                .map_err(|e| HandoffError::Invalid(e.to_string()))?;
+            loop {
+                let missing =
+                    crate::handoff::missing(&doc.state_vector_decoded(), &needed.state_vector);
+                if missing == 0 {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(HandoffError::NotCaughtUp {
+                        doc: needed.doc.clone(),
+                        missing,
+                        secs: timeout.as_secs(),
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+        // 2. Claim it from its holder, which grants one claim per epoch.
+        let unreachable = |reason: String| HandoffError::HolderUnreachable {
+            id: id.to_string(),
+            holder: activity.holder.clone(),
+            reason,
+        };
+        let holder: PeerId = activity
+            .holder
+            .parse()
+            .map_err(|_| unreachable("bad device id".into()))?;
+        let addrs = self
+            .trust()
+            .ok()
+            .and_then(|t| t.get(&holder).ok().flatten())
+            .map(|d| d.multiaddrs())
+            .unwrap_or_default();
+        let (reply, rx) = oneshot::channel();
+        self.notify(NetCommand::Connect {
+            target: ConnectTarget::Peer(holder, addrs),
+            reply,
+        })
+        .map_err(|e| unreachable(e.to_string()))?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::time::timeout(left.max(std::time::Duration::from_secs(1)), rx)
+            .await
+            .map_err(|_| unreachable("no connection in time (is it online?)".into()))?
+            .map_err(|_| unreachable("the agent stopped".into()))?
+            .map_err(unreachable)?;
+        let stream = self
+            .inner
+            .control
+            .lock()
+            .await
+            .open_stream(holder, crate::handoff::HANDOFF_PROTOCOL)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let granted = crate::handoff::request_claim(stream, &activity).await?;
+        crate::handoff::write(&store, &granted).await?;
+        // 3. Deliver the app state with the caught-up documents.
+        let mut docs = BTreeMap::new();
+        for needed in &granted.docs {
+            let doc = self
+                .open_doc(&needed.doc)
+                .map_err(|e| HandoffError::Invalid(e.to_string()))?;
+            docs.insert(needed.doc.clone(), doc.to_json());
+        }
+        Ok(Handoff {
+            activity: granted,
+            docs,
+        })
+    }
+}

@@ -31,6 +31,7 @@ pub mod demo;
 pub mod discovery;
 pub mod docs;
 pub mod group;
+pub mod handoff;
 pub mod identity;
 pub mod ipc;
 pub mod net;

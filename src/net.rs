@@ -106,7 +106,6 @@ pub(crate) enum ConnectTarget {
 }
 
 /// What the network shares with the rest of the agent about the neighbourhood and pairing.
-#[derive(Default)]
 pub(crate) struct Neighborhood {
     /// Agents announced over mDNS, by claimed id.
     pub nearby: Mutex<BTreeMap<PeerId, Announcement>>,
@@ -115,6 +114,23 @@ pub(crate) struct Neighborhood {
     pub joins: AtomicUsize,
     /// Why mDNS is not running, if it is not.
     pub mdns_error: Mutex<Option<String>>,
+    /// Serializes handoff claims this device arbitrates (one grant per epoch).
+    pub claims: tokio::sync::Mutex<()>,
+    /// "Your activity was continued on another device", for local apps.
+    pub continued: tokio::sync::broadcast::Sender<crate::handoff::Activity>,
+}
+
+impl Default for Neighborhood {
+    fn default() -> Self {
+        Self {
+            nearby: Mutex::default(),
+            host: PairingHost::default(),
+            joins: AtomicUsize::new(0),
+            mdns_error: Mutex::default(),
+            claims: tokio::sync::Mutex::new(()),
+            continued: tokio::sync::broadcast::channel(64).0,
+        }
+    }
 }
 
 impl Neighborhood {
@@ -291,14 +307,18 @@ impl Network {
     /// Runs until a shutdown command (or until every command sender is gone).
     pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<NetCommand>) {
         let mut control = self.swarm.behaviour().stream.new_control();
-        let (mut incoming, mut incoming_pair) =
-            match (control.accept(SYNC_PROTOCOL), control.accept(PAIR_PROTOCOL)) {
-                (Ok(sync), Ok(pair)) => (sync, pair),
-                _ => {
-                    tracing::error!("cannot accept sync and pairing streams");
-                    return;
-                }
-            };
+        let accepted = (
+            control.accept(SYNC_PROTOCOL),
+            control.accept(PAIR_PROTOCOL),
+            control.accept(crate::handoff::HANDOFF_PROTOCOL),
+        );
+        let (mut incoming, mut incoming_pair, mut incoming_claims) = match accepted {
+            (Ok(sync), Ok(pair), Ok(claims)) => (sync, pair, claims),
+            _ => {
+                tracing::error!("cannot accept sync, pairing and handoff streams");
+                return;
+            }
+        };
         let (discovered_tx, mut discovered) = mpsc::unbounded_channel();
         self.start_discovery(discovered_tx);
         let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -308,6 +328,7 @@ impl Network {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream),
                 Some((peer, stream)) = incoming_pair.next() => self.on_pair_stream(peer, stream),
+                Some((peer, stream)) = incoming_claims.next() => self.on_claim_stream(peer, stream),
                 Some(event) = discovered.recv() => self.on_discovery(event),
                 command = commands.recv() => match command {
                     Some(NetCommand::Dial(addr)) => self.add_static_peer(addr),
@@ -340,6 +361,7 @@ impl Network {
         self.sessions.shutdown().await;
         drop(incoming);
         drop(incoming_pair);
+        drop(incoming_claims);
         drop(self);
         if let Some(done) = done {
             let _ = done.send(());
@@ -477,6 +499,50 @@ impl Network {
             }
             let _ = commands.send(NetCommand::PairingEnded);
         });
+    }
+
+    /// A handoff claim from `peer` for an activity this device holds.
+    fn on_claim_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        if !self.trust.is_trusted(&peer) {
+            tracing::warn!(%peer, "ignored a handoff claim from an untrusted device");
+            return;
+        }
+        let me = self.swarm.local_peer_id().to_string();
+        let (registry, neighborhood) = (self.ctx.registry.clone(), self.neighborhood.clone());
+        self.sessions.spawn(crate::handoff::serve_claim(
+            stream,
+            move |id, epoch| async move {
+                let _one_at_a_time = neighborhood.claims.lock().await;
+                let doc = registry
+                    .open(crate::handoff::ACTIVITIES_DOC)
+                    .map(|live| crate::docs::DocHandle::new(live, registry.clone()))
+                    .map_err(|e| e.to_string())?;
+                let current = crate::handoff::current(&doc)
+                    .remove(&id)
+                    .ok_or_else(|| format!("no activity {id}"))?;
+                if !current.is_live(crate::conflict::now()) {
+                    return Err(format!("activity {id} has expired or was unpublished"));
+                }
+                if current.holder != me || current.epoch != epoch {
+                    return Err(format!(
+                        "activity {id} was already continued on {} (epoch {})",
+                        current.holder, current.epoch
+                    ));
+                }
+                let granted = crate::handoff::Activity {
+                    holder: peer.to_string(),
+                    epoch: current.epoch + 1,
+                    updated_at: crate::conflict::now(),
+                    ..current
+                };
+                crate::handoff::write(&doc, &granted)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(activity = id, on = %peer, "activity continued on another device");
+                let _ = neighborhood.continued.send(granted.clone());
+                Ok(granted)
+            },
+        ));
     }
 
     fn listen_addr_strings(&self) -> Vec<String> {

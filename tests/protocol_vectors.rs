@@ -508,7 +508,7 @@ fn hex(bytes: &[u8]) -> String {
         .join(" ")
 }
 
-/// Splits a frame into its prefix value and body, checking the prefix equals the body length.
+/// The body of a frame, after checking that its length prefix equals the body length.
 fn split_frame<'a>(name: &str, frame: &'a [u8]) -> &'a [u8] {
     assert!(frame.len() >= 4, "{name}: shorter than a length prefix");
     let (prefix, body) = frame.split_at(4);
@@ -904,7 +904,12 @@ fn vector_files_are_listed_and_documented() {
 fn spec_hex_dumps_match_the_vectors() {
     let spec =
         std::fs::read_to_string(protocol_dir().join("README.md")).expect("protocol/README.md");
-    for name in ["hello_1_4.bin", "refuse_not_trusted.bin", "sync_step1.bin"] {
+    for name in [
+        "hello_1_4.bin",
+        "refuse_not_trusted.bin",
+        "sync_step1.bin",
+        "update.bin",
+    ] {
         let frame = to_frame(
             &vectors()
                 .into_iter()
