@@ -571,6 +571,11 @@ async fn record_conflicts(
 }
 
 impl AgentHandle {
+    /// One of the agent's own `_devicelink/` documents (read it; the agent writes it).
+    pub fn open_system_doc(&self, name: &str) -> Result<DocHandle, AgentError> {
+        self.system_doc(name)
+    }
+
     fn system_doc(&self, name: &str) -> Result<DocHandle, AgentError> {
         let live = self.inner.registry.open(name)?;
         Ok(DocHandle::new(live, self.inner.registry.clone()))

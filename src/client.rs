@@ -33,7 +33,12 @@ pub enum ClientError {
     Agent { code: ErrorCode, message: String },
     #[error("unexpected answer from the agent: {0}")]
     Protocol(String),
+    #[error("the agent did not answer within {0:?}")]
+    Timeout(std::time::Duration),
 }
+
+/// Longest wait for any one answer (handoffs and pairing take seconds, never minutes).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 
@@ -102,7 +107,16 @@ impl Client {
                 .remove(&id);
             return Err(ClientError::Closed);
         }
-        let response = rx.await.map_err(|_| ClientError::Closed)?;
+        let response = match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(answer) => answer.map_err(|_| ClientError::Closed)?,
+            Err(_) => {
+                self.pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                return Err(ClientError::Timeout(REQUEST_TIMEOUT));
+            }
+        };
         match (response.ok, response.error) {
             (true, _) => Ok(response.result.unwrap_or(Value::Null)),
             (false, Some(e)) => Err(ClientError::Agent {

@@ -57,6 +57,8 @@ pub enum DocError {
     Store(#[from] StoreError),
     #[error("document {doc:?}: invalid Yjs update: {reason}")]
     InvalidUpdate { doc: String, reason: String },
+    #[error("document {doc:?}: invalid Yjs state vector: {reason}")]
+    InvalidStateVector { doc: String, reason: String },
     #[error(
         "document {doc:?}: the change could not be made durable, it is not acknowledged: {source}"
     )]
@@ -509,10 +511,11 @@ impl DocHandle {
 
     /// What a holder of `state_vector` lacks, as one Yjs update (v1).
     pub fn diff(&self, state_vector: &[u8]) -> Result<Vec<u8>, DocError> {
-        let sv = StateVector::decode_v1(state_vector).map_err(|e| DocError::InvalidUpdate {
-            doc: self.name().to_string(),
-            reason: format!("bad state vector: {e}"),
-        })?;
+        let sv =
+            StateVector::decode_v1(state_vector).map_err(|e| DocError::InvalidStateVector {
+                doc: self.name().to_string(),
+                reason: e.to_string(),
+            })?;
         Ok(self.live.doc.transact().encode_diff_v1(&sv))
     }
 

@@ -82,8 +82,9 @@ impl Activity {
 /// What an app publishes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActivityDraft {
-    /// Set to update an activity this device holds; empty for a new one.
-    #[serde(default)]
+    /// Set to update an activity this device holds; empty for a new one. (`activity_id` on the
+    /// wire, so it never collides with a request's own `id`.)
+    #[serde(default, rename = "activity_id")]
     pub id: Option<String>,
     #[serde(rename = "type")]
     pub activity_type: String,

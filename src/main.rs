@@ -72,6 +72,27 @@ enum Command {
     Peers,
     /// Diagnose discovery and sync: multicast per interface, how each peer was found, lag.
     Doctor,
+    /// Publish, list and withdraw activities that can continue on another device.
+    #[command(subcommand)]
+    Activity(ActivityCommand),
+    /// Continue an activity on this device: its documents are caught up first, then its app
+    /// state is printed (JSON).
+    Handoff {
+        activity_id: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Concurrent writes to the same map key (open ones), or resolve one.
+    Conflicts {
+        #[command(subcommand)]
+        command: Option<ConflictCommand>,
+        /// Only this document.
+        doc: Option<String>,
+        /// Include resolved conflicts.
+        #[arg(long)]
+        all: bool,
+    },
     /// Print this device's id.
     Id,
     /// Manage the devices this one syncs with.
@@ -84,6 +105,44 @@ enum Command {
     Doc(DocCommand),
     /// Start two agents on 127.0.0.1 and show sync, live updates and offline catch-up.
     Demo,
+}
+
+#[derive(Subcommand)]
+enum ActivityCommand {
+    /// Publish this device's current activity (or update it with --id).
+    Publish {
+        /// Reverse-DNS type, like com.example.notes.edit.
+        #[arg(long = "type")]
+        activity_type: String,
+        #[arg(long)]
+        title: String,
+        /// A document the activity needs (repeatable).
+        #[arg(long = "doc")]
+        docs: Vec<String>,
+        /// App state as JSON (cursor, selection, URL...).
+        #[arg(long)]
+        state: Option<String>,
+        /// Update the activity with this id (this device must hold it).
+        #[arg(long)]
+        id: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+    /// List the live activities of all your devices.
+    List,
+    /// Withdraw an activity everywhere.
+    Unpublish { id: String },
+}
+
+#[derive(Subcommand)]
+enum ConflictCommand {
+    /// Resolve a conflict: keep local (this device's value), remote, winner, other, or a JSON value.
+    Resolve {
+        id: String,
+        #[arg(long)]
+        keep: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -221,6 +280,72 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Peers => peers(&global).await,
+        Command::Activity(command) => {
+            let client = global.client().await?;
+            let body = match command {
+                ActivityCommand::Publish {
+                    activity_type,
+                    title,
+                    docs,
+                    state,
+                    id,
+                    ttl,
+                } => {
+                    let app_state = match state {
+                        Some(s) => serde_json::from_str(&s).context("--state must be JSON")?,
+                        None => serde_json::Value::Null,
+                    };
+                    RequestBody::ActivityPublish {
+                        draft: devicelink::handoff::ActivityDraft {
+                            id,
+                            activity_type,
+                            title,
+                            docs,
+                            app_state,
+                            ttl_secs: ttl,
+                        },
+                    }
+                }
+                ActivityCommand::List => RequestBody::ActivityList,
+                ActivityCommand::Unpublish { id } => {
+                    RequestBody::ActivityUnpublish { activity_id: id }
+                }
+            };
+            print_json(&client.request(body).await?)
+        }
+        Command::Handoff {
+            activity_id,
+            timeout,
+        } => {
+            let body = RequestBody::Handoff {
+                activity_id,
+                timeout_secs: Some(timeout),
+            };
+            print_json(&global.client().await?.request(body).await?)
+        }
+        Command::Conflicts { command, doc, all } => {
+            let client = global.client().await?;
+            let body = match command {
+                Some(ConflictCommand::Resolve { id, keep }) => {
+                    let (keep, value) = match keep.as_str() {
+                        "local" | "remote" | "winner" | "other" => (Some(keep), None),
+                        json => (
+                            None,
+                            Some(serde_json::from_str(json).with_context(|| {
+                                format!("--keep must be local, remote, winner, other or a JSON value, not {json:?}")
+                            })?),
+                        ),
+                    };
+                    RequestBody::ConflictResolve {
+                        conflict_id: id,
+                        keep,
+                        value,
+                    }
+                }
+                None => RequestBody::ConflictList { doc, all },
+            };
+            print_json(&client.request(body).await?)
+        }
         Command::Doctor => doctor(&global).await,
         Command::Id => {
             println!("{}", devicelink::identity::device_id(&global.data_dir()?)?);
@@ -371,7 +496,7 @@ async fn doc(global: &Global, command: DocCommand) -> Result<()> {
                     Event::Lagged { missed, .. } => {
                         serde_json::json!({ "doc": doc, "lagged": missed })
                     }
-                    Event::Pairing { .. } => continue,
+                    _ => continue,
                 };
                 println!("{line}");
                 std::io::stdout().flush()?;

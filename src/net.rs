@@ -96,6 +96,9 @@ pub(crate) enum NetCommand {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// How often the loop redials, expires pairing codes and drops lingering untrusted connections.
+const TICK: Duration = Duration::from_millis(200);
+
 /// How long an untrusted device may stay connected (to pair) when no pairing is open here.
 const UNTRUSTED_GRACE: Duration = Duration::from_secs(5);
 
@@ -312,6 +315,16 @@ impl Network {
             control.accept(PAIR_PROTOCOL),
             control.accept(crate::handoff::HANDOFF_PROTOCOL),
         );
+        let mut legacy = futures::stream::select_all(
+            crate::sync::message::LEGACY_SYNC_PROTOCOLS
+                .into_iter()
+                .filter_map(|p| {
+                    control
+                        .accept(p.clone())
+                        .ok()
+                        .map(|s| s.map(move |x| (p.clone(), x)))
+                }),
+        );
         let (mut incoming, mut incoming_pair, mut incoming_claims) = match accepted {
             (Ok(sync), Ok(pair), Ok(claims)) => (sync, pair, claims),
             _ => {
@@ -321,7 +334,7 @@ impl Network {
         };
         let (discovered_tx, mut discovered) = mpsc::unbounded_channel();
         self.start_discovery(discovered_tx);
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let done = loop {
             tokio::select! {
@@ -329,6 +342,14 @@ impl Network {
                 Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream),
                 Some((peer, stream)) = incoming_pair.next() => self.on_pair_stream(peer, stream),
                 Some((peer, stream)) = incoming_claims.next() => self.on_claim_stream(peer, stream),
+                Some((protocol, (peer, stream))) = legacy.next() => {
+                    let message = format!(
+                        "this device speaks devicelink sync {PROTOCOL_VERSION}; {protocol} is too old: update devicelink on device {peer}"
+                    );
+                    tracing::error!(%peer, "refused an old peer: {message}");
+                    self.peers.set_error(peer, message.clone());
+                    self.sessions.spawn(refuse(stream, RefuseCode::UnsupportedVersion, message));
+                }
                 Some(event) = discovered.recv() => self.on_discovery(event),
                 command = commands.recv() => match command {
                     Some(NetCommand::Dial(addr)) => self.add_static_peer(addr),
@@ -739,7 +760,7 @@ impl Network {
                 RefuseCode::NotTrusted,
                 format!("device {peer} is not trusted by this device; pair it first"),
             ));
-            let _ = self.swarm.disconnect_peer_id(peer);
+            // The connection itself is dropped after the untrusted grace period.
             return;
         }
         // A new stream from the same peer replaces a stale one.

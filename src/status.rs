@@ -91,7 +91,7 @@ impl PeerTable {
         let mut peers = self.lock();
         let state = peers.entry(peer).or_default();
         state.sessions += 1;
-        state.name = Some(name.to_string());
+        state.name = Some(name.chars().take(64).collect());
         state.synced_docs.clear();
         state.known.clear();
         state.last_error = None;

@@ -196,3 +196,80 @@ fn second_agent_on_the_same_data_dir_is_refused() {
         stderr(&out)
     );
 }
+
+/// `activity publish`, `activity list`, `handoff` and `conflicts` through the real binary.
+#[test]
+fn activity_and_handoff_through_the_cli() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let id = |dir: &Path| {
+        stdout(&cli(dir, &dir.join("agent.sock"), &["id"]))
+            .trim()
+            .to_string()
+    };
+    let (id_a, id_b) = (id(da.path()), id(db.path()));
+    assert!(cli(
+        da.path(),
+        &da.path().join("agent.sock"),
+        &["trust", "add", &id_b]
+    )
+    .status
+    .success());
+    assert!(cli(
+        db.path(),
+        &db.path().join("agent.sock"),
+        &["trust", "add", &id_a]
+    )
+    .status
+    .success());
+    let a = AgentProcess::start(da.path(), &[]);
+    let b = AgentProcess::start(db.path(), &[&a.addr]);
+
+    assert!(a
+        .cli(&["doc", "text", "notes", "body", "--append", "hello"])
+        .status
+        .success());
+    let out = a.cli(&[
+        "activity",
+        "publish",
+        "--type",
+        "com.example.notes.edit",
+        "--title",
+        "Notes",
+        "--doc",
+        "notes",
+        "--state",
+        "{\"cursor\":3}",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let published: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let activity_id = published["id"].as_str().unwrap().to_string();
+    assert_eq!(published["holder"], id_a.as_str());
+
+    let start = Instant::now();
+    while !stdout(&b.cli(&["activity", "list"])).contains(&activity_id) {
+        assert!(start.elapsed() < LIMIT, "activity never reached b");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = b.cli(&["handoff", &activity_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let handoff: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(handoff["activity"]["app_state"]["cursor"], 3);
+    assert_eq!(handoff["activity"]["holder"], id_b.as_str());
+    assert_eq!(handoff["docs"]["notes"]["body"], "hello");
+
+    let out = b.cli(&["handoff", "no-such-activity"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no activity no-such-activity"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.cli(&["conflicts"]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out).trim(), "[]");
+    let out = b.cli(&["conflicts", "resolve", "nope", "--keep", "local"]);
+    assert!(!out.status.success());
+    let out = a.cli(&["activity", "publish", "--type", "bad", "--title", "x"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("reverse-DNS"), "{}", stderr(&out));
+}

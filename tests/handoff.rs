@@ -219,10 +219,9 @@ async fn simultaneous_claims_exactly_one_wins_everywhere() {
         1,
         "exactly one claim succeeds: {rb:?} / {rc:?}"
     );
-    let loser = if rb.is_ok() {
-        rc.unwrap_err()
-    } else {
-        rb.unwrap_err()
+    let loser = match (rb, rc) {
+        (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
+        other => panic!("exactly one claim must fail: {other:?}"),
     };
     assert!(loser.to_string().contains("already continued"), "{loser}");
     for agent in [&a, &b, &c] {

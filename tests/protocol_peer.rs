@@ -166,6 +166,24 @@ async fn old_protocol_version_is_refused_clearly() {
     assert_eq!(code, RefuseCode::UnsupportedVersion);
     assert!(message.contains("unknown major"), "{message}");
 
+    // A peer still on the 1.3 stream id is answered with a clear refusal, not a bare
+    // negotiation failure.
+    let stream = raw
+        .control
+        .open_stream(
+            a.device_id(),
+            libp2p::StreamProtocol::new("/devicelink/sync/1.3.0"),
+        )
+        .await
+        .expect("the 1.3 id is accepted, to be refused");
+    let mut transport = Framed::new(stream.compat(), codec());
+    let (code, message) = refusal(&read_all(&mut transport).await).expect("a Refuse frame");
+    assert_eq!(code, RefuseCode::UnsupportedVersion);
+    assert!(
+        message.contains("/devicelink/sync/1.3.0 is too old"),
+        "{message}"
+    );
+
     assert_still_serving(&a, &b).await;
 }
 

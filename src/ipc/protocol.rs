@@ -104,6 +104,42 @@ pub enum RequestBody {
     Peers,
     /// Discovery and connectivity diagnosis.
     Doctor,
+    /// Publishes (or, with `id`, updates) this device's current activity.
+    ActivityPublish {
+        #[serde(flatten)]
+        draft: crate::handoff::ActivityDraft,
+    },
+    /// Live activities of all devices.
+    ActivityList,
+    ActivityUnpublish {
+        activity_id: String,
+    },
+    /// Pushes `activities` events (the full list) on every change, and `activity_continued`
+    /// when an activity of this device is continued elsewhere.
+    ActivitySubscribe,
+    /// Continues an activity here: catches its documents up, claims it, returns its app state.
+    Handoff {
+        activity_id: String,
+        #[serde(default)]
+        timeout_secs: Option<u64>,
+    },
+    /// Conflicts (open ones unless `all`), optionally of one document.
+    ConflictList {
+        #[serde(default)]
+        doc: Option<String>,
+        #[serde(default)]
+        all: bool,
+    },
+    /// Resolves a conflict: `keep` is "local", "remote", "winner", "other", or `value` is set.
+    ConflictResolve {
+        conflict_id: String,
+        #[serde(default)]
+        keep: Option<String>,
+        #[serde(default)]
+        value: Option<serde_json::Value>,
+    },
+    /// Pushes a `conflicts` event (the open conflicts) on every change.
+    ConflictSubscribe,
 }
 
 /// One response line: `{"id": 7, "ok": true, "result": ...}` or `{"id": 7, "ok": false, "error": {...}}`.
@@ -140,6 +176,10 @@ pub enum ErrorCode {
     Storage,
     /// Pairing failed (wrong or expired code, unreachable device...).
     Pairing,
+    /// A handoff could not complete (documents not caught up, holder unreachable, refused).
+    Handoff,
+    /// No such activity or conflict.
+    NotFound,
     NoSuchSubscription,
     Internal,
 }
@@ -157,6 +197,16 @@ pub enum Event {
     },
     /// Progress of a pairing code opened with `pair_start` on this connection.
     Pairing { update: crate::pairing::HostEvent },
+    /// The live activities, after any change.
+    Activities {
+        activities: Vec<crate::handoff::Activity>,
+    },
+    /// An activity of this device was continued on another device (`activity.holder`).
+    ActivityContinued { activity: crate::handoff::Activity },
+    /// The open conflicts, after any change.
+    Conflicts {
+        open: Vec<crate::conflict::Conflict>,
+    },
     /// The subscriber fell behind and missed `missed` updates: re-read the doc (or diff by
     /// state vector) to catch up.
     Lagged { subscription: u64, missed: u64 },
@@ -181,6 +231,59 @@ impl Response {
                 code,
                 message: message.into(),
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// No request field may be called `id`: it would collide with the request's own id.
+    #[test]
+    fn every_request_round_trips_next_to_its_id() {
+        let bodies = vec![
+            RequestBody::Status,
+            RequestBody::DocSet {
+                doc: "d".into(),
+                map: "m".into(),
+                key: "k".into(),
+                value: serde_json::json!({"a": 1}),
+            },
+            RequestBody::ActivityPublish {
+                draft: crate::handoff::ActivityDraft {
+                    id: Some("act".into()),
+                    activity_type: "com.example.x".into(),
+                    title: "t".into(),
+                    docs: vec!["d".into()],
+                    app_state: serde_json::json!({"cursor": 1}),
+                    ttl_secs: Some(5),
+                },
+            },
+            RequestBody::ActivityUnpublish {
+                activity_id: "act".into(),
+            },
+            RequestBody::Handoff {
+                activity_id: "act".into(),
+                timeout_secs: Some(3),
+            },
+            RequestBody::ConflictResolve {
+                conflict_id: "c".into(),
+                keep: Some("local".into()),
+                value: None,
+            },
+            RequestBody::PairJoin {
+                code: "42-815-067".into(),
+                addr: None,
+            },
+            RequestBody::DocUnsubscribe { subscription: 3 },
+        ];
+        for body in bodies {
+            let request = Request { id: 77, body };
+            let line = serde_json::to_string(&request).unwrap();
+            let back: Request =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(back, request, "{line}");
         }
     }
 }

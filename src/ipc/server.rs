@@ -207,6 +207,13 @@ impl Connection {
         let _ = writer.await;
     }
 
+    fn add_subscription(&mut self, task: AbortHandle) -> u64 {
+        let id = self.next_subscription;
+        self.next_subscription += 1;
+        self.subscriptions.insert(id, task);
+        id
+    }
+
     async fn handle(
         &mut self,
         request: Request,
@@ -286,10 +293,9 @@ impl Connection {
             RequestBody::DocSubscribe { doc } => {
                 let handle = agent.open_doc(&doc).map_err(agent_error)?;
                 let subscription = self.next_subscription;
-                self.next_subscription += 1;
                 let events = handle.subscribe();
                 let task = tokio::spawn(forward_events(subscription, events, out.clone()));
-                self.subscriptions.insert(subscription, task.abort_handle());
+                self.add_subscription(task.abort_handle());
                 json!({ "subscription": subscription, "state_vector": B64.encode(handle.state_vector()) })
             }
             RequestBody::DocUnsubscribe { subscription } => {
@@ -379,6 +385,114 @@ impl Connection {
                 json!({ "paired": to_value(paired), "nearby": to_value(nearby) })
             }
             RequestBody::Doctor => to_value(agent.doctor().await.map_err(agent_error)?),
+            RequestBody::ActivityPublish { draft } => {
+                to_value(agent.publish_activity(draft).await.map_err(handoff_error)?)
+            }
+            RequestBody::ActivityList => to_value(agent.activities().map_err(handoff_error)?),
+            RequestBody::ActivityUnpublish { activity_id } => {
+                agent
+                    .unpublish_activity(&activity_id)
+                    .await
+                    .map_err(handoff_error)?;
+                json!({})
+            }
+            RequestBody::ActivitySubscribe => {
+                let doc = agent
+                    .open_system_doc(crate::handoff::ACTIVITIES_DOC)
+                    .map_err(agent_error)?;
+                let (mut changes, mut continued) = (doc.subscribe(), agent.continued_elsewhere());
+                let (out, agent) = (out.clone(), agent.clone());
+                let task = tokio::spawn(async move {
+                    loop {
+                        let event = tokio::select! {
+                            change = changes.recv() => match change {
+                                Err(broadcast::error::RecvError::Closed) => return,
+                                _ => match agent.activities() {
+                                    Ok(activities) => Event::Activities { activities },
+                                    Err(_) => continue,
+                                },
+                            },
+                            activity = continued.recv() => match activity {
+                                Ok(activity) => Event::ActivityContinued { activity },
+                                Err(broadcast::error::RecvError::Closed) => return,
+                                Err(_) => continue,
+                            },
+                        };
+                        if send(&out, &event).is_err() {
+                            return;
+                        }
+                    }
+                });
+                let subscription = self.add_subscription(task.abort_handle());
+                json!({ "subscription": subscription, "activities": to_value(agent_activities(&self.agent)) })
+            }
+            RequestBody::Handoff {
+                activity_id,
+                timeout_secs,
+            } => {
+                let timeout = std::time::Duration::from_secs(timeout_secs.unwrap_or(10));
+                to_value(
+                    agent
+                        .handoff(&activity_id, timeout)
+                        .await
+                        .map_err(handoff_error)?,
+                )
+            }
+            RequestBody::ConflictList { doc, all } => {
+                to_value(agent.conflicts(doc.as_deref(), all).map_err(agent_error)?)
+            }
+            RequestBody::ConflictResolve {
+                conflict_id: id,
+                keep,
+                value,
+            } => {
+                use crate::conflict::Keep;
+                let keep = match (keep.as_deref(), value) {
+                    (_, Some(value)) => Keep::Value(value),
+                    (Some("local"), None) => Keep::Local,
+                    (Some("remote"), None) => Keep::Remote,
+                    (Some("winner"), None) => Keep::Winner,
+                    (Some("other"), None) => Keep::Other,
+                    (other, None) => {
+                        return Err((
+                            ErrorCode::InvalidArgument,
+                            format!("keep must be local, remote, winner or other (or give a value), not {other:?}"),
+                        ))
+                    }
+                };
+                let resolved = agent.resolve_conflict(&id, keep).await.map_err(|e| {
+                    use crate::conflict::ConflictError;
+                    let code = match &e {
+                        ConflictError::NotFound(_) => ErrorCode::NotFound,
+                        ConflictError::Doc(_) => ErrorCode::Storage,
+                        _ => ErrorCode::InvalidArgument,
+                    };
+                    (code, e.to_string())
+                })?;
+                to_value(resolved)
+            }
+            RequestBody::ConflictSubscribe => {
+                let doc = agent
+                    .open_system_doc(crate::conflict::CONFLICTS_DOC)
+                    .map_err(agent_error)?;
+                let mut changes = doc.subscribe();
+                let (out, agent) = (out.clone(), agent.clone());
+                let task = tokio::spawn(async move {
+                    loop {
+                        if let Err(broadcast::error::RecvError::Closed) = changes.recv().await {
+                            return;
+                        }
+                        let Ok(open) = agent.conflicts(None, false) else {
+                            continue;
+                        };
+                        if send(&out, &Event::Conflicts { open }).is_err() {
+                            return;
+                        }
+                    }
+                });
+                let subscription = self.add_subscription(task.abort_handle());
+                json!({ "subscription": subscription })
+            }
             RequestBody::PeerDial { addr } => {
                 let addr = addr.parse().map_err(|e| {
                     (
@@ -505,11 +619,32 @@ fn agent_error(e: AgentError) -> (ErrorCode, String) {
 
 fn doc_error(e: DocError) -> (ErrorCode, String) {
     match e {
-        DocError::InvalidUpdate { .. } => (ErrorCode::InvalidArgument, e.to_string()),
+        DocError::InvalidUpdate { .. } | DocError::InvalidStateVector { .. } => {
+            (ErrorCode::InvalidArgument, e.to_string())
+        }
         DocError::NotDurable { .. } => (ErrorCode::NotDurable, e.to_string()),
         DocError::Store(e) => store_error(e),
         DocError::AgentStopped => (ErrorCode::Internal, e.to_string()),
     }
+}
+
+fn agent_activities(agent: &AgentHandle) -> Vec<crate::handoff::Activity> {
+    agent.activities().unwrap_or_default()
+}
+
+fn handoff_error(e: crate::handoff::HandoffError) -> (ErrorCode, String) {
+    use crate::handoff::HandoffError as H;
+    let code = match &e {
+        H::NotFound(_) | H::Gone(_) => ErrorCode::NotFound,
+        H::BadType(_) | H::StateTooLarge(_) | H::Invalid(_) | H::NotHolder { .. } => {
+            ErrorCode::InvalidArgument
+        }
+        H::Doc(_) => ErrorCode::Storage,
+        H::AlreadyHere(_) | H::NotCaughtUp { .. } | H::HolderUnreachable { .. } | H::Refused(_) => {
+            ErrorCode::Handoff
+        }
+    };
+    (code, e.to_string())
 }
 
 fn store_error(e: StoreError) -> (ErrorCode, String) {

@@ -104,8 +104,14 @@ impl TrustStore {
         Ok(existed)
     }
 
-    /// Remembers the addresses a trusted device listens on (no-op for untrusted devices).
+    /// Remembers the addresses a trusted device listens on (no-op for untrusted devices). Keeps
+    /// at most 16 addresses of at most 256 bytes that parse as multiaddrs.
     pub fn set_addrs(&self, peer: &PeerId, addrs: Vec<String>) -> Result<(), StoreError> {
+        let addrs: Vec<String> = addrs
+            .into_iter()
+            .filter(|a| a.len() <= 256 && a.parse::<Multiaddr>().is_ok())
+            .take(16)
+            .collect();
         if let Some(mut device) = self.get(peer)? {
             if device.addrs != addrs {
                 device.addrs = addrs;

@@ -12,6 +12,14 @@ use tokio_util::codec::LengthDelimitedCodec;
 /// The libp2p stream protocol id of document sync.
 pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/devicelink/sync/1.4.0");
 
+/// Stream ids of earlier 1.x sync protocols: accepted only to refuse them with a clear message.
+pub const LEGACY_SYNC_PROTOCOLS: [StreamProtocol; 4] = [
+    StreamProtocol::new("/devicelink/sync/1.0.0"),
+    StreamProtocol::new("/devicelink/sync/1.1.0"),
+    StreamProtocol::new("/devicelink/sync/1.2.0"),
+    StreamProtocol::new("/devicelink/sync/1.3.0"),
+];
+
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 4 };
 
@@ -32,8 +40,9 @@ impl std::fmt::Display for Version {
 }
 
 impl Version {
-    /// Whether a peer announcing `self` may sync with this build: same major, minor >= 4.
-    /// A higher minor is accepted (it speaks 1.4 too); returns the refusal otherwise.
+    /// Whether a peer announcing `self` may sync with this build: the same major version and at
+    /// least this build's minor. A higher minor is accepted (it must speak this minor's messages
+    /// too); returns the refusal otherwise.
     pub fn check_compatible(self) -> Result<(), Refusal> {
         if self.major != PROTOCOL_VERSION.major {
             return Err(Refusal {

@@ -150,6 +150,7 @@ fn refusal_for(e: &SessionError) -> Option<Refusal> {
     let (code, message) = match e {
         SessionError::FrameTooLarge => (RefuseCode::FrameTooLarge, e.to_string()),
         SessionError::BadFrame(_) => (RefuseCode::Malformed, e.to_string()),
+        SessionError::RefusedPeer { code, message } => (*code, message.clone()),
         _ => return None,
     };
     Some(Refusal { code, message })
@@ -164,9 +165,24 @@ async fn send(transport: &mut Transport, msg: &Message) -> Result<(), SessionErr
 async fn handshake(transport: &mut Transport, local: Hello) -> Result<Hello, SessionError> {
     send(transport, &Message::Hello(local)).await?;
     let frame = match tokio::time::timeout(HELLO_TIMEOUT, transport.next()).await {
-        Err(_) => return Err(SessionError::HelloTimeout(HELLO_TIMEOUT)),
+        Err(_) => {
+            let message = format!("no Hello within {HELLO_TIMEOUT:?}");
+            let refusal = Refusal {
+                code: RefuseCode::ProtocolViolation,
+                message,
+            };
+            let _ = send(transport, &Message::Refuse(refusal)).await;
+            return Err(SessionError::HelloTimeout(HELLO_TIMEOUT));
+        }
         Ok(None) => return Err(SessionError::Closed),
-        Ok(Some(frame)) => frame.map_err(map_read_error)?,
+        Ok(Some(Ok(frame))) => frame,
+        Ok(Some(Err(e))) => {
+            let error = map_read_error(e);
+            if let Some(refusal) = refusal_for(&error) {
+                let _ = send(transport, &Message::Refuse(refusal)).await;
+            }
+            return Err(error);
+        }
     };
     let refuse = |refusal: Refusal| async move {
         let _ = send(transport, &Message::Refuse(refusal.clone())).await;
@@ -332,6 +348,7 @@ impl Reader<'_> {
         tracing::warn!(peer = %self.peer, doc, "rejected a message from the peer: {e}");
         let code = match &e {
             DocError::InvalidUpdate { .. } => DocErrorCode::InvalidUpdate,
+            DocError::InvalidStateVector { .. } => DocErrorCode::InvalidStateVector,
             DocError::Store(StoreError::InvalidDocName { .. }) => DocErrorCode::InvalidDocName,
             _ => DocErrorCode::Storage,
         };
