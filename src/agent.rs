@@ -732,6 +732,42 @@ impl AgentHandle {
         self.inner.neighborhood.continued.subscribe()
     }
 
+    /// One claim attempt: connect to the holder and ask it.
+    async fn claim_once(
+        &self,
+        activity: &crate::handoff::Activity,
+        holder: PeerId,
+        addrs: Vec<Multiaddr>,
+        deadline: tokio::time::Instant,
+    ) -> Result<crate::handoff::Activity, crate::handoff::HandoffError> {
+        let unreachable = |reason: String| crate::handoff::HandoffError::HolderUnreachable {
+            id: activity.id.clone(),
+            holder: activity.holder.clone(),
+            reason,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.notify(NetCommand::Connect {
+            target: ConnectTarget::Peer(holder, addrs),
+            reply,
+        })
+        .map_err(|e| unreachable(e.to_string()))?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        tokio::time::timeout(left.max(std::time::Duration::from_secs(1)), rx)
+            .await
+            .map_err(|_| unreachable("no connection in time (is it online?)".into()))?
+            .map_err(|_| unreachable("the agent stopped".into()))?
+            .map_err(unreachable)?;
+        let stream = self
+            .inner
+            .control
+            .lock()
+            .await
+            .open_stream(holder, crate::handoff::HANDOFF_PROTOCOL)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        crate::handoff::request_claim(stream, activity).await
+    }
+
     /// Continues activity `id` on this device: catches up every document it needs to at least
     /// the recorded state (from any peer), then claims it from its holder, then returns its app
     /// state and documents. Fails clearly, and hands nothing over, if either step cannot finish
@@ -791,27 +827,34 @@ impl AgentHandle {
             .and_then(|t| t.get(&holder).ok().flatten())
             .map(|d| d.multiaddrs())
             .unwrap_or_default();
-        let (reply, rx) = oneshot::channel();
-        self.notify(NetCommand::Connect {
-            target: ConnectTarget::Peer(holder, addrs),
-            reply,
-        })
-        .map_err(|e| unreachable(e.to_string()))?;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        tokio::time::timeout(left.max(std::time::Duration::from_secs(1)), rx)
-            .await
-            .map_err(|_| unreachable("no connection in time (is it online?)".into()))?
-            .map_err(|_| unreachable("the agent stopped".into()))?
-            .map_err(unreachable)?;
-        let stream = self
-            .inner
-            .control
-            .lock()
-            .await
-            .open_stream(holder, crate::handoff::HANDOFF_PROTOCOL)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let granted = crate::handoff::request_claim(stream, &activity).await?;
+        let mut attempt = 0u64;
+        let granted = loop {
+            attempt += 1;
+            match self
+                .claim_once(&activity, holder, addrs.clone(), deadline)
+                .await
+            {
+                Ok(granted) => break granted,
+                // The stream can die after the holder granted the claim: our replica then shows
+                // this device as the holder at a newer epoch.
+                Err(e) => {
+                    let mine = crate::handoff::current(&store)
+                        .remove(id)
+                        .filter(|a| a.holder == me && a.epoch > activity.epoch);
+                    if let Some(granted) = mine {
+                        break granted;
+                    }
+                    let retry = matches!(e, HandoffError::HolderUnreachable { .. })
+                        && attempt < 3
+                        && tokio::time::Instant::now() < deadline;
+                    if !retry {
+                        return Err(e);
+                    }
+                    tracing::debug!("claim attempt {attempt} failed ({e}); retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+            }
+        };
         crate::handoff::write(&store, &granted).await?;
         // 3. Deliver the app state with the caught-up documents.
         let mut docs = BTreeMap::new();
