@@ -345,6 +345,28 @@ impl DocRegistry {
     }
 }
 
+/// A change applied in memory whose disk write may still be in flight.
+#[must_use = "await `wait` to know the change is durable"]
+pub struct Durable {
+    doc: Arc<str>,
+    ack: Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>,
+}
+
+impl Durable {
+    /// Completes once the change is on disk (at once if it changed nothing).
+    pub async fn wait(self) -> Result<(), DocError> {
+        let Some(ack) = self.ack else { return Ok(()) };
+        match ack.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(DocError::NotDurable {
+                doc: self.doc.to_string(),
+                source,
+            }),
+            Err(_) => Err(DocError::AgentStopped),
+        }
+    }
+}
+
 /// A handle on one document of a running agent. Cheap to clone.
 #[derive(Clone)]
 pub struct DocHandle {
@@ -367,36 +389,41 @@ impl DocHandle {
         &self,
         f: impl FnOnce(&mut TransactionMut<'_>) -> R,
     ) -> Result<R, DocError> {
-        let (result, ack) = self.registry.transact(&self.live, f);
-        if let Some(ack) = ack {
-            self.wait_durable(ack).await?;
-        }
+        let (result, durable) = self.transact_deferred(f);
+        durable.wait().await?;
         Ok(result)
+    }
+
+    /// Makes a local change now (in call order) and returns a [`Durable`] to await the disk:
+    /// lets a caller pipeline many changes and wait for them together.
+    pub fn transact_deferred<R>(
+        &self,
+        f: impl FnOnce(&mut TransactionMut<'_>) -> R,
+    ) -> (R, Durable) {
+        let (result, ack) = self.registry.transact(&self.live, f);
+        (result, self.durable(ack))
     }
 
     /// Applies a Yjs update (v1) made elsewhere by a local app; returns once it is durable.
     pub async fn apply_update(&self, update: &[u8]) -> Result<(), DocError> {
-        if let Some(ack) = self
-            .registry
-            .apply_update(&self.live.name, update, Origin::Local)?
-            .durable
-        {
-            self.wait_durable(ack).await?;
-        }
-        Ok(())
+        self.apply_update_deferred(update)?.wait().await
     }
 
-    async fn wait_durable(
+    /// Applies a Yjs update now; the [`Durable`] completes once it is on disk.
+    pub fn apply_update_deferred(&self, update: &[u8]) -> Result<Durable, DocError> {
+        let applied = self
+            .registry
+            .apply_update(&self.live.name, update, Origin::Local)?;
+        Ok(self.durable(applied.durable))
+    }
+
+    fn durable(
         &self,
-        ack: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
-    ) -> Result<(), DocError> {
-        match ack.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(source)) => Err(DocError::NotDurable {
-                doc: self.name().to_string(),
-                source,
-            }),
-            Err(_) => Err(DocError::AgentStopped),
+        ack: Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>,
+    ) -> Durable {
+        Durable {
+            doc: self.live.name.clone(),
+            ack,
         }
     }
 
@@ -405,32 +432,40 @@ impl DocHandle {
         f(&self.live.doc.transact())
     }
 
-    /// Sets `map.key = value` in the root map `map`.
+    /// Sets `map.key = value` in the root map `map`; returns once durable.
     pub async fn set_map_value(
         &self,
         map: &str,
         key: &str,
         value: impl Into<yrs::Any>,
     ) -> Result<(), DocError> {
+        self.set_map_value_deferred(map, key, value).wait().await
+    }
+
+    /// Sets `map.key = value` now; the [`Durable`] completes once it is on disk.
+    pub fn set_map_value_deferred(
+        &self,
+        map: &str,
+        key: &str,
+        value: impl Into<yrs::Any>,
+    ) -> Durable {
         let root = self.live.doc.get_or_insert_map(map);
         let value = value.into();
         let json = any_to_json(&value);
         let client = self.live.doc.client_id();
-        let clock = self
-            .transact(|txn| {
-                // The new map item gets the next clock of this document's client.
-                let clock = txn.state_vector().get(&client);
-                root.insert(txn, key, value);
-                clock
-            })
-            .await?;
+        let (clock, durable) = self.transact_deferred(|txn| {
+            // The new map item gets the next clock of this document's client.
+            let clock = txn.state_vector().get(&client);
+            root.insert(txn, key, value);
+            clock
+        });
         let write = crate::conflict::LocalWrite {
             client: client.get(),
             clock,
             value: json,
         };
         self.registry.remember_write(&self.live, map, key, write);
-        Ok(())
+        durable
     }
 
     /// Appends `text` to the root text `name`.
@@ -445,7 +480,7 @@ impl DocHandle {
 
     /// Edits root text `name`: deletes `delete` characters at `index` (default: the end) and
     /// inserts `insert` there. Indexes are UTF-8 byte offsets, clamped to the text and snapped to
-    /// character boundaries. Returns the new length in bytes.
+    /// character boundaries. Returns the new length in bytes, once durable.
     pub async fn edit_text(
         &self,
         name: &str,
@@ -453,8 +488,21 @@ impl DocHandle {
         delete: u32,
         insert: &str,
     ) -> Result<u32, DocError> {
+        let (len, durable) = self.edit_text_deferred(name, index, delete, insert);
+        durable.wait().await?;
+        Ok(len)
+    }
+
+    /// [`DocHandle::edit_text`] applied now, durable later.
+    pub fn edit_text_deferred(
+        &self,
+        name: &str,
+        index: Option<u32>,
+        delete: u32,
+        insert: &str,
+    ) -> (u32, Durable) {
         let root = self.live.doc.get_or_insert_text(name);
-        self.transact(|txn| {
+        self.transact_deferred(|txn| {
             // Snap both ends to character boundaries so no edit can split a character.
             let current = root.get_string(txn);
             let len = current.len();
@@ -475,7 +523,6 @@ impl DocHandle {
             }
             root.len(txn)
         })
-        .await
     }
 
     /// The root text `name` as a string (empty if absent).

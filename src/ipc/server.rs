@@ -160,6 +160,12 @@ async fn read_line(
     }
 }
 
+/// How a request is answered: now, or once the change it made is durable.
+enum Reply {
+    Now(serde_json::Value),
+    Later(crate::docs::Durable, serde_json::Value),
+}
+
 struct Connection {
     agent: AgentHandle,
     subscriptions: HashMap<u64, AbortHandle>,
@@ -192,7 +198,26 @@ impl Connection {
                 ),
                 Ok(Line::Complete(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
                 Ok(Line::Complete(line)) => match serde_json::from_slice::<Request>(&line) {
-                    Ok(request) => self.handle(request, &out).await,
+                    Ok(request) => match self.execute(request.body, &out).await {
+                        Ok(Reply::Now(result)) => Response::ok(request.id, result),
+                        // A write: applied now, in request order; answered once durable,
+                        // without holding up the requests behind it.
+                        Ok(Reply::Later(durable, result)) => {
+                            let (out, id) = (out.clone(), request.id);
+                            tokio::spawn(async move {
+                                let response = match durable.wait().await {
+                                    Ok(()) => Response::ok(id, result),
+                                    Err(e) => {
+                                        let (code, message) = doc_error(e);
+                                        Response::err(Some(id), code, message)
+                                    }
+                                };
+                                let _ = send(&out, &response);
+                            });
+                            continue;
+                        }
+                        Err((code, message)) => Response::err(Some(request.id), code, message),
+                    },
                     Err(e) => Response::err(read_id(&line), ErrorCode::BadRequest, e.to_string()),
                 },
             };
@@ -214,25 +239,13 @@ impl Connection {
         id
     }
 
-    async fn handle(
-        &mut self,
-        request: Request,
-        out: &Arc<mpsc::UnboundedSender<String>>,
-    ) -> Response {
-        let id = request.id;
-        match self.execute(request.body, out).await {
-            Ok(result) => Response::ok(id, result),
-            Err((code, message)) => Response::err(Some(id), code, message),
-        }
-    }
-
     async fn execute(
         &mut self,
         body: RequestBody,
         out: &Arc<mpsc::UnboundedSender<String>>,
-    ) -> Result<serde_json::Value, (ErrorCode, String)> {
+    ) -> Result<Reply, (ErrorCode, String)> {
         let agent = &self.agent;
-        Ok(match body {
+        Ok(Reply::Now(match body {
             RequestBody::Status => to_value(agent.status().map_err(agent_error)?),
             RequestBody::DocList => json!(agent.list_docs().map_err(agent_error)?),
             RequestBody::DocOpen { doc } => {
@@ -248,11 +261,9 @@ impl Connection {
             } => {
                 writable(&doc)?;
                 let handle = agent.open_doc(&doc).map_err(agent_error)?;
-                handle
-                    .set_map_value(&map, &key, crate::docs::json_to_any(&value))
-                    .await
-                    .map_err(doc_error)?;
-                json!({})
+                let durable =
+                    handle.set_map_value_deferred(&map, &key, crate::docs::json_to_any(&value));
+                return Ok(Reply::Later(durable, json!({})));
             }
             RequestBody::DocText {
                 doc,
@@ -263,18 +274,15 @@ impl Connection {
             } => {
                 writable(&doc)?;
                 let handle = agent.open_doc(&doc).map_err(agent_error)?;
-                let len = handle
-                    .edit_text(&name, index, delete, &insert)
-                    .await
-                    .map_err(doc_error)?;
-                json!({ "len": len })
+                let (len, durable) = handle.edit_text_deferred(&name, index, delete, &insert);
+                return Ok(Reply::Later(durable, json!({ "len": len })));
             }
             RequestBody::DocApply { doc, update } => {
                 writable(&doc)?;
                 let bytes = decode_b64(&update, "update")?;
                 let handle = agent.open_doc(&doc).map_err(agent_error)?;
-                handle.apply_update(&bytes).await.map_err(doc_error)?;
-                json!({})
+                let durable = handle.apply_update_deferred(&bytes).map_err(doc_error)?;
+                return Ok(Reply::Later(durable, json!({})));
             }
             RequestBody::DocStateVector { doc } => {
                 let handle = agent.open_doc(&doc).map_err(agent_error)?;
@@ -503,7 +511,7 @@ impl Connection {
                 agent.dial(addr).map_err(agent_error)?;
                 json!({})
             }
-        })
+        }))
     }
 }
 
