@@ -25,6 +25,7 @@
 //! - [`demo`]: the two-agent demonstration run by `devicelink demo`.
 
 pub mod agent;
+pub mod bench;
 pub mod client;
 pub mod conflict;
 pub mod demo;

@@ -105,6 +105,16 @@ enum Command {
     Doc(DocCommand),
     /// Start two agents on 127.0.0.1 and show sync, live updates and offline catch-up.
     Demo,
+    /// Measure latency, throughput, catch-up, first sync, memory and CPU with two agent
+    /// processes on 127.0.0.1; prints one JSON line.
+    Bench {
+        /// Small workloads (a smoke run).
+        #[arg(long)]
+        quick: bool,
+        /// Also run the Yjs + y-websocket comparison installed in DIR (see bench/yjs/README.md).
+        #[arg(long)]
+        yjs: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -354,6 +364,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Trust(command) => trust(&global, command).await,
         Command::Status => print_json(&global.client().await?.status().await?),
         Command::Doc(command) => doc(&global, command).await,
+        Command::Bench { quick, yjs } => {
+            let mut config = if quick {
+                devicelink::bench::BenchConfig::quick()
+            } else {
+                devicelink::bench::BenchConfig::default()
+            };
+            config.yjs_dir = yjs;
+            let report = devicelink::bench::run(&config).await?;
+            println!("{report}");
+            Ok(())
+        }
         Command::Demo => {
             devicelink::demo::run(&mut std::io::stdout()).await?;
             Ok(())
