@@ -23,3 +23,8 @@ agent *ARGS:
 # Regenerate protocol/vectors after an intentional wire change.
 vectors:
     DEVICELINK_WRITE_VECTORS=1 cargo test --release --test protocol_vectors
+
+# End-to-end figures, with the Yjs + y-websocket comparison side by side (needs node and npm).
+bench:
+    cd bench/yjs && npm install --no-audit --no-fund
+    cargo run --release -- bench --yjs bench/yjs
