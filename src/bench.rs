@@ -230,7 +230,8 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
-/// Sets `count` keys (one change each) with up to WINDOW requests in flight; returns the time.
+/// Makes `count` single-character appends (one update each) with up to WINDOW requests in
+/// flight (or until `deadline`); returns how many were acknowledged and the time.
 async fn pipelined_sets(
     client: &Arc<Client>,
     doc: &str,
@@ -248,9 +249,11 @@ async fn pipelined_sets(
         {
             let (client, doc) = (client.clone(), doc.to_string());
             let i = sent;
+            // One single-character insert per update, as the Yjs workload does.
+            let _ = i;
             in_flight.spawn(async move {
                 client
-                    .doc_set(&doc, "m", &format!("k{}", i % 4096), json!(i))
+                    .doc_text_append(&doc, "t", "x")
                     .await
             });
             sent += 1;
