@@ -248,14 +248,8 @@ async fn pipelined_sets(
             && deadline.is_none_or(|d| Instant::now() < d)
         {
             let (client, doc) = (client.clone(), doc.to_string());
-            let i = sent;
             // One single-character insert per update, as the Yjs workload does.
-            let _ = i;
-            in_flight.spawn(async move {
-                client
-                    .doc_text_append(&doc, "t", "x")
-                    .await
-            });
+            in_flight.spawn(async move { client.doc_text_append(&doc, "t", "x").await });
             sent += 1;
         }
         match in_flight.join_next().await {
@@ -420,6 +414,13 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
 
 /// Runs the Yjs peer workload (node + yjs + y-websocket, installed in `dir`).
 fn run_yjs(dir: &Path, config: &BenchConfig) -> Value {
+    let dir = match dir.canonicalize() {
+        Ok(dir) => dir,
+        Err(e) => return json!({ "error": format!("{}: {e}", dir.display()) }),
+    };
+    if !dir.join("node_modules").exists() {
+        return json!({ "error": format!("run `npm install` in {} first", dir.display()) });
+    }
     let output = Command::new("node")
         .arg(dir.join("bench.mjs"))
         .env("SAMPLES", config.latency_samples.to_string())

@@ -151,7 +151,7 @@ impl DocRegistry {
                     record: record.to_string(),
                     reason,
                 };
-                let update = Update::decode_v1(bytes).map_err(|e| corrupt(e.to_string()))?;
+                let update = decode_update(bytes).map_err(corrupt)?;
                 txn.apply_update(update)
                     .map_err(|e| corrupt(e.to_string()))?;
             }
@@ -187,13 +187,15 @@ impl DocRegistry {
             doc: name.to_string(),
             reason,
         };
-        let update = Update::decode_v1(bytes).map_err(|e| invalid(e.to_string()))?;
+        let update = decode_update(bytes).map_err(invalid)?;
         let state_vector = upper_state_vector(&update);
         let remote_deletes = update.delete_set().clone();
         let live = self.open(name)?;
         let watched = self.watched_maps(&live);
         let mut txn = live.doc.transact_mut();
-        txn.apply_update(update)
+        // yrs asserts on some malformed input instead of returning an error: contain it.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| txn.apply_update(update)))
+            .map_err(|_| invalid("the update could not be integrated (malformed)".into()))?
             .map_err(|e| invalid(e.to_string()))?;
         let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
         if let Origin::Peer(peer) = origin {
@@ -559,9 +561,9 @@ impl DocHandle {
     /// What a holder of `state_vector` lacks, as one Yjs update (v1).
     pub fn diff(&self, state_vector: &[u8]) -> Result<Vec<u8>, DocError> {
         let sv =
-            StateVector::decode_v1(state_vector).map_err(|e| DocError::InvalidStateVector {
+            decode_state_vector(state_vector).map_err(|reason| DocError::InvalidStateVector {
                 doc: self.name().to_string(),
-                reason: e.to_string(),
+                reason,
             })?;
         Ok(self.live.doc.transact().encode_diff_v1(&sv))
     }
@@ -575,6 +577,21 @@ impl DocHandle {
     pub fn subscribe(&self) -> broadcast::Receiver<DocUpdate> {
         self.live.events.subscribe()
     }
+}
+
+/// Decodes a Yjs v1 update from outside (peer, app, disk). yrs panics on some malformed input
+/// rather than returning an error; that is turned into an error here.
+pub(crate) fn decode_update(bytes: &[u8]) -> Result<Update, String> {
+    std::panic::catch_unwind(|| Update::decode_v1(bytes))
+        .map_err(|_| "malformed update (rejected by the decoder)".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Decodes a Yjs v1 state vector from outside, like [`decode_update`].
+pub(crate) fn decode_state_vector(bytes: &[u8]) -> Result<StateVector, String> {
+    std::panic::catch_unwind(|| StateVector::decode_v1(bytes))
+        .map_err(|_| "malformed state vector (rejected by the decoder)".to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// The highest clock of each client in `update`: whoever made it holds at least this (a device's

@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_util::codec::Framed;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
-use yrs::updates::decoder::Decode;
 use yrs::{Map, Out};
 
 use crate::docs::{DocError, DocHandle};
@@ -282,7 +281,7 @@ pub fn missing(local: &yrs::StateVector, needed_b64: &str) -> u64 {
     let Ok(bytes) = B64.decode(needed_b64) else {
         return 0;
     };
-    let Ok(needed) = yrs::StateVector::decode_v1(&bytes) else {
+    let Ok(needed) = crate::docs::decode_state_vector(&bytes) else {
         return 0;
     };
     needed

@@ -72,7 +72,8 @@ impl Default for RedialPolicy {
     fn default() -> Self {
         Self {
             min: Duration::from_millis(100),
-            max: Duration::from_secs(1),
+            // Keeps "a dropped peer is redialed within 1 s" with the loop's tick on top.
+            max: Duration::from_millis(500),
         }
     }
 }
@@ -97,7 +98,7 @@ pub(crate) enum NetCommand {
 }
 
 /// How often the loop redials, expires pairing codes and drops lingering untrusted connections.
-const TICK: Duration = Duration::from_millis(200);
+const TICK: Duration = Duration::from_millis(100);
 
 /// How long an untrusted device may stay connected (to pair) when no pairing is open here.
 const UNTRUSTED_GRACE: Duration = Duration::from_secs(5);

@@ -20,7 +20,6 @@ use libp2p::PeerId;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
-use yrs::updates::decoder::Decode;
 
 use super::message::{codec, DocErrorCode, Hello, Message, MessageError, Refusal, RefuseCode};
 use crate::docs::{DocError, DocRegistry, DocUpdate, Origin};
@@ -267,7 +266,7 @@ impl Reader<'_> {
     fn handle(&mut self, msg: Message) -> Result<(), SessionError> {
         match msg {
             Message::SyncStep1 { doc, state_vector } => {
-                if let Ok(sv) = yrs::StateVector::decode_v1(&state_vector) {
+                if let Ok(sv) = crate::docs::decode_state_vector(&state_vector) {
                     self.ctx.peers.peer_has(self.peer, &doc, &sv);
                 }
                 let answer = self
@@ -378,7 +377,7 @@ async fn write_loop(
                     let (mut next, mut close, mut answered) = (Some(msg), false, Vec::new());
                     while let Some(msg) = next.take() {
                         if let Message::SyncStep2 { doc, update } = &msg {
-                            if let Ok(decoded) = yrs::Update::decode_v1(update) {
+                            if let Ok(decoded) = crate::docs::decode_update(update) {
                                 answered.push((doc.clone(), crate::docs::upper_state_vector(&decoded)));
                             }
                         }
@@ -430,7 +429,7 @@ async fn write_loop(
                 let mut sent = Vec::with_capacity(by_doc.len());
                 for (doc, updates) in by_doc {
                     for update in merge(&updates) {
-                        if let Ok(decoded) = yrs::Update::decode_v1(&update) {
+                        if let Ok(decoded) = crate::docs::decode_update(&update) {
                             sent.push((doc.clone(), crate::docs::upper_state_vector(&decoded)));
                         }
                         sink.feed(Message::Update { doc: doc.to_string(), update }.encode()?).await?;
