@@ -1,5 +1,5 @@
 //! `devicelink demo`: two agents on 127.0.0.1 in temporary data dirs show sync, live updates,
-//! offline work and catch-up, printing what happens with timings. Fails unless everything
+//! offline work, catch-up and session handoff, printing what happens with timings. Fails unless everything
 //! converged.
 
 use std::io::Write;
@@ -24,6 +24,8 @@ pub enum DemoError {
     Timeout(&'static str),
     #[error("the two devices ended with different documents")]
     Diverged,
+    #[error(transparent)]
+    Handoff(#[from] crate::handoff::HandoffError),
 }
 
 /// Runs the demo, writing its narration to `out`.
@@ -140,6 +142,64 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
             ms(started)
         ),
     );
+
+    // 6. Handoff: the laptop publishes what the user is doing; the phone continues it.
+    let mut continued = a.continued_elsewhere();
+    notes_a.append_text("body", "Draft reply to Sam: ").await?;
+    let cursor = notes_a.text("body").len();
+    let activity = a
+        .publish_activity(crate::handoff::ActivityDraft {
+            id: None,
+            activity_type: "com.example.notes.edit".into(),
+            title: "Editing shopping notes".into(),
+            docs: vec!["notes".into()],
+            app_state: serde_json::json!({ "cursor": cursor }),
+            ttl_secs: Some(600),
+        })
+        .await?;
+    wait("the activity to reach the phone", || {
+        b.activities()
+            .is_ok_and(|list| list.iter().any(|x| x.id == activity.id))
+    })
+    .await?;
+    let started = Instant::now();
+    let handoff = b.handoff(&activity.id, STEP_LIMIT).await?;
+    let took = ms(started);
+    let on_laptop = tokio::time::timeout(STEP_LIMIT, continued.recv())
+        .await
+        .map_err(|_| DemoError::Timeout("the continued event"))?
+        .map_err(|_| DemoError::Timeout("the continued event"))?;
+    let body = handoff.docs["notes"]["body"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    say(
+        out,
+        format!(
+            "\n6. handoff: laptop published \"{}\"; the phone continued it in {took:.1} ms\n   \
+         phone got app state {} with the document already caught up ({} bytes, ends with {:?})\n   \
+         laptop was told: continued on {} (epoch {})",
+            activity.title,
+            handoff.activity.app_state,
+            body.len(),
+            body.chars()
+                .rev()
+                .take(20)
+                .collect::<String>()
+                .chars()
+                .rev()
+                .collect::<String>(),
+            if on_laptop.holder == b.device_id().to_string() {
+                "the phone"
+            } else {
+                "another device"
+            },
+            on_laptop.epoch,
+        ),
+    );
+    if body.len() != cursor || notes_b.text("body") != notes_a.text("body") {
+        return Err(DemoError::Diverged);
+    }
 
     let same =
         notes_a.encode_state() == notes_b.encode_state() && notes_a.to_json() == notes_b.to_json();

@@ -152,8 +152,21 @@ impl DocRegistry {
                     reason,
                 };
                 let update = decode_update(bytes).map_err(corrupt)?;
-                txn.apply_update(update)
-                    .map_err(|e| corrupt(e.to_string()))?;
+                // The record is intact (checksum) and decodes, but yrs will not integrate it:
+                // a malformed update that was accepted as pending when it arrived. It was not
+                // part of the document then either; skip it loudly and keep the rest.
+                let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    txn.apply_update(update)
+                }));
+                match applied {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(doc = name, %record, "skipping a stored update yrs cannot integrate: {e}")
+                    }
+                    Err(_) => {
+                        tracing::error!(doc = name, %record, "skipping a stored update yrs cannot integrate")
+                    }
+                }
             }
         }
         let live = Arc::new(LiveDoc {
@@ -251,6 +264,13 @@ impl DocRegistry {
             .append(live.name.clone(), live.doc.clone(), update.clone());
         self.publish(live, update, Origin::Local);
         (result, Some(ack))
+    }
+
+    /// What a holder of `known` lacks of `name`, and the state vector that diff brings it to.
+    pub fn diff_since(&self, name: &str, known: &StateVector) -> Option<(Vec<u8>, StateVector)> {
+        let live = self.docs().get(name)?.clone();
+        let txn = live.doc.transact();
+        Some((txn.encode_diff_v1(known), txn.state_vector()))
     }
 
     /// Map refs for every map this device has a remembered write in (taken before a transaction).
@@ -470,14 +490,19 @@ impl DocHandle {
         durable
     }
 
-    /// Appends `text` to the root text `name`.
+    /// Appends `text` to the root text `name`; returns once durable.
     pub async fn append_text(&self, name: &str, text: &str) -> Result<(), DocError> {
+        self.append_text_deferred(name, text).wait().await
+    }
+
+    /// Appends `text` now; the [`Durable`] completes once it is on disk.
+    pub fn append_text_deferred(&self, name: &str, text: &str) -> Durable {
         let root = self.live.doc.get_or_insert_text(name);
-        self.transact(|txn| {
+        self.transact_deferred(|txn| {
             let len = root.len(txn);
             root.insert(txn, len, text);
         })
-        .await
+        .1
     }
 
     /// Edits root text `name`: deletes `delete` characters at `index` (default: the end) and

@@ -46,6 +46,9 @@ pub fn open_db(data_dir: &Path) -> Result<sled::Db, StoreError> {
     sled::Config::new()
         .path(&path)
         .mode(sled::Mode::HighThroughput)
+        // The group-commit writer flushes; no background flusher, which would also keep the
+        // database (and its lock) alive for a moment after shutdown.
+        .flush_every_ms(None)
         .open()
         .map_err(|source| {
             if source.to_string().contains("could not acquire lock") {

@@ -106,7 +106,14 @@ pub(crate) async fn run(
     }
 
     let (sink, source) = transport.split();
-    let mut writer = tokio::spawn(write_loop(peer, sink, out_rx, bus, ctx.peers.clone()));
+    let mut writer = tokio::spawn(write_loop(
+        peer,
+        sink,
+        out_rx,
+        bus,
+        ctx.peers.clone(),
+        ctx.registry.clone(),
+    ));
     let mut reader = Reader {
         peer,
         ctx,
@@ -366,6 +373,7 @@ async fn write_loop(
     mut out: mpsc::UnboundedReceiver<Outgoing>,
     mut bus: broadcast::Receiver<DocUpdate>,
     peers: Arc<PeerTable>,
+    registry: Arc<DocRegistry>,
 ) -> Result<(), SessionError> {
     let from_peer = Origin::Peer(peer);
     loop {
@@ -428,6 +436,17 @@ async fn write_loop(
                 }
                 let mut sent = Vec::with_capacity(by_doc.len());
                 for (doc, updates) in by_doc {
+                    // Several queued: one diff against what the peer holds is far cheaper than
+                    // decoding and merging them (and covers them all).
+                    let diff = (updates.len() > 1)
+                        .then(|| peers.known(&peer, &doc))
+                        .flatten()
+                        .and_then(|known| registry.diff_since(&doc, &known));
+                    if let Some((update, sv)) = diff {
+                        sink.feed(Message::Update { doc: doc.to_string(), update }.encode()?).await?;
+                        sent.push((doc, sv));
+                        continue;
+                    }
                     for update in merge(&updates) {
                         if let Ok(decoded) = crate::docs::decode_update(&update) {
                             sent.push((doc.clone(), crate::docs::upper_state_vector(&decoded)));
