@@ -8,32 +8,6 @@ use common::*;
 use devicelink::sync::Message;
 use yrs::{Map, Text, Transact};
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
-fn seed() -> u64 {
-    let seed = std::env::var("DEVICELINK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        })
-        | 1;
-    println!("fuzz seed {seed} (replay with DEVICELINK_SEED={seed})");
-    seed
-}
-
 /// Real updates from a separate document, to mutate.
 fn sample_updates() -> Vec<Vec<u8>> {
     let doc = yrs::Doc::with_client_id(7);
@@ -80,7 +54,7 @@ fn mutate(rng: &mut Rng, bytes: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_and_mutated_updates_never_panic_and_lose_nothing() {
-    let mut rng = Rng(seed());
+    let mut rng = Rng::seeded("fuzz");
     let dir = tempfile::tempdir().unwrap();
     let agent = start(dir.path(), "fuzz").await;
     let doc = agent.open_doc("target").unwrap();
@@ -118,7 +92,7 @@ async fn random_and_mutated_updates_never_panic_and_lose_nothing() {
 
 #[test]
 fn mutated_sync_frames_never_panic() {
-    let mut rng = Rng(seed());
+    let mut rng = Rng::seeded("fuzz");
     let valid: Vec<Vec<u8>> =
         std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/protocol/vectors"))
             .unwrap()

@@ -168,18 +168,6 @@ async fn python_example_works_against_real_agents() {
     b.shutdown().await.unwrap();
 }
 
-/// Tiny deterministic generator, so failures reproduce (the seed is printed).
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
 /// Acceptance 4: random bytes and malformed JSON never crash the agent; each bad line gets an
 /// error response, the connection stays usable, and stored data is untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,13 +200,7 @@ async fn garbage_on_the_socket_gets_errors_and_loses_nothing() {
     .iter()
     .map(|s| s.as_bytes().to_vec())
     .collect();
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    println!("fuzz seed {seed}");
-    let mut rng = XorShift(seed);
+    let mut rng = Rng::seeded("ipc fuzz");
     for _ in 0..300 {
         let len = (rng.next() % 200) as usize + 1;
         let mut line: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();

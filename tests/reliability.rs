@@ -12,37 +12,6 @@ use common::*;
 use devicelink::AgentHandle;
 use serde_json::json;
 
-/// Tiny deterministic generator (xorshift64*).
-struct Rng(u64);
-
-impl Rng {
-    fn seeded(test: &str) -> Self {
-        let seed = std::env::var("DEVICELINK_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(1)
-            })
-            | 1;
-        println!("{test}: seed {seed} (replay with DEVICELINK_SEED={seed})");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// 20 cycles: start the agent, write through IPC, SIGKILL at a random moment, restart; every
 /// acknowledged change must be there and the store must open cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -78,3 +78,35 @@ pub fn assert_identical(a: &DocHandle, b: &DocHandle) {
 }
 
 pub const LIMIT: Duration = Duration::from_secs(20);
+
+/// Tiny deterministic generator (xorshift64*) for randomized tests; the seed is printed and
+/// `DEVICELINK_SEED` replays a run.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn seeded(test: &str) -> Self {
+        let seed = std::env::var("DEVICELINK_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(1)
+            })
+            | 1;
+        println!("{test}: seed {seed} (replay with DEVICELINK_SEED={seed})");
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
