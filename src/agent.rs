@@ -148,6 +148,12 @@ impl Agent {
             device_id.to_string(),
             conflicts_tx,
         ));
+        // Load every document now, so a sync session never waits on the disk.
+        for name in registry.list().unwrap_or_default() {
+            if let Err(e) = registry.open(&name) {
+                tracing::error!(doc = name, "cannot load document: {e}");
+            }
+        }
         let peers = Arc::new(PeerTable::default());
         let listen_addrs = Arc::new(RwLock::new(Vec::new()));
         let ctx = Arc::new(SessionCtx {
