@@ -191,7 +191,8 @@ impl Agent {
             async move {
                 tokio::join!(
                     reconcile_group(registry.clone(), trust, device_id, commands),
-                    record_conflicts(registry, conflicts_rx),
+                    record_conflicts(registry.clone(), conflicts_rx),
+                    prune_activities(registry),
                 );
             }
         });
@@ -874,5 +875,22 @@ impl AgentHandle {
             activity: granted,
             docs,
         })
+    }
+}
+
+/// Drops activity records that expired more than an hour ago (they are already invisible).
+async fn prune_activities(registry: Arc<DocRegistry>) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        let Ok(live) = registry.open(crate::handoff::ACTIVITIES_DOC) else {
+            continue;
+        };
+        let doc = DocHandle::new(live, registry.clone());
+        match crate::handoff::prune_expired(&doc, 3600.0).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!("pruned {n} expired activity records"),
+            Err(e) => tracing::warn!("cannot prune expired activities: {e}"),
+        }
     }
 }

@@ -298,3 +298,26 @@ async fn publishing_rules_and_unpublish() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// Records of activities long expired are pruned from the replicated document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_expired_activity_records_are_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = start(dir.path(), "a").await;
+    let mut short = draft("d");
+    short.ttl_secs = Some(0);
+    let gone = a.publish_activity(short).await.unwrap();
+    let kept = a.publish_activity(draft("d")).await.unwrap();
+    let doc = a
+        .open_system_doc(devicelink::handoff::ACTIVITIES_DOC)
+        .unwrap();
+    assert!(devicelink::handoff::current(&doc).contains_key(&gone.id));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        devicelink::handoff::prune_expired(&doc, 0.0).await.unwrap(),
+        1
+    );
+    let records = devicelink::handoff::current(&doc);
+    assert!(!records.contains_key(&gone.id) && records.contains_key(&kept.id));
+    a.shutdown().await.unwrap();
+}
