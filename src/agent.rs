@@ -244,8 +244,7 @@ impl AgentHandle {
 
     /// Opens (or creates) a document.
     pub fn open_doc(&self, name: &str) -> Result<DocHandle, AgentError> {
-        let live = self.inner.registry.open(name)?;
-        Ok(DocHandle::new(live, self.inner.registry.clone()))
+        Ok(self.inner.registry.handle(name)?)
     }
 
     /// Names of the documents this device has (the agent's own `_devicelink/` documents aside).
@@ -308,9 +307,11 @@ impl AgentHandle {
             listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
             docs: self.list_docs()?,
             peers: self.inner.peers.snapshot(&trusted, |doc| {
-                self.inner.registry.open(doc).ok().map(|live| {
-                    DocHandle::new(live, self.inner.registry.clone()).state_vector_decoded()
-                })
+                self.inner
+                    .registry
+                    .handle(doc)
+                    .ok()
+                    .map(|d| d.state_vector_decoded())
             }),
         })
     }
@@ -500,8 +501,8 @@ async fn reconcile_group(
     me: PeerId,
     commands: mpsc::UnboundedSender<NetCommand>,
 ) {
-    let doc = match registry.open(crate::group::GROUP_DOC) {
-        Ok(live) => DocHandle::new(live, registry.clone()),
+    let doc = match registry.handle(crate::group::GROUP_DOC) {
+        Ok(doc) => doc,
         Err(e) => {
             tracing::error!("cannot open the device group: {e}");
             return;
@@ -564,8 +565,8 @@ async fn record_conflicts(
     mut detected: mpsc::UnboundedReceiver<crate::conflict::Conflict>,
 ) {
     while let Some(conflict) = detected.recv().await {
-        let doc = match registry.open(crate::conflict::CONFLICTS_DOC) {
-            Ok(live) => DocHandle::new(live, registry.clone()),
+        let doc = match registry.handle(crate::conflict::CONFLICTS_DOC) {
+            Ok(doc) => doc,
             Err(e) => {
                 tracing::error!("cannot open the conflicts document: {e}");
                 continue;
@@ -584,8 +585,7 @@ impl AgentHandle {
     }
 
     fn system_doc(&self, name: &str) -> Result<DocHandle, AgentError> {
-        let live = self.inner.registry.open(name)?;
-        Ok(DocHandle::new(live, self.inner.registry.clone()))
+        Ok(self.inner.registry.handle(name)?)
     }
 
     /// Conflicts recorded on any device of the group, optionally only for `doc`; open ones
@@ -632,12 +632,11 @@ impl AgentHandle {
         let me = self.inner.device_id.to_string();
         let (kept, value) = crate::conflict::choose(&conflict, &keep, &me)?;
         if kept != "winner" {
-            let live = self
+            let doc = self
                 .inner
                 .registry
-                .open(&conflict.doc)
+                .handle(&conflict.doc)
                 .map_err(ConflictError::Doc)?;
-            let doc = DocHandle::new(live, self.inner.registry.clone());
             let map = conflict.map.first().cloned().unwrap_or_default();
             doc.set_map_value(&map, &conflict.key, crate::docs::json_to_any(&value))
                 .await?;
@@ -883,10 +882,9 @@ async fn prune_activities(registry: Arc<DocRegistry>) {
     let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
     loop {
         every.tick().await;
-        let Ok(live) = registry.open(crate::handoff::ACTIVITIES_DOC) else {
+        let Ok(doc) = registry.handle(crate::handoff::ACTIVITIES_DOC) else {
             continue;
         };
-        let doc = DocHandle::new(live, registry.clone());
         match crate::handoff::prune_expired(&doc, 3600.0).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!("pruned {n} expired activity records"),

@@ -178,6 +178,11 @@ impl DocRegistry {
         Ok(self.docs().entry(live.name.clone()).or_insert(live).clone())
     }
 
+    /// Opens `name` as a [`DocHandle`].
+    pub fn handle(self: &Arc<Self>, name: &str) -> Result<DocHandle, DocError> {
+        Ok(DocHandle::new(self.open(name)?, self.clone()))
+    }
+
     /// Names of every document, stored or in memory, sorted.
     pub fn list(&self) -> Result<Vec<String>, DocError> {
         let mut names: BTreeSet<String> = self.store()?.list()?.into_iter().collect();

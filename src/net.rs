@@ -536,8 +536,7 @@ impl Network {
             move |id, epoch| async move {
                 let _one_at_a_time = neighborhood.claims.lock().await;
                 let doc = registry
-                    .open(crate::handoff::ACTIVITIES_DOC)
-                    .map(|live| crate::docs::DocHandle::new(live, registry.clone()))
+                    .handle(crate::handoff::ACTIVITIES_DOC)
                     .map_err(|e| e.to_string())?;
                 let current = crate::handoff::current(&doc)
                     .remove(&id)
@@ -932,8 +931,8 @@ pub(crate) async fn record_in_group(
     peer: PeerId,
     paired: &pairing::Paired,
 ) {
-    let doc = match registry.open(crate::group::GROUP_DOC) {
-        Ok(live) => crate::docs::DocHandle::new(live, registry.clone()),
+    let doc = match registry.handle(crate::group::GROUP_DOC) {
+        Ok(doc) => doc,
         Err(e) => {
             tracing::error!("cannot open the device group: {e}");
             return;

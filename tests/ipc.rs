@@ -25,15 +25,27 @@ async fn serve(agent: &AgentHandle, dir: &Path) -> IpcServer {
         .expect("ipc server starts")
 }
 
-/// Acceptance 2: a subscriber on B receives each of 1,000 updates made on A, none missing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscriber_receives_every_one_of_1000_remote_updates() {
+/// Two linked agents, each serving IPC; the temp dirs live as long as the returned guard.
+async fn linked_pair_with_ipc() -> (
+    AgentHandle,
+    AgentHandle,
+    IpcServer,
+    IpcServer,
+    [tempfile::TempDir; 2],
+) {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = start(da.path(), "a").await;
     let b = start(db.path(), "b").await;
     let (server_a, server_b) = (serve(&a, da.path()).await, serve(&b, db.path()).await);
     link(&a, &b);
     wait_until(LIMIT, "session", || a.is_syncing_with(&b.device_id())).await;
+    (a, b, server_a, server_b, [da, db])
+}
+
+/// Acceptance 2: a subscriber on B receives each of 1,000 updates made on A, none missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_receives_every_one_of_1000_remote_updates() {
+    let (a, b, server_a, server_b, _dirs) = linked_pair_with_ipc().await;
 
     let client_b = Client::connect(server_b.path()).await.unwrap();
     let mut events = client_b.take_events().unwrap();
@@ -106,12 +118,7 @@ async fn python_example_works_against_real_agents() {
         println!("SKIPPED: python3 is not installed");
         return;
     }
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = start(da.path(), "a").await;
-    let b = start(db.path(), "b").await;
-    let (server_a, server_b) = (serve(&a, da.path()).await, serve(&b, db.path()).await);
-    link(&a, &b);
-    wait_until(LIMIT, "session", || a.is_syncing_with(&b.device_id())).await;
+    let (a, b, server_a, server_b, _dirs) = linked_pair_with_ipc().await;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python/notes.py");
     let python = |socket: &Path, args: &[&str]| {
         let mut cmd = Command::new("python3");

@@ -90,9 +90,8 @@ pub(crate) async fn run(
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let mut announced = HashSet::new();
     for doc in ctx.registry.list().unwrap_or_default() {
-        match ctx.registry.open(&doc) {
-            Ok(live) => {
-                let handle = crate::docs::DocHandle::new(live, ctx.registry.clone());
+        match ctx.registry.handle(&doc) {
+            Ok(handle) => {
                 let _ = out_tx.send(Outgoing::Msg(Message::SyncStep1 {
                     state_vector: handle.state_vector(),
                     doc: doc.clone(),
@@ -279,8 +278,7 @@ impl Reader<'_> {
                 let answer = self
                     .ctx
                     .registry
-                    .open(&doc)
-                    .map(|live| crate::docs::DocHandle::new(live, self.ctx.registry.clone()))
+                    .handle(&doc)
                     .and_then(|handle| Ok((handle.diff(&state_vector)?, handle)));
                 match answer {
                     Ok((update, handle)) => {
