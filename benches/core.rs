@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use devicelink::sync::Message;
-use yrs::{Text, Transact};
+use yrs::{ReadTxn, Text, Transact};
 
 fn frame_codec(c: &mut Criterion) {
     let msg = Message::Update {
@@ -48,6 +48,28 @@ fn merge_for_wire(c: &mut Criterion) {
     group.throughput(Throughput::Elements(updates.len() as u64));
     group.bench_function("merge_1024_single_char_updates", |b| {
         b.iter(|| yrs::merge_updates_v1(updates.iter().map(|u| u.as_slice())).unwrap())
+    });
+    group.finish();
+
+    // The alternative to merging: diff the live doc against what the peer holds. Its cost grows
+    // with the length of the text (yrs scans a squashed string block to slice it).
+    let doc = yrs::Doc::new();
+    let text = doc.get_or_insert_text("t");
+    for _ in 0..200_000 - 1024 {
+        let mut txn = doc.transact_mut();
+        let len = text.len(&txn);
+        text.insert(&mut txn, len, "x");
+    }
+    let known = doc.transact().state_vector();
+    for _ in 0..1024 {
+        let mut txn = doc.transact_mut();
+        let len = text.len(&txn);
+        text.insert(&mut txn, len, "x");
+    }
+    let mut group = c.benchmark_group("wire");
+    group.throughput(Throughput::Elements(1024));
+    group.bench_function("diff_last_1024_changes_of_200k_char_text", |b| {
+        b.iter(|| doc.transact().encode_diff_v1(&known))
     });
     group.finish();
 }

@@ -44,16 +44,19 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Response>>>>;
 
 /// A connection to a running agent.
 pub struct Client {
-    writer: tokio::sync::Mutex<tokio::net::unix::OwnedWriteHalf>,
+    /// Request lines to the writer task, which coalesces those queued together into one write.
+    lines: mpsc::UnboundedSender<Vec<u8>>,
     pending: Pending,
     next_id: AtomicU64,
     events: Mutex<Option<mpsc::UnboundedReceiver<Event>>>,
     reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
         self.reader.abort();
+        self.writer.abort();
     }
 }
 
@@ -74,8 +77,11 @@ impl Client {
         let pending: Pending = Arc::default();
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_loop(read, pending.clone(), events_tx));
+        let (lines, lines_rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(write_loop(write, lines_rx, pending.clone()));
         Ok(Self {
-            writer: tokio::sync::Mutex::new(write),
+            lines,
+            writer,
             pending,
             next_id: AtomicU64::new(1),
             events: Mutex::new(Some(events_rx)),
@@ -99,8 +105,7 @@ impl Client {
         let mut line = serde_json::to_vec(&Request { id, body })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
-        let written = self.writer.lock().await.write_all(&line).await;
-        if written.is_err() {
+        if self.lines.send(line).is_err() {
             self.pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -216,6 +221,30 @@ pub fn decode_field(value: &Value, field: &str) -> Result<Vec<u8>, ClientError> 
         .ok_or_else(|| ClientError::Protocol(format!("answer without {field}")))?;
     B64.decode(text)
         .map_err(|e| ClientError::Protocol(format!("{field} is not base64: {e}")))
+}
+
+/// Writes request lines, everything queued at once in one write; on a failed write, fails every
+/// waiting request.
+async fn write_loop(
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
+    pending: Pending,
+) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(line) = lines.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&line);
+        while buf.len() < 1 << 20 {
+            match lines.try_recv() {
+                Ok(line) => buf.extend_from_slice(&line),
+                Err(_) => break,
+            }
+        }
+        if write.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }
 
 async fn read_loop(

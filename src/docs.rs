@@ -40,6 +40,9 @@ pub struct DocUpdate {
     pub doc: Arc<str>,
     pub update: Bytes,
     pub origin: Origin,
+    /// The document's state vector right after this update: whoever received every update up
+    /// to this one holds at least this.
+    pub state: Arc<StateVector>,
 }
 
 /// The outcome of applying an update.
@@ -240,7 +243,7 @@ impl DocRegistry {
         };
         if changed {
             let delta = Bytes::from(txn.encode_update_v1());
-            self.publish(&live, delta, origin);
+            self.publish(&live, delta, origin, txn.state_vector());
         }
         Ok(Applied {
             durable: ack,
@@ -267,15 +270,8 @@ impl DocRegistry {
         let ack = self
             .writer
             .append(live.name.clone(), live.doc.clone(), update.clone());
-        self.publish(live, update, Origin::Local);
+        self.publish(live, update, Origin::Local, txn.state_vector());
         (result, Some(ack))
-    }
-
-    /// What a holder of `known` lacks of `name`, and the state vector that diff brings it to.
-    pub fn diff_since(&self, name: &str, known: &StateVector) -> Option<(Vec<u8>, StateVector)> {
-        let live = self.docs().get(name)?.clone();
-        let txn = live.doc.transact();
-        Some((txn.encode_diff_v1(known), txn.state_vector()))
     }
 
     /// Map refs for every map this device has a remembered write in (taken before a transaction).
@@ -360,11 +356,12 @@ impl DocRegistry {
             .insert((map.to_string(), key.to_string()), write);
     }
 
-    fn publish(&self, live: &LiveDoc, update: Bytes, origin: Origin) {
+    fn publish(&self, live: &LiveDoc, update: Bytes, origin: Origin, state: StateVector) {
         let event = DocUpdate {
             doc: live.name.clone(),
             update,
             origin,
+            state: Arc::new(state),
         };
         // No receivers is fine: nobody is listening right now.
         let _ = live.events.send(event.clone());
@@ -535,18 +532,26 @@ impl DocHandle {
     ) -> (u32, Durable) {
         let root = self.live.doc.get_or_insert_text(name);
         self.transact_deferred(|txn| {
-            // Snap both ends to character boundaries so no edit can split a character.
-            let current = root.get_string(txn);
-            let len = current.len();
-            let mut at = index.map_or(len, |i| (i as usize).min(len));
-            while !current.is_char_boundary(at) {
-                at -= 1;
-            }
-            let mut end = at.saturating_add(delete as usize).min(len);
-            while !current.is_char_boundary(end) {
-                end += 1;
-            }
-            let (at, delete) = (at as u32, (end - at) as u32);
+            // Offsets are UTF-8 bytes (the yrs default). An append needs no look at the text;
+            // any other edit snaps both ends to character boundaries so it cannot split one.
+            let len = root.len(txn);
+            let (at, delete) = match index {
+                None if delete == 0 => (len, 0),
+                Some(i) if i >= len && delete == 0 => (len, 0),
+                _ => {
+                    let current = root.get_string(txn);
+                    let len = current.len();
+                    let mut at = index.map_or(len, |i| (i as usize).min(len));
+                    while !current.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    let mut end = at.saturating_add(delete as usize).min(len);
+                    while !current.is_char_boundary(end) {
+                        end += 1;
+                    }
+                    (at as u32, (end - at) as u32)
+                }
+            };
             if delete > 0 {
                 root.remove_range(txn, at, delete);
             }

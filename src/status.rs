@@ -97,11 +97,6 @@ impl PeerTable {
         state.last_error = None;
     }
 
-    /// What `peer` is known to hold of `doc`, if it told us in this session.
-    pub fn known(&self, peer: &PeerId, doc: &str) -> Option<StateVector> {
-        self.lock().get(peer)?.known.get(doc).cloned()
-    }
-
     /// Records that `peer` holds at least `sv` of `doc`.
     pub fn peer_has(&self, peer: PeerId, doc: &str, sv: &StateVector) {
         let mut peers = self.lock();

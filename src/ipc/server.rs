@@ -188,6 +188,8 @@ impl Connection {
         let mut reader = BufReader::with_capacity(64 * 1024, read);
         let mut buf = Vec::new();
         let out = Arc::new(out);
+        let (acks, acks_rx) = mpsc::unbounded_channel();
+        let acker = tokio::spawn(answer_when_durable(acks_rx, out.clone()));
         loop {
             let response = match read_line(&mut reader, &mut buf, MAX_LINE_LEN).await {
                 Ok(Line::Eof) | Err(_) => break,
@@ -200,20 +202,12 @@ impl Connection {
                 Ok(Line::Complete(line)) => match serde_json::from_slice::<Request>(&line) {
                     Ok(request) => match self.execute(request.body, &out).await {
                         Ok(Reply::Now(result)) => Response::ok(request.id, result),
-                        // A write: applied now, in request order; answered once durable,
-                        // without holding up the requests behind it.
+                        // A write: applied now, in request order; answered by the acker once
+                        // durable, without holding up the requests behind it.
                         Ok(Reply::Later(durable, result)) => {
-                            let (out, id) = (out.clone(), request.id);
-                            tokio::spawn(async move {
-                                let response = match durable.wait().await {
-                                    Ok(()) => Response::ok(id, result),
-                                    Err(e) => {
-                                        let (code, message) = doc_error(e);
-                                        Response::err(Some(id), code, message)
-                                    }
-                                };
-                                let _ = send(&out, &response);
-                            });
+                            if acks.send((request.id, durable, result)).is_err() {
+                                break;
+                            }
                             continue;
                         }
                         Err((code, message)) => Response::err(Some(request.id), code, message),
@@ -228,6 +222,8 @@ impl Connection {
         for (_, sub) in self.subscriptions.drain() {
             sub.abort();
         }
+        drop(acks);
+        let _ = acker.await;
         drop(out);
         let _ = writer.await;
     }
@@ -538,6 +534,26 @@ async fn forward_events(
             Err(broadcast::error::RecvError::Closed) => return,
         };
         if send(&out, &event).is_err() {
+            return;
+        }
+    }
+}
+
+/// Answers writes once they are durable. The store completes acknowledgements in the order the
+/// writes were queued, so waiting for them in request order delays no answer.
+async fn answer_when_durable(
+    mut acks: mpsc::UnboundedReceiver<(u64, crate::docs::Durable, serde_json::Value)>,
+    out: Arc<mpsc::UnboundedSender<String>>,
+) {
+    while let Some((id, durable, result)) = acks.recv().await {
+        let response = match durable.wait().await {
+            Ok(()) => Response::ok(id, result),
+            Err(e) => {
+                let (code, message) = doc_error(e);
+                Response::err(Some(id), code, message)
+            }
+        };
+        if send(&out, &response).is_err() {
             return;
         }
     }

@@ -2,9 +2,9 @@
 //!
 //! Layout: tree `docs` lists document names; tree `snapshots` maps a name to its snapshot record
 //! (the merged state up to a log sequence number); tree `log/<name>` maps a big-endian `u64`
-//! sequence number to one update record. Loading a document = snapshot + every log record after
-//! it. Records are checksummed (see `record`); a bad one is reported naming the document and the
-//! record, and nothing is deleted.
+//! sequence number to a record of the updates one group commit wrote for it. Loading a document
+//! = snapshot + every log record after it. Records are checksummed (see `record`); a bad one is
+//! reported naming the document and the record, and nothing is deleted.
 
 use std::fmt;
 
@@ -125,9 +125,11 @@ impl DocStore {
             let (key, value) = entry?;
             let seq = decode_seq(&key)
                 .ok_or_else(|| corrupt(RecordId::Log { seq: 0 }, format!("bad log key {key:?}")))?;
-            let payload = record::decode_log(&value)
+            let updates = record::decode_log(&value)
                 .map_err(|e| corrupt(RecordId::Log { seq }, e.to_string()))?;
-            out.updates.push((RecordId::Log { seq }, payload.to_vec()));
+            for update in updates {
+                out.updates.push((RecordId::Log { seq }, update.to_vec()));
+            }
             out.last_seq = seq;
         }
         Ok(out)
@@ -146,9 +148,13 @@ impl DocStore {
         Ok(from_log.max(from_snapshot))
     }
 
-    /// Appends one update (not yet flushed).
-    pub(crate) fn append(log: &sled::Tree, seq: u64, update: &[u8]) -> Result<(), StoreError> {
-        log.insert(seq.to_be_bytes(), record::encode_log(update))?;
+    /// Appends one record holding `updates` in order (not yet flushed).
+    pub(crate) fn append<B: AsRef<[u8]>>(
+        log: &sled::Tree,
+        seq: u64,
+        updates: &[B],
+    ) -> Result<(), StoreError> {
+        log.insert(seq.to_be_bytes(), record::encode_log(updates))?;
         Ok(())
     }
 

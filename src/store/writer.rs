@@ -2,15 +2,19 @@
 //!
 //! Callers hand updates over a channel; a dedicated thread drains everything queued, appends it to
 //! the per-document logs, makes the whole batch durable with one flush, and only then completes the
-//! callers' acknowledgements. Many small writes share a single fsync. After a flush it compacts any
-//! document whose log has grown past the [`CompactionPolicy`].
+//! callers' acknowledgements. Many small writes share a single fsync, and a document's updates in
+//! one batch share a single log record. Batches nobody waits on (updates received from peers)
+//! are flushed at most [`LAZY_FLUSH`] later. After a flush it compacts any document whose log has
+//! grown past the [`CompactionPolicy`].
 
 use std::collections::HashMap;
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use yrs::{ReadTxn, StateVector, Transact};
 
 use super::{DocStore, StoreError};
@@ -18,7 +22,7 @@ use super::{DocStore, StoreError};
 /// When a document's log is folded into its snapshot.
 #[derive(Debug, Clone, Copy)]
 pub struct CompactionPolicy {
-    /// Compact once the log holds this many records.
+    /// Compact once the log holds this many updates.
     pub max_log_records: u64,
     /// ... or once the log holds this many bytes and more than the last snapshot's size.
     pub min_log_bytes: u64,
@@ -49,7 +53,7 @@ enum WriteOp {
 /// Sends work to the writer thread. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct WriterHandle {
-    tx: mpsc::UnboundedSender<WriteOp>,
+    tx: mpsc::Sender<WriteOp>,
 }
 
 impl WriterHandle {
@@ -104,7 +108,7 @@ pub(crate) fn spawn(
     store: DocStore,
     policy: CompactionPolicy,
 ) -> std::io::Result<(WriterHandle, JoinHandle<()>)> {
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("devicelink-writer".into())
         .spawn(move || Writer::new(store, policy).run(rx))?;
@@ -114,10 +118,26 @@ pub(crate) fn spawn(
 /// Most operations folded into one flush.
 const MAX_BATCH: usize = 8192;
 
+/// Longest a write nobody waits for stays unflushed.
+const LAZY_FLUSH: Duration = Duration::from_millis(50);
+
+/// A log record past this size is written out and the document's next updates start another.
+const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// The updates of one document in the batch being committed.
+struct PendingRecord {
+    name: Arc<str>,
+    doc: yrs::Doc,
+    updates: Vec<Bytes>,
+    bytes: usize,
+    /// The first error writing any of this document's records in this batch.
+    result: Result<(), StoreError>,
+}
+
 struct DocLog {
     tree: sled::Tree,
     last_seq: u64,
-    records: u64,
+    updates: u64,
     bytes: u64,
     snapshot_len: u64,
     doc: yrs::Doc,
@@ -127,6 +147,8 @@ struct Writer {
     store: DocStore,
     policy: CompactionPolicy,
     logs: HashMap<Arc<str>, DocLog>,
+    /// When the oldest write not yet flushed was made (`None`: everything is flushed).
+    unflushed_since: Option<Instant>,
 }
 
 impl Writer {
@@ -135,12 +157,28 @@ impl Writer {
             store,
             policy,
             logs: HashMap::new(),
+            unflushed_since: None,
         }
     }
 
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<WriteOp>) {
+    fn run(mut self, rx: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(64);
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            // Written but not yet flushed (only unacknowledged updates): flush when it is due.
+            let first = match self.unflushed_since {
+                None => match rx.recv() {
+                    Ok(op) => op,
+                    Err(_) => break,
+                },
+                Some(since) => match rx.recv_timeout(LAZY_FLUSH.saturating_sub(since.elapsed())) {
+                    Ok(op) => op,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.flush_and_compact();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                },
+            };
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -159,8 +197,12 @@ impl Writer {
     }
 
     /// Writes and flushes one batch, then completes its acknowledgements. Returns true on shutdown.
+    ///
+    /// The updates of one document in the batch go into a single log record (in order), so a
+    /// commit costs one sled insert per document however many small changes it carries.
     fn commit(&mut self, batch: &mut Vec<WriteOp>) -> bool {
-        let mut acks: Vec<(Ack, Result<(), StoreError>)> = Vec::with_capacity(batch.len());
+        let mut acks: Vec<(Ack, Option<Arc<str>>)> = Vec::with_capacity(batch.len());
+        let mut pending: Vec<PendingRecord> = Vec::new();
         let mut shutdown = false;
         for op in batch.drain(..) {
             match op {
@@ -170,26 +212,76 @@ impl Writer {
                     update,
                     ack,
                 } => {
-                    let result = self.append(name, doc, &update);
-                    if let Err(e) = &result {
-                        tracing::error!("could not store an update: {e}");
+                    let slot = match pending.iter().position(|p| p.name == name) {
+                        Some(i) => i,
+                        None => {
+                            pending.push(PendingRecord {
+                                name: name.clone(),
+                                doc,
+                                updates: Vec::new(),
+                                bytes: 0,
+                                result: Ok(()),
+                            });
+                            pending.len() - 1
+                        }
+                    };
+                    let record = &mut pending[slot];
+                    record.bytes += update.len();
+                    record.updates.push(update);
+                    if record.bytes >= MAX_RECORD_BYTES {
+                        let full = std::mem::take(&mut record.updates);
+                        record.bytes = 0;
+                        let result = self.append(&name, &record.doc, &full);
+                        if record.result.is_ok() {
+                            record.result = result;
+                        }
                     }
                     if let Some(ack) = ack {
-                        acks.push((ack, result));
+                        acks.push((ack, Some(name)));
                     }
                 }
-                WriteOp::Flush(ack) => acks.push((ack, Ok(()))),
+                WriteOp::Flush(ack) => acks.push((ack, None)),
                 WriteOp::Shutdown(ack) => {
-                    acks.push((ack, Ok(())));
+                    acks.push((ack, None));
                     shutdown = true;
                 }
             }
         }
+        for record in &mut pending {
+            if !record.updates.is_empty() {
+                let result = self.append(&record.name, &record.doc, &record.updates);
+                if record.result.is_ok() {
+                    record.result = result;
+                }
+            }
+            if let Err(e) = &record.result {
+                tracing::error!(doc = %record.name, "could not store updates: {e}");
+            }
+        }
+        // Nobody waits on a batch of remote updates alone (their senders still hold them):
+        // such batches share a flush at most LAZY_FLUSH later, so streaming them in costs
+        // few fsyncs.
+        let lazy = acks.is_empty()
+            && !shutdown
+            && self
+                .unflushed_since
+                .is_none_or(|since| since.elapsed() < LAZY_FLUSH);
+        if lazy {
+            self.unflushed_since.get_or_insert_with(Instant::now);
+            return false;
+        }
         let flushed = self.store.flush();
-        for (ack, result) in acks {
-            let result = match (&flushed, result) {
+        if flushed.is_ok() {
+            self.unflushed_since = None;
+        }
+        for (ack, doc) in acks {
+            let result = match (&flushed, doc) {
                 (Err(e), _) => Err(e.clone()),
-                (Ok(()), r) => r,
+                (Ok(()), None) => Ok(()),
+                (Ok(()), Some(doc)) => pending
+                    .iter()
+                    .find(|p| p.name == doc)
+                    .map_or(Ok(()), |p| p.result.clone()),
             };
             let _ = ack.send(result);
         }
@@ -199,36 +291,48 @@ impl Writer {
         shutdown
     }
 
-    fn append(&mut self, name: Arc<str>, doc: yrs::Doc, update: &[u8]) -> Result<(), StoreError> {
-        let log = match self.logs.get_mut(&name) {
+    /// Appends `updates` of `name` as one log record.
+    fn append(&mut self, name: &Arc<str>, doc: &yrs::Doc, updates: &[Bytes]) -> Result<(), StoreError> {
+        let log = match self.logs.get_mut(name) {
             Some(log) => log,
             None => {
-                self.store.register(&name)?;
-                let tree = self.store.log_tree(&name)?;
-                let last_seq = self.store.last_seq(&name, &tree)?;
-                let records = tree.len() as u64;
+                self.store.register(name)?;
+                let tree = self.store.log_tree(name)?;
+                let last_seq = self.store.last_seq(name, &tree)?;
+                let updates = tree.len() as u64; // at least one update per record
                 self.logs.entry(name.clone()).or_insert(DocLog {
                     tree,
                     last_seq,
-                    records,
+                    updates,
                     bytes: 0,
                     snapshot_len: 0,
-                    doc,
+                    doc: doc.clone(),
                 })
             }
         };
         let seq = log.last_seq + 1;
-        DocStore::append(&log.tree, seq, update)?;
+        DocStore::append(&log.tree, seq, updates)?;
         log.last_seq = seq;
-        log.records += 1;
-        log.bytes += update.len() as u64;
+        log.updates += updates.len() as u64;
+        log.bytes += updates.iter().map(|u| u.len() as u64).sum::<u64>();
         Ok(())
+    }
+
+    fn flush_and_compact(&mut self) {
+        match self.store.flush() {
+            Ok(()) => {
+                self.unflushed_since = None;
+                self.compact_grown_logs();
+            }
+            // Keep `unflushed_since`: the next timeout retries.
+            Err(e) => tracing::error!("flush failed: {e}"),
+        }
     }
 
     fn compact_grown_logs(&mut self) {
         let policy = self.policy;
         for (name, log) in self.logs.iter_mut() {
-            let too_many = log.records >= policy.max_log_records;
+            let too_many = log.updates >= policy.max_log_records;
             let too_big = log.bytes >= policy.min_log_bytes.max(log.snapshot_len);
             if !(too_many || too_big) {
                 continue;
@@ -241,8 +345,8 @@ impl Writer {
                 .encode_state_as_update_v1(&StateVector::default());
             match self.store.compact(name, &log.tree, log.last_seq, &state) {
                 Ok(()) => {
-                    tracing::debug!(doc = %name, records = log.records, "compacted log");
-                    log.records = 0;
+                    tracing::debug!(doc = %name, updates = log.updates, "compacted log");
+                    log.updates = 0;
                     log.bytes = 0;
                     log.snapshot_len = state.len() as u64;
                 }

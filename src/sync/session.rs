@@ -111,7 +111,6 @@ pub(crate) async fn run(
         out_rx,
         bus,
         ctx.peers.clone(),
-        ctx.registry.clone(),
     ));
     let mut reader = Reader {
         peer,
@@ -371,7 +370,6 @@ async fn write_loop(
     mut out: mpsc::UnboundedReceiver<Outgoing>,
     mut bus: broadcast::Receiver<DocUpdate>,
     peers: Arc<PeerTable>,
-    registry: Arc<DocRegistry>,
 ) -> Result<(), SessionError> {
     let from_peer = Origin::Peer(peer);
     loop {
@@ -414,43 +412,31 @@ async fn write_loop(
                     Err(broadcast::error::RecvError::Lagged(_)) => return Err(SessionError::Lagged),
                     Err(broadcast::error::RecvError::Closed) => return Ok(()),
                 };
-                // Merge everything already queued, per document, into one frame each.
-                let mut by_doc: HashMap<Arc<str>, Vec<Bytes>> = HashMap::new();
-                let mut push = |e: DocUpdate| {
-                    if e.origin != from_peer {
-                        by_doc.entry(e.doc).or_default().push(e.update);
+                // Everything already queued goes out in one flush, a frame per update: merging
+                // (yrs decodes every update) or diffing the live doc (yrs scans whole text
+                // blocks) costs more than the peer applying each small update (see benches/).
+                let mut sent: HashMap<Arc<str>, Arc<yrs::StateVector>> = HashMap::new();
+                let mut next = Some(first);
+                let mut queued = 1;
+                while let Some(event) = next.take() {
+                    if event.origin != from_peer {
+                        let frame = Message::Update { doc: event.doc.to_string(), update: event.update.to_vec() };
+                        sink.feed(frame.encode()?).await?;
+                        sent.insert(event.doc, event.state);
                     }
-                };
-                push(first);
-                for _ in 1..MAX_UPDATE_BATCH {
-                    match bus.try_recv() {
-                        Ok(event) => push(event),
-                        Err(broadcast::error::TryRecvError::Lagged(_)) => return Err(SessionError::Lagged),
-                        Err(_) => break,
-                    }
-                }
-                if by_doc.is_empty() {
-                    continue;
-                }
-                let mut sent = Vec::with_capacity(by_doc.len());
-                for (doc, updates) in by_doc {
-                    // Several queued: one diff against what the peer holds is far cheaper than
-                    // decoding and merging them (and covers them all).
-                    let diff = (updates.len() > 1)
-                        .then(|| peers.known(&peer, &doc))
-                        .flatten()
-                        .and_then(|known| registry.diff_since(&doc, &known));
-                    if let Some((update, sv)) = diff {
-                        sink.feed(Message::Update { doc: doc.to_string(), update }.encode()?).await?;
-                        sent.push((doc, sv));
-                        continue;
-                    }
-                    for update in merge(&updates) {
-                        if let Ok(decoded) = crate::docs::decode_update(&update) {
-                            sent.push((doc.clone(), crate::docs::upper_state_vector(&decoded)));
+                    if queued < MAX_UPDATE_BATCH {
+                        match bus.try_recv() {
+                            Ok(event) => {
+                                next = Some(event);
+                                queued += 1;
+                            }
+                            Err(broadcast::error::TryRecvError::Lagged(_)) => return Err(SessionError::Lagged),
+                            Err(_) => {}
                         }
-                        sink.feed(Message::Update { doc: doc.to_string(), update }.encode()?).await?;
                     }
+                }
+                if sent.is_empty() {
+                    continue;
                 }
                 sink.flush().await?;
                 for (doc, sv) in sent {
@@ -461,21 +447,3 @@ async fn write_loop(
     }
 }
 
-/// Updates equivalent to all of `updates`: one merged update, or (should merging ever fail) each
-/// update on its own, so nothing is dropped.
-fn merge(updates: &[Bytes]) -> Vec<Vec<u8>> {
-    if let [single] = updates {
-        return vec![single.to_vec()];
-    }
-    let parts: Vec<&[u8]> = updates.iter().map(|u| u.as_ref()).collect();
-    match yrs::merge_updates_v1(parts) {
-        Ok(merged) => vec![merged],
-        Err(e) => {
-            tracing::warn!(
-                "could not merge {} updates, sending them one by one: {e}",
-                updates.len()
-            );
-            updates.iter().map(|u| u.to_vec()).collect()
-        }
-    }
-}
