@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::process::AgentProcess;
+use common::process::{self, AgentProcess};
 use common::*;
 use devicelink::AgentHandle;
 use serde_json::json;
@@ -71,6 +71,46 @@ async fn sigkill_at_random_points_loses_no_acknowledged_change() {
         acked_total.len()
     );
     assert!(!acked_total.is_empty(), "the test wrote nothing");
+}
+
+/// Updates received from a peer are flushed lazily (nobody waits on them), but flushed: once the
+/// lazy window has passed, a SIGKILLed receiver restarted with no peer to resync from has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_updates_reach_the_disk_without_further_writes() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let id = |dir: &std::path::Path| {
+        let out = process::cli(dir, &dir.join("agent.sock"), &["id"]);
+        process::stdout(&out).trim().to_string()
+    };
+    let (id_a, id_b) = (id(da.path()), id(db.path()));
+    for (dir, other) in [(da.path(), &id_b), (db.path(), &id_a)] {
+        let out = process::cli(dir, &dir.join("agent.sock"), &["trust", "add", other]);
+        assert!(out.status.success(), "{}", process::stderr(&out));
+    }
+    let b = AgentProcess::start(db.path(), &[]);
+    let a = AgentProcess::start(da.path(), &[&b.addr]);
+    let (ca, cb) = (a.client().await, b.client().await);
+    let keys = 500;
+    let names: Vec<String> = (0..keys).map(|i| format!("k{i}")).collect();
+    let writes = names
+        .iter()
+        .enumerate()
+        .map(|(i, key)| ca.doc_set("inbox", "m", key, json!(i)));
+    for written in futures::future::join_all(writes).await {
+        written.unwrap();
+    }
+    wait_until_async(LIMIT, "b to receive every change", || async {
+        cb.doc_get("inbox").await.ok().and_then(|d| d["m"].as_object().map(|m| m.len())) == Some(keys)
+    })
+    .await;
+    // Past the lazy flush window (50 ms), with no other write to trigger a flush.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop((ca, cb));
+    a.kill9();
+    b.kill9();
+    let b = AgentProcess::start(db.path(), &[]);
+    let doc = b.client().await.doc_get("inbox").await.unwrap();
+    assert_eq!(doc["m"].as_object().map(|m| m.len()), Some(keys), "{doc}");
 }
 
 struct Node {
