@@ -100,7 +100,11 @@ async fn received_updates_reach_the_disk_without_further_writes() {
         written.unwrap();
     }
     wait_until_async(LIMIT, "b to receive every change", || async {
-        cb.doc_get("inbox").await.ok().and_then(|d| d["m"].as_object().map(|m| m.len())) == Some(keys)
+        cb.doc_get("inbox")
+            .await
+            .ok()
+            .and_then(|d| d["m"].as_object().map(|m| m.len()))
+            == Some(keys)
     })
     .await;
     // Past the lazy flush window (50 ms), with no other write to trigger a flush.

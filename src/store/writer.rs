@@ -292,7 +292,12 @@ impl Writer {
     }
 
     /// Appends `updates` of `name` as one log record.
-    fn append(&mut self, name: &Arc<str>, doc: &yrs::Doc, updates: &[Bytes]) -> Result<(), StoreError> {
+    fn append(
+        &mut self,
+        name: &Arc<str>,
+        doc: &yrs::Doc,
+        updates: &[Bytes],
+    ) -> Result<(), StoreError> {
         let log = match self.logs.get_mut(name) {
             Some(log) => log,
             None => {

@@ -105,13 +105,7 @@ pub(crate) async fn run(
     }
 
     let (sink, source) = transport.split();
-    let mut writer = tokio::spawn(write_loop(
-        peer,
-        sink,
-        out_rx,
-        bus,
-        ctx.peers.clone(),
-    ));
+    let mut writer = tokio::spawn(write_loop(peer, sink, out_rx, bus, ctx.peers.clone()));
     let mut reader = Reader {
         peer,
         ctx,
@@ -446,4 +440,3 @@ async fn write_loop(
         }
     }
 }
-
