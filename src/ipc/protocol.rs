@@ -13,6 +13,23 @@ pub struct Request {
     pub body: RequestBody,
 }
 
+impl Request {
+    /// Parses one request line. Same result as deserializing a `Request`, at about half the
+    /// cost: `flatten` buffers the whole object twice, while this reads `id` (skipping the rest)
+    /// and then the body, which ignores `id` like any field it does not know.
+    pub fn from_json(line: &[u8]) -> Result<Self, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Id {
+            id: u64,
+        }
+        let Id { id } = serde_json::from_slice(line)?;
+        Ok(Self {
+            id,
+            body: serde_json::from_slice(line)?,
+        })
+    }
+}
+
 /// What a request asks for, tagged by `op`. Unknown fields are ignored, so newer apps can send
 /// optional fields to older agents; an unknown `op` is an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -277,6 +294,14 @@ mod tests {
                 addr: None,
             },
             RequestBody::DocUnsubscribe { subscription: 3 },
+            RequestBody::DocList,
+            RequestBody::DocText {
+                doc: "d".into(),
+                name: "t".into(),
+                index: Some(2),
+                delete: 1,
+                insert: "x".into(),
+            },
         ];
         for body in bodies {
             let request = Request { id: 77, body };
@@ -284,6 +309,25 @@ mod tests {
             let back: Request =
                 serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
             assert_eq!(back, request, "{line}");
+            let fast =
+                Request::from_json(line.as_bytes()).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert_eq!(fast, request, "{line}");
+        }
+    }
+
+    #[test]
+    fn fast_parse_refuses_what_the_derived_parse_refuses() {
+        for line in [
+            r#"{"op":"status"}"#,
+            r#"{"id":"seven","op":"status"}"#,
+            r#"{"id":1,"op":"no_such_op"}"#,
+            r#"{"id":1}"#,
+            r#"{"id":1,"op":"doc_get"}"#,
+            r#"[1,2]"#,
+            "not json",
+        ] {
+            assert!(serde_json::from_str::<Request>(line).is_err(), "{line}");
+            assert!(Request::from_json(line.as_bytes()).is_err(), "{line}");
         }
     }
 }

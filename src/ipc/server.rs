@@ -199,7 +199,7 @@ impl Connection {
                     format!("request line longer than {MAX_LINE_LEN} bytes"),
                 ),
                 Ok(Line::Complete(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
-                Ok(Line::Complete(line)) => match serde_json::from_slice::<Request>(&line) {
+                Ok(Line::Complete(line)) => match Request::from_json(&line) {
                     Ok(request) => match self.execute(request.body, &out).await {
                         Ok(Reply::Now(result)) => Response::ok(request.id, result),
                         // A write: applied now, in request order; answered by the acker once
