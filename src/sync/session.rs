@@ -414,7 +414,10 @@ async fn write_loop(
                 let mut queued = 1;
                 while let Some(event) = next.take() {
                     if event.origin != from_peer {
-                        let frame = Message::Update { doc: event.doc.to_string(), update: event.update.to_vec() };
+                        let frame = Message::Update {
+                            doc: event.doc.to_string(),
+                            update: event.update.to_vec(),
+                        };
                         sink.feed(frame.encode()?).await?;
                         sent.insert(event.doc, event.state);
                     }
@@ -424,7 +427,9 @@ async fn write_loop(
                                 next = Some(event);
                                 queued += 1;
                             }
-                            Err(broadcast::error::TryRecvError::Lagged(_)) => return Err(SessionError::Lagged),
+                            Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                                return Err(SessionError::Lagged)
+                            }
                             Err(_) => {}
                         }
                     }
