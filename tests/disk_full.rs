@@ -37,8 +37,8 @@ async fn full_disk_gives_clear_errors_and_never_acknowledges_unsaved_changes() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
+    let stdout = child.0.stdout.take().unwrap();
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         if line.starts_with("ipc socket: ") {
             break;
@@ -81,8 +81,7 @@ async fn full_disk_gives_clear_errors_and_never_acknowledges_unsaved_changes() {
         !acked.is_empty(),
         "the limit was too small to test anything"
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 
     // With room again, every acknowledged write is there.
     let agent = AgentProcess::start(dir.path(), &[]);
@@ -93,5 +92,15 @@ async fn full_disk_gives_clear_errors_and_never_acknowledges_unsaved_changes() {
             json!(value),
             "acknowledged write {i} lost"
         );
+    }
+}
+
+/// The agent child, killed however the test ends (also when an assertion fails).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -38,6 +38,8 @@ pub enum StoreError {
     InvalidDocName { name: String, reason: &'static str },
     #[error("the agent's store is closed")]
     Closed,
+    #[error("the disk did not finish a flush within {0:?}; changes since are not acknowledged (is the disk full or failing?)")]
+    Stalled(std::time::Duration),
 }
 
 /// Opens (creating if needed) the sled database of a data dir.

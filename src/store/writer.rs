@@ -118,6 +118,88 @@ pub(crate) fn spawn(
 /// Most operations folded into one flush.
 const MAX_BATCH: usize = 8192;
 
+/// Longest a flush may take before the writes waiting on it are told they failed. sled can
+/// wait forever on a flush after an I/O error (a full disk); apps must get an answer.
+const FLUSH_STALL: Duration = Duration::from_secs(5);
+
+/// Runs sled flushes on a thread of its own, so a flush that never returns stalls no caller
+/// longer than [`FLUSH_STALL`].
+struct Flusher {
+    requests: Option<mpsc::Sender<()>>,
+    results: mpsc::Receiver<Result<(), StoreError>>,
+    thread: Option<JoinHandle<()>>,
+    /// A flush was requested and its result not yet received.
+    outstanding: bool,
+}
+
+impl Flusher {
+    fn new(store: DocStore) -> Self {
+        let (requests, requests_rx) = mpsc::channel::<()>();
+        let (results_tx, results) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("devicelink-flush".into())
+            .spawn(move || {
+                while requests_rx.recv().is_ok() {
+                    if results_tx.send(store.flush()).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| tracing::error!("cannot start the flush thread: {e}"))
+            .ok();
+        Self {
+            requests: Some(requests),
+            results,
+            thread,
+            outstanding: false,
+        }
+    }
+
+    /// Whether an earlier flush is still stuck (collecting its result if it has come since).
+    fn stalled(&mut self) -> bool {
+        if self.outstanding && self.results.try_recv().is_ok() {
+            self.outstanding = false;
+        }
+        self.outstanding
+    }
+
+    /// Makes everything written so far durable, or says why not within [`FLUSH_STALL`].
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.stalled() {
+            return Err(StoreError::Stalled(FLUSH_STALL));
+        }
+        let requests = self.requests.as_ref().ok_or(StoreError::Closed)?;
+        requests.send(()).map_err(|_| StoreError::Closed)?;
+        self.outstanding = true;
+        match self.results.recv_timeout(FLUSH_STALL) {
+            Ok(result) => {
+                self.outstanding = false;
+                result
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                tracing::error!(
+                    "a flush did not finish within {FLUSH_STALL:?}; failing writes until it does"
+                );
+                Err(StoreError::Stalled(FLUSH_STALL))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(StoreError::Closed),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        // Ends the thread, and with it its handle on the database (a restart in the same
+        // process needs the database lock back). A stuck thread is left behind.
+        self.requests = None;
+        if let Some(thread) = self.thread.take() {
+            if !self.outstanding {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
 /// Longest a write nobody waits for stays unflushed.
 const LAZY_FLUSH: Duration = Duration::from_millis(50);
 
@@ -149,11 +231,13 @@ struct Writer {
     logs: HashMap<Arc<str>, DocLog>,
     /// When the oldest write not yet flushed was made (`None`: everything is flushed).
     unflushed_since: Option<Instant>,
+    flusher: Flusher,
 }
 
 impl Writer {
     fn new(store: DocStore, policy: CompactionPolicy) -> Self {
         Self {
+            flusher: Flusher::new(store.clone()),
             store,
             policy,
             logs: HashMap::new(),
@@ -191,7 +275,7 @@ impl Writer {
             }
         }
         // Every sender is gone: make whatever was written durable.
-        if let Err(e) = self.store.flush() {
+        if let Err(e) = self.flusher.flush() {
             tracing::error!("final flush failed: {e}");
         }
     }
@@ -201,6 +285,11 @@ impl Writer {
     /// The updates of one document in the batch go into a single log record (in order), so a
     /// commit costs one sled insert per document however many small changes it carries.
     fn commit(&mut self, batch: &mut Vec<WriteOp>) -> bool {
+        if self.flusher.stalled() {
+            // Writing on would only queue behind the stuck flush (sled may block the writer).
+            // The changes stay in memory; nobody is told they are saved.
+            return self.fail_batch(batch, StoreError::Stalled(FLUSH_STALL));
+        }
         let mut acks: Vec<(Ack, Option<Arc<str>>)> = Vec::with_capacity(batch.len());
         let mut pending: Vec<PendingRecord> = Vec::new();
         let mut shutdown = false;
@@ -270,7 +359,7 @@ impl Writer {
             self.unflushed_since.get_or_insert_with(Instant::now);
             return false;
         }
-        let flushed = self.store.flush();
+        let flushed = self.flusher.flush();
         if flushed.is_ok() {
             self.unflushed_since = None;
         }
@@ -287,6 +376,25 @@ impl Writer {
         }
         if flushed.is_ok() && !shutdown {
             self.compact_grown_logs();
+        }
+        shutdown
+    }
+
+    /// Completes every acknowledgement of `batch` with `error`. Returns true on shutdown.
+    fn fail_batch(&mut self, batch: &mut Vec<WriteOp>, error: StoreError) -> bool {
+        let mut shutdown = false;
+        for op in batch.drain(..) {
+            let ack = match op {
+                WriteOp::Append { ack, .. } => ack,
+                WriteOp::Flush(ack) => Some(ack),
+                WriteOp::Shutdown(ack) => {
+                    shutdown = true;
+                    Some(ack)
+                }
+            };
+            if let Some(ack) = ack {
+                let _ = ack.send(Err(error.clone()));
+            }
         }
         shutdown
     }
@@ -324,7 +432,7 @@ impl Writer {
     }
 
     fn flush_and_compact(&mut self) {
-        match self.store.flush() {
+        match self.flusher.flush() {
             Ok(()) => {
                 self.unflushed_since = None;
                 self.compact_grown_logs();
