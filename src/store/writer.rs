@@ -125,6 +125,8 @@ const FLUSH_STALL: Duration = Duration::from_secs(5);
 /// Runs sled flushes on a thread of its own, so a flush that never returns stalls no caller
 /// longer than [`FLUSH_STALL`].
 struct Flusher {
+    /// How long a flush may take (`FLUSH_STALL`; shorter in tests).
+    stall: Duration,
     requests: Option<mpsc::Sender<()>>,
     results: mpsc::Receiver<Result<(), StoreError>>,
     thread: Option<JoinHandle<()>>,
@@ -134,13 +136,21 @@ struct Flusher {
 
 impl Flusher {
     fn new(store: DocStore) -> Self {
+        Self::with(FLUSH_STALL, move || store.flush())
+    }
+
+    /// A flusher running `flush` on its thread, allowing it `stall` per call.
+    fn with(
+        stall: Duration,
+        mut flush: impl FnMut() -> Result<(), StoreError> + Send + 'static,
+    ) -> Self {
         let (requests, requests_rx) = mpsc::channel::<()>();
         let (results_tx, results) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("devicelink-flush".into())
             .spawn(move || {
                 while requests_rx.recv().is_ok() {
-                    if results_tx.send(store.flush()).is_err() {
+                    if results_tx.send(flush()).is_err() {
                         return;
                     }
                 }
@@ -148,6 +158,7 @@ impl Flusher {
             .map_err(|e| tracing::error!("cannot start the flush thread: {e}"))
             .ok();
         Self {
+            stall,
             requests: Some(requests),
             results,
             thread,
@@ -163,24 +174,25 @@ impl Flusher {
         self.outstanding
     }
 
-    /// Makes everything written so far durable, or says why not within [`FLUSH_STALL`].
+    /// Makes everything written so far durable, or says why not within the stall limit.
     fn flush(&mut self) -> Result<(), StoreError> {
         if self.stalled() {
-            return Err(StoreError::Stalled(FLUSH_STALL));
+            return Err(StoreError::Stalled(self.stall));
         }
         let requests = self.requests.as_ref().ok_or(StoreError::Closed)?;
         requests.send(()).map_err(|_| StoreError::Closed)?;
         self.outstanding = true;
-        match self.results.recv_timeout(FLUSH_STALL) {
+        match self.results.recv_timeout(self.stall) {
             Ok(result) => {
                 self.outstanding = false;
                 result
             }
             Err(RecvTimeoutError::Timeout) => {
                 tracing::error!(
-                    "a flush did not finish within {FLUSH_STALL:?}; failing writes until it does"
+                    "a flush did not finish within {:?}; failing writes until it does",
+                    self.stall
                 );
-                Err(StoreError::Stalled(FLUSH_STALL))
+                Err(StoreError::Stalled(self.stall))
             }
             Err(RecvTimeoutError::Disconnected) => Err(StoreError::Closed),
         }
@@ -288,7 +300,7 @@ impl Writer {
         if self.flusher.stalled() {
             // Writing on would only queue behind the stuck flush (sled may block the writer).
             // The changes stay in memory; nobody is told they are saved.
-            return self.fail_batch(batch, StoreError::Stalled(FLUSH_STALL));
+            return self.fail_batch(batch, StoreError::Stalled(self.flusher.stall));
         }
         let mut acks: Vec<(Ack, Option<Arc<str>>)> = Vec::with_capacity(batch.len());
         let mut pending: Vec<PendingRecord> = Vec::new();
@@ -466,5 +478,48 @@ impl Writer {
                 Err(e) => tracing::error!(doc = %name, "compaction failed: {e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flush that hangs (as sled's can after a disk-full error) fails its caller after the
+    /// stall limit, fails later flushes at once while it hangs, and normal service resumes once
+    /// it returns.
+    #[test]
+    fn a_stuck_flush_fails_callers_in_time_and_service_resumes() {
+        let (release, hang) = mpsc::channel::<()>();
+        let mut calls = 0;
+        let mut flusher = Flusher::with(Duration::from_millis(50), move || {
+            calls += 1;
+            if calls == 1 {
+                let _ = hang.recv(); // stuck until released
+            }
+            Ok(())
+        });
+        let started = Instant::now();
+        assert!(matches!(flusher.flush(), Err(StoreError::Stalled(_))));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(flusher.stalled());
+        assert!(matches!(flusher.flush(), Err(StoreError::Stalled(_))));
+        release.send(()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while flusher.stalled() {
+            assert!(
+                Instant::now() < deadline,
+                "the released flush never reported back"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(flusher.flush().is_ok());
+    }
+
+    #[test]
+    fn a_failed_flush_reports_its_error() {
+        let mut flusher = Flusher::with(Duration::from_secs(5), || Err(StoreError::Closed));
+        assert!(matches!(flusher.flush(), Err(StoreError::Closed)));
+        assert!(!flusher.stalled());
     }
 }
