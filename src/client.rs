@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot};
 
@@ -102,9 +102,8 @@ impl Client {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, tx);
-        let mut line = serde_json::to_vec(&Request { id, body })
+        let line = serde_json::to_vec(&Request { id, body })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        line.push(b'\n');
         if self.lines.send(line).is_err() {
             self.pending
                 .lock()
@@ -223,26 +222,14 @@ pub fn decode_field(value: &Value, field: &str) -> Result<Vec<u8>, ClientError> 
         .map_err(|e| ClientError::Protocol(format!("{field} is not base64: {e}")))
 }
 
-/// Writes request lines, everything queued at once in one write; on a failed write, fails every
-/// waiting request.
+/// Writes request lines; on a failed write, fails every waiting request.
 async fn write_loop(
-    mut write: tokio::net::unix::OwnedWriteHalf,
-    mut lines: mpsc::UnboundedReceiver<Vec<u8>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    lines: mpsc::UnboundedReceiver<Vec<u8>>,
     pending: Pending,
 ) {
-    let mut buf = Vec::with_capacity(64 * 1024);
-    while let Some(line) = lines.recv().await {
-        buf.clear();
-        buf.extend_from_slice(&line);
-        while buf.len() < 1 << 20 {
-            match lines.try_recv() {
-                Ok(line) => buf.extend_from_slice(&line),
-                Err(_) => break,
-            }
-        }
-        if write.write_all(&buf).await.is_err() {
-            break;
-        }
+    if let Err(e) = crate::ipc::write_lines(write, lines).await {
+        tracing::debug!("writing to the agent failed: {e}");
     }
     pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
 }

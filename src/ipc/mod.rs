@@ -10,6 +10,9 @@ pub mod server;
 
 use std::path::{Path, PathBuf};
 
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
 pub use protocol::{ErrorBody, ErrorCode, Event, Request, RequestBody, Response, MAX_LINE_LEN};
 
 /// The socket path for the agent using `data_dir`:
@@ -27,4 +30,29 @@ pub fn default_socket_path(data_dir: &Path) -> PathBuf {
         }
         None => data_dir.join("agent.sock"),
     }
+}
+
+/// Writes every line received on `lines`, each followed by `\n`, to `write` until the channel
+/// closes; whatever is queued together goes out in one write. Used by both ends of the socket.
+pub(crate) async fn write_lines<L: AsRef<[u8]>>(
+    mut write: impl AsyncWrite + Unpin,
+    mut lines: mpsc::UnboundedReceiver<L>,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(line) = lines.recv().await {
+        buf.clear();
+        buf.extend_from_slice(line.as_ref());
+        buf.push(b'\n');
+        while buf.len() < 1 << 20 {
+            match lines.try_recv() {
+                Ok(line) => {
+                    buf.extend_from_slice(line.as_ref());
+                    buf.push(b'\n');
+                }
+                Err(_) => break,
+            }
+        }
+        write.write_all(&buf).await?;
+    }
+    Ok(())
 }

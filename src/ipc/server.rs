@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
@@ -184,7 +184,7 @@ impl Connection {
     async fn serve(mut self, stream: UnixStream) {
         let (read, write) = stream.into_split();
         let (out, out_rx) = mpsc::unbounded_channel::<String>();
-        let writer = tokio::spawn(write_lines(write, out_rx));
+        let writer = tokio::spawn(super::write_lines(write, out_rx));
         let mut reader = BufReader::with_capacity(64 * 1024, read);
         let mut buf = Vec::new();
         let out = Arc::new(out);
@@ -562,31 +562,6 @@ async fn answer_when_durable(
 fn send(out: &mpsc::UnboundedSender<String>, value: &impl serde::Serialize) -> Result<(), ()> {
     let line = serde_json::to_string(value).map_err(|_| ())?;
     out.send(line).map_err(|_| ())
-}
-
-async fn write_lines(
-    mut write: tokio::net::unix::OwnedWriteHalf,
-    mut lines: mpsc::UnboundedReceiver<String>,
-) {
-    let mut buf = Vec::with_capacity(64 * 1024);
-    while let Some(line) = lines.recv().await {
-        buf.clear();
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        // Coalesce whatever else is ready into one write.
-        while buf.len() < 1 << 20 {
-            match lines.try_recv() {
-                Ok(line) => {
-                    buf.extend_from_slice(line.as_bytes());
-                    buf.push(b'\n');
-                }
-                Err(_) => break,
-            }
-        }
-        if write.write_all(&buf).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// The `id` of a line that is JSON but not a valid request, so the error can be matched.
