@@ -213,16 +213,25 @@ impl DocRegistry {
         let remote_deletes = update.delete_set().clone();
         let live = self.open(name)?;
         let watched = self.watched_maps(&live);
-        let mut txn = live.doc.transact_mut();
-        // yrs asserts on some malformed input instead of returning an error: contain it.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| txn.apply_update(update)))
-            .map_err(|_| invalid("the update could not be integrated (malformed)".into()))?
-            .map_err(|e| invalid(e.to_string()))?;
-        let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
-        if let Origin::Peer(peer) = origin {
-            self.detect_conflicts(&live, &txn, &watched, &remote_deletes, peer);
-        }
-        if !changed && !txn.has_missing_updates() {
+        // yrs asserts on some malformed input instead of returning an error, while integrating
+        // or while committing (when the transaction drops): contain both, and store or pass on
+        // nothing of an update that did not commit cleanly.
+        let integrated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut txn = live.doc.transact_mut();
+            txn.apply_update(update)
+                .map_err(|e| invalid(e.to_string()))?;
+            let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
+            if let Origin::Peer(peer) = origin {
+                self.detect_conflicts(&live, &txn, &watched, &remote_deletes, peer);
+            }
+            let keep = changed || txn.has_missing_updates();
+            let delta = changed.then(|| (Bytes::from(txn.encode_update_v1()), txn.state_vector()));
+            drop(txn);
+            Ok::<_, DocError>((keep, delta))
+        }));
+        let (keep, delta) = integrated
+            .map_err(|_| invalid("the update could not be integrated (malformed)".into()))??;
+        if !keep {
             return Ok(Applied {
                 durable: None,
                 state_vector,
@@ -241,9 +250,8 @@ impl DocRegistry {
                 None
             }
         };
-        if changed {
-            let delta = Bytes::from(txn.encode_update_v1());
-            self.publish(&live, delta, origin, txn.state_vector());
+        if let Some((delta, state)) = delta {
+            self.publish(&live, delta, origin, state);
         }
         Ok(Applied {
             durable: ack,
