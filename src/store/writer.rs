@@ -287,7 +287,7 @@ impl Writer {
             }
         }
         // Every sender is gone: make whatever was written durable.
-        if let Err(e) = self.flusher.flush() {
+        if let Err(e) = self.flush() {
             tracing::error!("final flush failed: {e}");
         }
     }
@@ -330,12 +330,7 @@ impl Writer {
                     record.bytes += update.len();
                     record.updates.push(update);
                     if record.bytes >= MAX_RECORD_BYTES {
-                        let full = std::mem::take(&mut record.updates);
-                        record.bytes = 0;
-                        let result = self.append(&name, &record.doc, &full);
-                        if record.result.is_ok() {
-                            record.result = result;
-                        }
+                        self.write_record(record);
                     }
                     if let Some(ack) = ack {
                         acks.push((ack, Some(name)));
@@ -349,12 +344,7 @@ impl Writer {
             }
         }
         for record in &mut pending {
-            if !record.updates.is_empty() {
-                let result = self.append(&record.name, &record.doc, &record.updates);
-                if record.result.is_ok() {
-                    record.result = result;
-                }
-            }
+            self.write_record(record);
             if let Err(e) = &record.result {
                 tracing::error!(doc = %record.name, "could not store updates: {e}");
             }
@@ -371,10 +361,7 @@ impl Writer {
             self.unflushed_since.get_or_insert_with(Instant::now);
             return false;
         }
-        let flushed = self.flusher.flush();
-        if flushed.is_ok() {
-            self.unflushed_since = None;
-        }
+        let flushed = self.flush();
         for (ack, doc) in acks {
             let result = match (&flushed, doc) {
                 (Err(e), _) => Err(e.clone()),
@@ -390,6 +377,28 @@ impl Writer {
             self.compact_grown_logs();
         }
         shutdown
+    }
+
+    /// Writes out what `record` holds as one log record, keeping the first error.
+    fn write_record(&mut self, record: &mut PendingRecord) {
+        if record.updates.is_empty() {
+            return;
+        }
+        let updates = std::mem::take(&mut record.updates);
+        record.bytes = 0;
+        let result = self.append(&record.name, &record.doc, &updates);
+        if record.result.is_ok() {
+            record.result = result;
+        }
+    }
+
+    /// Makes everything written durable; on success nothing is left unflushed.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        let flushed = self.flusher.flush();
+        if flushed.is_ok() {
+            self.unflushed_since = None;
+        }
+        flushed
     }
 
     /// Completes every acknowledgement of `batch` with `error`. Returns true on shutdown.
@@ -444,12 +453,9 @@ impl Writer {
     }
 
     fn flush_and_compact(&mut self) {
-        match self.flusher.flush() {
-            Ok(()) => {
-                self.unflushed_since = None;
-                self.compact_grown_logs();
-            }
-            // Keep `unflushed_since`: the next timeout retries.
+        match self.flush() {
+            Ok(()) => self.compact_grown_logs(),
+            // `unflushed_since` stays set: the next timeout retries.
             Err(e) => tracing::error!("flush failed: {e}"),
         }
     }

@@ -410,9 +410,9 @@ async fn write_loop(
                 // (yrs decodes every update) or diffing the live doc (yrs scans whole text
                 // blocks) costs more than the peer applying each small update (see benches/).
                 let mut sent: HashMap<Arc<str>, Arc<yrs::StateVector>> = HashMap::new();
-                let mut next = Some(first);
+                let mut event = first;
                 let mut queued = 1;
-                while let Some(event) = next.take() {
+                loop {
                     if event.origin != from_peer {
                         let frame = Message::Update {
                             doc: event.doc.to_string(),
@@ -421,18 +421,17 @@ async fn write_loop(
                         sink.feed(frame.encode()?).await?;
                         sent.insert(event.doc, event.state);
                     }
-                    if queued < MAX_UPDATE_BATCH {
-                        match bus.try_recv() {
-                            Ok(event) => {
-                                next = Some(event);
-                                queued += 1;
-                            }
-                            Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                                return Err(SessionError::Lagged)
-                            }
-                            Err(_) => {}
-                        }
+                    if queued == MAX_UPDATE_BATCH {
+                        break;
                     }
+                    event = match bus.try_recv() {
+                        Ok(event) => event,
+                        Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                            return Err(SessionError::Lagged)
+                        }
+                        Err(_) => break,
+                    };
+                    queued += 1;
                 }
                 if sent.is_empty() {
                     continue;
