@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub compaction: CompactionPolicy,
     /// mDNS discovery (off by default in the library; the CLI turns it on).
     pub discovery: DiscoveryConfig,
+    /// Memory budget of loaded documents, in bytes: idle documents beyond it leave memory.
+    pub doc_cache_bytes: usize,
 }
 
 impl AgentConfig {
@@ -49,6 +51,7 @@ impl AgentConfig {
             redial: RedialPolicy::default(),
             compaction: CompactionPolicy::default(),
             discovery: DiscoveryConfig::default(),
+            doc_cache_bytes: crate::docs::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -95,7 +98,12 @@ pub struct AgentStatus {
     pub device_id: String,
     pub device_name: String,
     pub listen_addrs: Vec<String>,
-    pub docs: Vec<String>,
+    /// How many documents this device stores (`doc_list` lists them).
+    pub docs: usize,
+    /// Documents in memory now, and their estimated bytes against the budget.
+    pub docs_loaded: usize,
+    pub cache_bytes: usize,
+    pub cache_budget_bytes: usize,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -142,17 +150,16 @@ impl Agent {
         let (writer, writer_thread) =
             writer::spawn(doc_store.clone(), config.compaction).map_err(AgentError::Thread)?;
         let (conflicts_tx, conflicts_rx) = mpsc::unbounded_channel();
+        // Documents load when an app or a peer first needs them, not here.
         let registry = Arc::new(DocRegistry::new(
             doc_store,
             writer,
             device_id.to_string(),
             conflicts_tx,
+            config.doc_cache_bytes,
         ));
-        // Load every document now, so a sync session never waits on the disk.
-        for name in registry.list().unwrap_or_default() {
-            if let Err(e) = registry.open(&name) {
-                tracing::error!(doc = name, "cannot load document: {e}");
-            }
+        if let Err(e) = registry.load_tombstones() {
+            tracing::error!("cannot read the deleted documents: {e}");
         }
         let peers = Arc::new(PeerTable::default());
         let listen_addrs = Arc::new(RwLock::new(Vec::new()));
@@ -192,6 +199,7 @@ impl Agent {
                 tokio::join!(
                     reconcile_group(registry.clone(), trust, device_id, commands),
                     record_conflicts(registry.clone(), conflicts_rx),
+                    crate::lifecycle::keep_tombstones(registry.clone()),
                     prune_activities(registry),
                 );
             }
@@ -254,6 +262,35 @@ impl AgentHandle {
         Ok(docs)
     }
 
+    /// A page of documents with their metadata (size, last change, which device), names after
+    /// `after`, at most `limit`. Reads metadata only; nothing is loaded.
+    pub fn list_docs_meta(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, crate::store::DocMeta)>, AgentError> {
+        let mut page = self
+            .inner
+            .registry
+            .store()?
+            .list_meta(after, limit.saturating_add(8))?;
+        page.retain(|(name, _)| !name.starts_with(crate::group::RESERVED_PREFIX));
+        page.truncate(limit);
+        Ok(page)
+    }
+
+    /// Deletes a document on every device (see [`crate::lifecycle`]). Returns whether this device
+    /// had it; an unknown name is an error.
+    pub async fn delete_doc(&self, name: &str) -> Result<bool, AgentError> {
+        if name.starts_with(crate::group::RESERVED_PREFIX) {
+            return Err(AgentError::Doc(DocError::Store(StoreError::InvalidDocName {
+                name: name.to_string(),
+                reason: "reserved for the agent",
+            })));
+        }
+        Ok(crate::lifecycle::delete(&self.inner.registry, name).await?)
+    }
+
     /// Adds a device to the trust store; the agent starts syncing with it when connected.
     pub fn trust_add(&self, device: PeerId, name: &str) -> Result<(), AgentError> {
         self.trust()?.add(device, TrustedDevice::new(name))?;
@@ -305,13 +342,17 @@ impl AgentHandle {
             device_id: self.inner.device_id.to_string(),
             device_name: self.inner.device_name.clone(),
             listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
-            docs: self.list_docs()?,
+            docs: self.inner.registry.store()?.count(),
+            docs_loaded: self.inner.registry.cache_usage().0,
+            cache_bytes: self.inner.registry.cache_usage().1,
+            cache_budget_bytes: self.inner.registry.cache_budget(),
+            // Pending work is shown for loaded documents only: status never loads documents.
             peers: self.inner.peers.snapshot(&trusted, |doc| {
+                use yrs::{ReadTxn, Transact};
                 self.inner
                     .registry
-                    .handle(doc)
-                    .ok()
-                    .map(|d| d.state_vector_decoded())
+                    .peek(doc)
+                    .map(|live| live.yrs().transact().state_vector())
             }),
         })
     }

@@ -1,12 +1,18 @@
-//! The live documents of an agent: `DocRegistry` keeps one yrs `Doc` per document in memory,
-//! loads it from the `DocStore` on first use, applies local and remote updates, hands updates to
-//! the group-commit writer, and publishes every change to subscribers and to the sync sessions.
+//! The live documents of an agent: `DocRegistry` keeps the yrs `Doc`s in use in memory, loads
+//! one from the `DocStore` when an app or a peer needs it, evicts idle ones under a memory budget
+//! (least recently used first), applies local and remote updates, hands updates to the
+//! group-commit writer, and publishes every change to subscribers and to the sync sessions.
 //!
-//! Order of a local change: applied in memory -> queued to the writer and published to peers
-//! (while the transaction still holds the document, so queue order equals apply order) -> the
-//! caller's acknowledgement completes once the writer has flushed it to disk.
+//! Order of a local change: applied in memory -> published to peers and subscribers -> queued to
+//! the writer -> the caller's acknowledgement completes once the writer has flushed it to disk.
+//! Publishing before queueing means a change the writer has numbered in the change feed has
+//! always been published already (sync sessions rely on it, see `sync::session`).
+//!
+//! A document leaves memory only when nothing refers to it: no [`DocHandle`], no subscriber, and
+//! no update still queued for the disk (so a reload never misses one).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::Bytes;
@@ -18,12 +24,25 @@ use yrs::{
     Update,
 };
 
-use crate::store::writer::WriterHandle;
+use crate::store::writer::{Append, WriterHandle};
 use crate::store::{DocStore, StoreError};
 
-/// Capacity of the per-document and agent-wide update channels. A subscriber that falls further
-/// behind than this gets `RecvError::Lagged` and must resynchronize by state vector.
+/// Capacity of the agent-wide update channel the sync sessions read. A session that falls
+/// further behind than this ends and resynchronizes by state vector.
 pub const EVENT_CAPACITY: usize = 16 * 1024;
+
+/// Capacity of a document's subscriber channel (made on the first subscription only). A
+/// subscriber that falls further behind gets `RecvError::Lagged` and must resynchronize.
+pub const DOC_EVENT_CAPACITY: usize = 1024;
+
+/// Default memory budget of loaded documents.
+pub const DEFAULT_CACHE_BYTES: usize = 128 << 20;
+
+/// Estimated memory of a loaded document: yrs keeps several times its encoded size (blocks,
+/// an id index, strings), plus a fixed cost per document (a `Doc`, its store and maps).
+fn estimate_memory(encoded_bytes: usize) -> usize {
+    4 * 1024 + encoded_bytes.saturating_mul(4)
+}
 
 /// Who made a change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,6 +62,8 @@ pub struct DocUpdate {
     /// The document's state vector right after this update: whoever received every update up
     /// to this one holds at least this.
     pub state: Arc<StateVector>,
+    /// The document was deleted (on this device or another one); `update` is empty.
+    pub deleted: bool,
 }
 
 /// The outcome of applying an update.
@@ -66,6 +87,10 @@ pub enum DocError {
         "document {doc:?}: the change could not be made durable, it is not acknowledged: {source}"
     )]
     NotDurable { doc: String, source: StoreError },
+    #[error("document {0:?} was deleted")]
+    Deleted(String),
+    #[error("document {0:?} does not exist")]
+    NotFound(String),
     #[error("the agent has stopped")]
     AgentStopped,
 }
@@ -73,12 +98,37 @@ pub enum DocError {
 pub(crate) struct LiveDoc {
     name: Arc<str>,
     doc: yrs::Doc,
-    events: broadcast::Sender<DocUpdate>,
+    /// Subscribers' channel, made on the first subscription (most documents never have one).
+    events: Mutex<Option<broadcast::Sender<DocUpdate>>>,
     /// This device's last write to each map key, to tell concurrent overwrites from later ones.
     local_writes: Mutex<crate::conflict::LocalWrites>,
+    /// Updates queued to the writer and not yet written.
+    inflight: Arc<AtomicUsize>,
+    /// Estimated memory, for the cache budget.
+    memory: AtomicUsize,
+    /// The registry's clock at the last use, for least-recently-used eviction.
+    last_used: AtomicU64,
 }
 
-/// Every document this agent has in memory, plus the paths to disk and to peers.
+impl LiveDoc {
+    pub(crate) fn yrs(&self) -> &yrs::Doc {
+        &self.doc
+    }
+
+    fn subscribers(&self) -> usize {
+        lock(&self.events)
+            .as_ref()
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every guarded value here is replaced or updated in single steps: a panic elsewhere
+    // cannot leave it half-updated.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The documents this agent has in memory, plus the paths to disk and to peers.
 pub(crate) struct DocRegistry {
     docs: Mutex<HashMap<Arc<str>, Arc<LiveDoc>>>,
     /// `None` once the agent has shut down (so the database can be reopened).
@@ -88,7 +138,19 @@ pub(crate) struct DocRegistry {
     device_id: String,
     /// Detected conflicts go here, to be recorded in the conflicts document.
     conflicts: mpsc::UnboundedSender<crate::conflict::Conflict>,
+    /// Memory budget of loaded documents, in (estimated) bytes.
+    cache_budget: usize,
+    /// Estimated memory of every loaded document.
+    cached: AtomicUsize,
+    clock: AtomicU64,
+    /// Deleted document names: the keys of the tombstones document, kept current by every
+    /// change to it (so a sync session sees a lifted tombstone before the next message).
+    tombstones: RwLock<HashSet<String>>,
 }
+
+/// The tombstones document (see `lifecycle`): root map [`DELETED_MAP`], name -> `{at, by}`.
+pub const DELETED_DOC: &str = "_devicelink/deleted";
+pub(crate) const DELETED_MAP: &str = "deleted";
 
 impl DocRegistry {
     pub fn new(
@@ -96,6 +158,7 @@ impl DocRegistry {
         writer: WriterHandle,
         device_id: String,
         conflicts: mpsc::UnboundedSender<crate::conflict::Conflict>,
+        cache_budget: usize,
     ) -> Self {
         Self {
             docs: Mutex::new(HashMap::new()),
@@ -104,6 +167,10 @@ impl DocRegistry {
             bus: broadcast::channel(EVENT_CAPACITY).0,
             device_id,
             conflicts,
+            cache_budget,
+            cached: AtomicUsize::new(0),
+            clock: AtomicU64::new(0),
+            tombstones: RwLock::new(HashSet::new()),
         }
     }
 
@@ -113,7 +180,7 @@ impl DocRegistry {
         self.docs().clear();
     }
 
-    fn store(&self) -> Result<DocStore, StoreError> {
+    pub(crate) fn store(&self) -> Result<DocStore, StoreError> {
         self.store
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -125,20 +192,29 @@ impl DocRegistry {
         &self.writer
     }
 
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+
     /// All changes to all documents, for the sync sessions.
     pub fn subscribe_all(&self) -> broadcast::Receiver<DocUpdate> {
         self.bus.subscribe()
     }
 
     fn docs(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<LiveDoc>>> {
-        // A panic while holding this lock cannot leave the map half-updated (single inserts).
-        self.docs.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.docs)
+    }
+
+    fn touch(&self, live: &LiveDoc) {
+        let now = self.clock.fetch_add(1, Ordering::Relaxed);
+        live.last_used.store(now, Ordering::Relaxed);
     }
 
     /// The live document `name`, loaded from disk on first use (empty if it does not exist yet).
     pub fn open(&self, name: &str) -> Result<Arc<LiveDoc>, DocError> {
-        if let Some(live) = self.docs().get(name) {
-            return Ok(live.clone());
+        if let Some(live) = self.docs().get(name).cloned() {
+            self.touch(&live);
+            return Ok(live);
         }
         DocStore::validate_name(name)?;
         // Load outside the map lock; if two callers race, the first insert wins.
@@ -146,9 +222,11 @@ impl DocRegistry {
         let stored = store.load(name)?;
         let local_writes = store.local_writes(name)?;
         let doc = yrs::Doc::new();
+        let mut encoded = 0;
         {
             let mut txn = doc.transact_mut();
             for (record, bytes) in &stored.updates {
+                encoded += bytes.len();
                 let corrupt = |reason: String| StoreError::Corrupt {
                     doc: name.to_string(),
                     record: record.to_string(),
@@ -175,10 +253,91 @@ impl DocRegistry {
         let live = Arc::new(LiveDoc {
             name: Arc::from(name),
             doc,
-            events: broadcast::channel(EVENT_CAPACITY).0,
+            events: Mutex::new(None),
             local_writes: Mutex::new(local_writes),
+            inflight: Arc::new(AtomicUsize::new(0)),
+            memory: AtomicUsize::new(estimate_memory(encoded)),
+            last_used: AtomicU64::new(0),
         });
-        Ok(self.docs().entry(live.name.clone()).or_insert(live).clone())
+        self.touch(&live);
+        let live = {
+            let mut docs = self.docs();
+            let entry = docs.entry(live.name.clone()).or_insert_with(|| {
+                self.cached
+                    .fetch_add(live.memory.load(Ordering::Relaxed), Ordering::Relaxed);
+                live
+            });
+            entry.clone()
+        };
+        self.evict_over_budget();
+        Ok(live)
+    }
+
+    /// Evicts idle documents, least recently used first, while the loaded ones exceed the budget
+    /// (down to 3/4 of it, so evictions come in batches).
+    fn evict_over_budget(&self) {
+        if self.cached.load(Ordering::Relaxed) <= self.cache_budget {
+            return;
+        }
+        let mut docs = self.docs();
+        let mut idle: Vec<(u64, Arc<str>)> = docs
+            .iter()
+            .filter(|(_, live)| Self::evictable(live))
+            .map(|(name, live)| (live.last_used.load(Ordering::Relaxed), name.clone()))
+            .collect();
+        idle.sort_unstable();
+        let target = self.cache_budget / 4 * 3;
+        for (_, name) in idle {
+            if self.cached.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            // Checked again under the map lock: nobody can take a new reference meanwhile.
+            if docs.get(&name).is_some_and(|live| Self::evictable(live)) {
+                if let Some(live) = docs.remove(&name) {
+                    self.cached
+                        .fetch_sub(live.memory.load(Ordering::Relaxed), Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Nothing refers to `live` but the registry, and everything it holds is on disk.
+    fn evictable(live: &Arc<LiveDoc>) -> bool {
+        Arc::strong_count(live) == 1
+            && live.inflight.load(Ordering::SeqCst) == 0
+            && live.subscribers() == 0
+    }
+
+    pub fn cache_budget(&self) -> usize {
+        self.cache_budget
+    }
+
+    /// How many documents are in memory, and their estimated bytes.
+    pub fn cache_usage(&self) -> (usize, usize) {
+        (self.docs().len(), self.cached.load(Ordering::Relaxed))
+    }
+
+    /// The loaded document `name`, if it is in memory (never loads).
+    pub fn peek(&self, name: &str) -> Option<Arc<LiveDoc>> {
+        self.docs().get(name).cloned()
+    }
+
+    /// Whether `name` is stored or in memory.
+    pub fn exists(&self, name: &str) -> Result<bool, DocError> {
+        Ok(self.docs().contains_key(name) || self.store()?.meta(name)?.is_some())
+    }
+
+    /// The state vector (v1) of `name` without creating it: `00` for a document this device
+    /// does not have.
+    pub fn state_vector_of(&self, name: &str) -> Result<Vec<u8>, DocError> {
+        use yrs::updates::encoder::Encode;
+        if !self.exists(name)? {
+            DocStore::validate_name(name)?;
+            return Ok(StateVector::default().encode_v1());
+        }
+        let live = self.open(name)?;
+        let sv = live.doc.transact().state_vector().encode_v1();
+        Ok(sv)
     }
 
     /// Opens `name` as a [`DocHandle`].
@@ -191,6 +350,74 @@ impl DocRegistry {
         let mut names: BTreeSet<String> = self.store()?.list()?.into_iter().collect();
         names.extend(self.docs().keys().map(|k| k.to_string()));
         Ok(names.into_iter().collect())
+    }
+
+    /// Whether `name` was deleted (and not written to again since).
+    pub fn is_deleted(&self, name: &str) -> bool {
+        self.tombstones
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(name)
+    }
+
+    /// Re-reads the deleted names after a change to the tombstones document.
+    fn refresh_tombstones(&self, live: &LiveDoc) {
+        if &*live.name != DELETED_DOC {
+            return;
+        }
+        let map = live.doc.get_or_insert_map(DELETED_MAP);
+        let names = map
+            .keys(&live.doc.transact())
+            .map(str::to_string)
+            .collect();
+        *self.tombstones.write().unwrap_or_else(|p| p.into_inner()) = names;
+    }
+
+    /// Loads the tombstones document, so the deleted names are known from the start.
+    pub(crate) fn load_tombstones(&self) -> Result<(), DocError> {
+        let live = self.open(DELETED_DOC)?;
+        self.refresh_tombstones(&live);
+        Ok(())
+    }
+
+    /// A local write to a deleted name makes it a new document: lift its tombstone first, so
+    /// peers see the lift before the new content (it is durable before the write is).
+    fn undelete_for_local_write(&self, name: &str) {
+        if !self.is_deleted(name) {
+            return;
+        }
+        match self.open(DELETED_DOC) {
+            Ok(tombstones) => {
+                let map = tombstones.doc.get_or_insert_map(DELETED_MAP);
+                let (_, _durable) = self.transact(&tombstones, |txn| {
+                    map.remove(txn, name);
+                });
+            }
+            Err(e) => tracing::error!(doc = name, "cannot lift the tombstone of a re-created document: {e}"),
+        }
+    }
+
+    /// Deletes `name` on this device: drops it from memory, tells its subscribers, removes its
+    /// records from disk. Returns whether it existed.
+    pub async fn purge(&self, name: &str) -> Result<bool, DocError> {
+        let existed = self.exists(name)?;
+        let live = self.docs().remove(name);
+        if let Some(live) = &live {
+            self.cached
+                .fetch_sub(live.memory.load(Ordering::Relaxed), Ordering::Relaxed);
+            let event = DocUpdate {
+                doc: live.name.clone(),
+                update: Bytes::new(),
+                origin: Origin::Local,
+                state: Arc::new(StateVector::default()),
+                deleted: true,
+            };
+            if let Some(events) = lock(&live.events).as_ref() {
+                let _ = events.send(event);
+            }
+        }
+        self.writer.purge(Arc::from(name)).await?;
+        Ok(existed)
     }
 
     /// Applies a Yjs update received from `origin`. Returns whether it changed the document.
@@ -210,6 +437,17 @@ impl DocRegistry {
         };
         let update = decode_update(bytes).map_err(invalid)?;
         let state_vector = upper_state_vector(&update);
+        match origin {
+            // A deleted document is not brought back by a device that has not heard yet.
+            Origin::Peer(_) if self.is_deleted(name) => {
+                return Ok(Applied {
+                    durable: None,
+                    state_vector,
+                })
+            }
+            Origin::Peer(_) => {}
+            Origin::Local => self.undelete_for_local_write(name),
+        }
         let remote_deletes = update.delete_set().clone();
         let live = self.open(name)?;
         let watched = self.watched_maps(&live);
@@ -237,22 +475,19 @@ impl DocRegistry {
                 state_vector,
             });
         }
+        if let Some((delta, state)) = delta {
+            self.publish(&live, delta, origin, state);
+            self.refresh_tombstones(&live);
+        }
         // Store what was received: it may hold not-yet-integrable parts the delta lacks.
-        let stored = Bytes::copy_from_slice(bytes);
+        let append = self.append_op(&live, Bytes::copy_from_slice(bytes), origin);
         let ack = match origin {
-            Origin::Local => Some(
-                self.writer
-                    .append(live.name.clone(), live.doc.clone(), stored),
-            ),
+            Origin::Local => Some(self.writer.append(append)),
             Origin::Peer(_) => {
-                self.writer
-                    .append_unacked(live.name.clone(), live.doc.clone(), stored);
+                self.writer.append_unacked(append);
                 None
             }
         };
-        if let Some((delta, state)) = delta {
-            self.publish(&live, delta, origin, state);
-        }
         Ok(Applied {
             durable: ack,
             state_vector,
@@ -274,12 +509,32 @@ impl DocRegistry {
         if txn.insert_set().is_empty() && txn.delete_set().is_empty() {
             return (result, None);
         }
+        self.undelete_for_local_write(&live.name);
         let update = Bytes::from(txn.encode_update_v1());
+        self.publish(live, update.clone(), Origin::Local, txn.state_vector());
         let ack = self
             .writer
-            .append(live.name.clone(), live.doc.clone(), update.clone());
-        self.publish(live, update, Origin::Local, txn.state_vector());
+            .append(self.append_op(live, update, Origin::Local));
+        drop(txn);
+        self.refresh_tombstones(live);
         (result, Some(ack))
+    }
+
+    /// The writer operation storing `update` of `live` (and its share of the cache budget).
+    fn append_op(&self, live: &LiveDoc, update: Bytes, origin: Origin) -> Append {
+        let grown = estimate_memory(update.len()) - estimate_memory(0);
+        live.memory.fetch_add(grown, Ordering::Relaxed);
+        self.cached.fetch_add(grown, Ordering::Relaxed);
+        Append {
+            name: live.name.clone(),
+            doc: live.doc.clone(),
+            update,
+            by: match origin {
+                Origin::Local => None,
+                Origin::Peer(peer) => Some(Arc::from(peer.to_string())),
+            },
+            inflight: live.inflight.clone(),
+        }
     }
 
     /// Map refs for every map this device has a remembered write in (taken before a transaction).
@@ -370,9 +625,12 @@ impl DocRegistry {
             update,
             origin,
             state: Arc::new(state),
+            deleted: false,
         };
         // No receivers is fine: nobody is listening right now.
-        let _ = live.events.send(event.clone());
+        if let Some(events) = lock(&live.events).as_ref() {
+            let _ = events.send(event.clone());
+        }
         let _ = self.bus.send(event);
     }
 }
@@ -618,7 +876,9 @@ impl DocHandle {
 
     /// Every change to this document from now on, local and remote.
     pub fn subscribe(&self) -> broadcast::Receiver<DocUpdate> {
-        self.live.events.subscribe()
+        lock(&self.live.events)
+            .get_or_insert_with(|| broadcast::channel(DOC_EVENT_CAPACITY).0)
+            .subscribe()
     }
 }
 

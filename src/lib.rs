@@ -17,7 +17,8 @@
 //! Modules, by what they own:
 //! - [`identity`]: the device keypair and device id.
 //! - [`store`]: sled storage: document logs and snapshots, the trust store, group commit.
-//! - [`docs`]: the live yrs documents, local and remote updates, subscriptions.
+//! - [`docs`]: the live yrs documents (loaded on demand, evicted under a budget), local and
+//!   remote updates, subscriptions; [`lifecycle`]: deletion by replicated tombstones.
 //! - [`sync`]: the `/devicelink/sync/1.4.0` wire protocol and per-peer sessions.
 //! - [`net`]: the libp2p swarm, trust gating, redial.
 //! - [`agent`]: ties it together behind [`AgentHandle`].
@@ -35,6 +36,7 @@ pub mod group;
 pub mod handoff;
 pub mod identity;
 pub mod ipc;
+pub mod lifecycle;
 pub mod net;
 pub mod pairing;
 pub mod status;

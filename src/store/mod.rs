@@ -14,7 +14,8 @@ pub(crate) mod writer;
 
 use std::path::{Path, PathBuf};
 
-pub use docs::{DocStore, StoredDoc};
+pub(crate) use docs::now_ms;
+pub use docs::{DocMeta, DocStore, StoredDoc};
 pub use trust::{TrustStore, TrustedDevice};
 
 /// Errors of the local store.
@@ -42,11 +43,17 @@ pub enum StoreError {
     Stalled(std::time::Duration),
 }
 
+/// sled's page cache.
+const SLED_CACHE_BYTES: u64 = 8 << 20;
+
 /// Opens (creating if needed) the sled database of a data dir.
 pub fn open_db(data_dir: &Path) -> Result<sled::Db, StoreError> {
     let path = data_dir.join("db");
     sled::Config::new()
         .path(&path)
+        // sled's page cache (default 1 GiB) would otherwise grow with every document read;
+        // loaded documents have their own budget (`--doc-cache-mb`).
+        .cache_capacity(SLED_CACHE_BYTES)
         .mode(sled::Mode::HighThroughput)
         // The group-commit writer flushes; no background flusher, which would also keep the
         // database (and its lock) alive for a moment after shutdown.

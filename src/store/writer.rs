@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use yrs::{ReadTxn, StateVector, Transact};
 
+use super::docs::DocMeta;
 use super::{DocStore, StoreError};
 
 /// When a document's log is folded into its snapshot.
@@ -39,13 +41,27 @@ impl Default for CompactionPolicy {
 
 pub(crate) type Ack = oneshot::Sender<Result<(), StoreError>>;
 
+/// One update to append.
+pub(crate) struct Append {
+    pub name: Arc<str>,
+    /// The live document, to compact from once its log has grown.
+    pub doc: yrs::Doc,
+    pub update: Bytes,
+    /// The device it came from (`None`: this device).
+    pub by: Option<Arc<str>>,
+    /// Counts this document's updates queued but not yet written; decremented once written
+    /// (readable by a later load), so the document may leave memory only at zero.
+    pub inflight: Arc<AtomicUsize>,
+}
+
 enum WriteOp {
-    Append {
-        name: Arc<str>,
-        doc: yrs::Doc,
-        update: Bytes,
-        ack: Option<Ack>,
+    Append(Append, Option<Ack>),
+    Checkpoint {
+        peer: Vec<u8>,
+        epoch: u64,
+        change: u64,
     },
+    Purge(Arc<str>, Ack),
     Flush(Ack),
     Shutdown(Ack),
 }
@@ -54,35 +70,46 @@ enum WriteOp {
 #[derive(Clone)]
 pub(crate) struct WriterHandle {
     tx: mpsc::Sender<WriteOp>,
+    durable_head: Arc<AtomicU64>,
 }
 
 impl WriterHandle {
     /// Queues an update; the returned receiver completes once it is durable.
-    pub fn append(
-        &self,
-        name: Arc<str>,
-        doc: yrs::Doc,
-        update: Bytes,
-    ) -> oneshot::Receiver<Result<(), StoreError>> {
+    pub fn append(&self, append: Append) -> oneshot::Receiver<Result<(), StoreError>> {
         let (ack, rx) = oneshot::channel();
+        append.inflight.fetch_add(1, Ordering::SeqCst);
         // If the writer is gone, `ack` is dropped and the receiver reports it as closed.
-        let _ = self.tx.send(WriteOp::Append {
-            name,
-            doc,
-            update,
-            ack: Some(ack),
-        });
+        let _ = self.tx.send(WriteOp::Append(append, Some(ack)));
         rx
     }
 
     /// Queues an update whose durability nobody waits for (remote updates: the peer still has it).
-    pub fn append_unacked(&self, name: Arc<str>, doc: yrs::Doc, update: Bytes) {
-        let _ = self.tx.send(WriteOp::Append {
-            name,
-            doc,
-            update,
-            ack: None,
+    pub fn append_unacked(&self, append: Append) {
+        append.inflight.fetch_add(1, Ordering::SeqCst);
+        let _ = self.tx.send(WriteOp::Append(append, None));
+    }
+
+    /// Records how far of `peer`'s feed this device holds, after every update queued before it.
+    pub fn checkpoint(&self, peer: Vec<u8>, epoch: u64, change: u64) {
+        let _ = self.tx.send(WriteOp::Checkpoint {
+            peer,
+            epoch,
+            change,
         });
+    }
+
+    /// Removes a document's records, after every update queued before it; durable on return.
+    pub async fn purge(&self, name: Arc<str>) -> Result<(), StoreError> {
+        let (ack, rx) = oneshot::channel();
+        self.tx
+            .send(WriteOp::Purge(name, ack))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// The change feed's last durable change number: every change up to it is on disk.
+    pub fn durable_head(&self) -> u64 {
+        self.durable_head.load(Ordering::SeqCst)
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
@@ -109,10 +136,15 @@ pub(crate) fn spawn(
     policy: CompactionPolicy,
 ) -> std::io::Result<(WriterHandle, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel();
+    let head = store
+        .feed_head()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let durable_head = Arc::new(AtomicU64::new(head));
+    let writer = Writer::new(store, policy, head, durable_head.clone());
     let thread = std::thread::Builder::new()
         .name("devicelink-writer".into())
-        .spawn(move || Writer::new(store, policy).run(rx))?;
-    Ok((WriterHandle { tx }, thread))
+        .spawn(move || writer.run(rx))?;
+    Ok((WriterHandle { tx, durable_head }, thread))
 }
 
 /// Most operations folded into one flush.
@@ -222,37 +254,50 @@ const MAX_RECORD_BYTES: usize = 1 << 20;
 struct PendingRecord {
     name: Arc<str>,
     doc: yrs::Doc,
+    /// Who made the last of these updates (`None`: this device).
+    by: Option<Arc<str>>,
     updates: Vec<Bytes>,
+    /// One count per update, released once written.
+    inflight: Vec<Arc<AtomicUsize>>,
     bytes: usize,
     /// The first error writing any of this document's records in this batch.
     result: Result<(), StoreError>,
 }
 
-struct DocLog {
-    tree: sled::Tree,
-    last_seq: u64,
-    updates: u64,
-    bytes: u64,
-    snapshot_len: u64,
-    doc: yrs::Doc,
-}
+/// Most document metadata kept cached by the writer (it is re-read from sled past this).
+const META_CACHE: usize = 4096;
 
 struct Writer {
     store: DocStore,
     policy: CompactionPolicy,
-    logs: HashMap<Arc<str>, DocLog>,
+    /// Metadata of recently written documents (the writer is their only writer).
+    metas: HashMap<Arc<str>, DocMeta>,
+    /// The last change number handed out.
+    head: u64,
+    /// The last change number known durable (shared with sessions).
+    durable_head: Arc<AtomicU64>,
+    /// Documents whose log has grown past the policy, compacted after the next flush.
+    to_compact: HashMap<Arc<str>, yrs::Doc>,
     /// When the oldest write not yet flushed was made (`None`: everything is flushed).
     unflushed_since: Option<Instant>,
     flusher: Flusher,
 }
 
 impl Writer {
-    fn new(store: DocStore, policy: CompactionPolicy) -> Self {
+    fn new(
+        store: DocStore,
+        policy: CompactionPolicy,
+        head: u64,
+        durable_head: Arc<AtomicU64>,
+    ) -> Self {
         Self {
             flusher: Flusher::new(store.clone()),
             store,
             policy,
-            logs: HashMap::new(),
+            metas: HashMap::new(),
+            head,
+            durable_head,
+            to_compact: HashMap::new(),
             unflushed_since: None,
         }
     }
@@ -295,7 +340,8 @@ impl Writer {
     /// Writes and flushes one batch, then completes its acknowledgements. Returns true on shutdown.
     ///
     /// The updates of one document in the batch go into a single log record (in order), so a
-    /// commit costs one sled insert per document however many small changes it carries.
+    /// commit costs a few sled inserts per document however many small changes it carries.
+    /// Checkpoints and purges are applied in queue order relative to the updates around them.
     fn commit(&mut self, batch: &mut Vec<WriteOp>) -> bool {
         if self.flusher.stalled() {
             // Writing on would only queue behind the stuck flush (sled may block the writer).
@@ -307,19 +353,16 @@ impl Writer {
         let mut shutdown = false;
         for op in batch.drain(..) {
             match op {
-                WriteOp::Append {
-                    name,
-                    doc,
-                    update,
-                    ack,
-                } => {
-                    let slot = match pending.iter().position(|p| p.name == name) {
+                WriteOp::Append(append, ack) => {
+                    let slot = match pending.iter().position(|p| p.name == append.name) {
                         Some(i) => i,
                         None => {
                             pending.push(PendingRecord {
-                                name: name.clone(),
-                                doc,
+                                name: append.name.clone(),
+                                doc: append.doc,
+                                by: None,
                                 updates: Vec::new(),
+                                inflight: Vec::new(),
                                 bytes: 0,
                                 result: Ok(()),
                             });
@@ -327,13 +370,38 @@ impl Writer {
                         }
                     };
                     let record = &mut pending[slot];
-                    record.bytes += update.len();
-                    record.updates.push(update);
+                    record.bytes += append.update.len();
+                    record.updates.push(append.update);
+                    record.inflight.push(append.inflight);
+                    record.by = append.by;
                     if record.bytes >= MAX_RECORD_BYTES {
                         self.write_record(record);
                     }
                     if let Some(ack) = ack {
-                        acks.push((ack, Some(name)));
+                        acks.push((ack, Some(append.name)));
+                    }
+                }
+                WriteOp::Checkpoint {
+                    peer,
+                    epoch,
+                    change,
+                } => {
+                    // Everything queued before it is written first.
+                    self.write_all(&mut pending);
+                    if let Err(e) = self.store.set_checkpoint(&peer, epoch, change) {
+                        tracing::error!("cannot record a sync checkpoint: {e}");
+                    }
+                }
+                WriteOp::Purge(name, ack) => {
+                    self.write_all(&mut pending);
+                    self.metas.remove(&name);
+                    self.to_compact.remove(&name);
+                    let purged = self.store.purge(&name).map(|_| ());
+                    match purged {
+                        Ok(()) => acks.push((ack, None)),
+                        Err(e) => {
+                            let _ = ack.send(Err(e));
+                        }
                     }
                 }
                 WriteOp::Flush(ack) => acks.push((ack, None)),
@@ -343,8 +411,8 @@ impl Writer {
                 }
             }
         }
-        for record in &mut pending {
-            self.write_record(record);
+        self.write_all(&mut pending);
+        for record in &pending {
             if let Err(e) = &record.result {
                 tracing::error!(doc = %record.name, "could not store updates: {e}");
             }
@@ -379,14 +447,25 @@ impl Writer {
         shutdown
     }
 
-    /// Writes out what `record` holds as one log record, keeping the first error.
+    /// Writes out every pending record (in order) that still holds updates.
+    fn write_all(&mut self, pending: &mut [PendingRecord]) {
+        for record in pending.iter_mut() {
+            self.write_record(record);
+        }
+    }
+
+    /// Writes out what `record` holds as one log record, keeping the first error, and releases
+    /// its in-flight counts (written or failed, a later load sees what is on disk).
     fn write_record(&mut self, record: &mut PendingRecord) {
         if record.updates.is_empty() {
             return;
         }
         let updates = std::mem::take(&mut record.updates);
         record.bytes = 0;
-        let result = self.append(&record.name, &record.doc, &updates);
+        let result = self.append(record, &updates);
+        for count in record.inflight.drain(..) {
+            count.fetch_sub(1, Ordering::SeqCst);
+        }
         if record.result.is_ok() {
             record.result = result;
         }
@@ -397,6 +476,7 @@ impl Writer {
         let flushed = self.flusher.flush();
         if flushed.is_ok() {
             self.unflushed_since = None;
+            self.durable_head.store(self.head, Ordering::SeqCst);
         }
         flushed
     }
@@ -406,8 +486,12 @@ impl Writer {
         let mut shutdown = false;
         for op in batch.drain(..) {
             let ack = match op {
-                WriteOp::Append { ack, .. } => ack,
-                WriteOp::Flush(ack) => Some(ack),
+                WriteOp::Append(append, ack) => {
+                    append.inflight.fetch_sub(1, Ordering::SeqCst);
+                    ack
+                }
+                WriteOp::Checkpoint { .. } => None,
+                WriteOp::Purge(_, ack) | WriteOp::Flush(ack) => Some(ack),
                 WriteOp::Shutdown(ack) => {
                     shutdown = true;
                     Some(ack)
@@ -420,36 +504,39 @@ impl Writer {
         shutdown
     }
 
-    /// Appends `updates` of `name` as one log record.
-    fn append(
-        &mut self,
-        name: &Arc<str>,
-        doc: &yrs::Doc,
-        updates: &[Bytes],
-    ) -> Result<(), StoreError> {
-        let log = match self.logs.get_mut(name) {
-            Some(log) => log,
+    /// Appends `updates` of `record`'s document as one log record, as the next change.
+    fn append(&mut self, record: &PendingRecord, updates: &[Bytes]) -> Result<(), StoreError> {
+        let name = &record.name;
+        let mut meta = match self.metas.remove(name) {
+            Some(meta) => meta,
             None => {
-                self.store.register(name)?;
-                let tree = self.store.log_tree(name)?;
-                let last_seq = self.store.last_seq(name, &tree)?;
-                let updates = tree.len() as u64; // at least one update per record
-                self.logs.entry(name.clone()).or_insert(DocLog {
-                    tree,
-                    last_seq,
-                    updates,
-                    bytes: 0,
-                    snapshot_len: 0,
-                    doc: doc.clone(),
-                })
+                DocStore::validate_name(name)?;
+                match self.store.meta(name)? {
+                    Some(meta) => meta,
+                    None => self.store.new_meta()?,
+                }
             }
         };
-        let seq = log.last_seq + 1;
-        DocStore::append(&log.tree, seq, updates)?;
-        log.last_seq = seq;
-        log.updates += updates.len() as u64;
-        log.bytes += updates.iter().map(|u| u.len() as u64).sum::<u64>();
-        Ok(())
+        let change = self.head + 1;
+        let by = record.by.as_deref();
+        let result = self.store.append(name, &mut meta, change, updates, by);
+        if result.is_ok() {
+            self.head = change;
+            let policy = self.policy;
+            let too_many = meta.log_updates >= policy.max_log_records;
+            let too_big = meta.log_bytes >= policy.min_log_bytes.max(meta.snapshot_len);
+            if too_many || too_big {
+                self.to_compact.insert(name.clone(), record.doc.clone());
+            }
+        }
+        if self.metas.len() >= META_CACHE {
+            self.metas.clear();
+        }
+        // On error the cached copy may be ahead of the disk: re-read it next time.
+        if result.is_ok() {
+            self.metas.insert(name.clone(), meta);
+        }
+        result
     }
 
     fn flush_and_compact(&mut self) {
@@ -461,25 +548,23 @@ impl Writer {
     }
 
     fn compact_grown_logs(&mut self) {
-        let policy = self.policy;
-        for (name, log) in self.logs.iter_mut() {
-            let too_many = log.updates >= policy.max_log_records;
-            let too_big = log.bytes >= policy.min_log_bytes.max(log.snapshot_len);
-            if !(too_many || too_big) {
-                continue;
-            }
+        for (name, doc) in std::mem::take(&mut self.to_compact) {
+            let mut meta = match self.metas.remove(&name) {
+                Some(meta) => meta,
+                None => match self.store.meta(&name) {
+                    Ok(Some(meta)) => meta,
+                    _ => continue,
+                },
+            };
             // The live doc holds at least everything appended so far (it is updated before the
             // update is queued here), so its state covers the whole log up to `last_seq`.
-            let state = log
-                .doc
+            let state = doc
                 .transact()
                 .encode_state_as_update_v1(&StateVector::default());
-            match self.store.compact(name, &log.tree, log.last_seq, &state) {
+            match self.store.compact(&name, &mut meta, &state) {
                 Ok(()) => {
-                    tracing::debug!(doc = %name, updates = log.updates, "compacted log");
-                    log.updates = 0;
-                    log.bytes = 0;
-                    log.snapshot_len = state.len() as u64;
+                    tracing::debug!(doc = %name, "compacted log");
+                    self.metas.insert(name, meta);
                 }
                 Err(e) => tracing::error!(doc = %name, "compaction failed: {e}"),
             }
