@@ -838,13 +838,14 @@ struct SessionRunner {
 
 impl SessionRunner {
     async fn run(&self, peer: PeerId, stream: libp2p::Stream) -> Result<(), SessionError> {
-        let listen_addrs = self
+        let mut listen_addrs: Vec<String> = self
             .listen_addrs
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|a| a.to_string())
             .collect();
+        listen_addrs.push(crate::sync::Features::ALL.entry());
         let hello = Hello {
             version: PROTOCOL_VERSION,
             device_name: self.device_name.clone(),
@@ -852,7 +853,7 @@ impl SessionRunner {
         };
         let trust = self.trust.clone();
         let result = session::run(peer, stream, &self.ctx, hello, |theirs| {
-            if let Err(e) = trust.set_addrs(&peer, theirs.listen_addrs.clone()) {
+            if let Err(e) = trust.set_addrs(&peer, theirs.addrs()) {
                 tracing::warn!(%peer, "cannot remember the peer's addresses: {e}");
             }
         })

@@ -18,8 +18,22 @@ pub struct PeerStatus {
     pub connected: bool,
     /// A sync session is running (hello exchanged).
     pub syncing: bool,
-    /// Documents whose initial state-vector exchange with this peer completed in this session.
-    pub synced_docs: BTreeSet<String>,
+    /// How many documents' initial state-vector exchange with this peer completed in this session.
+    pub synced_docs: usize,
+    /// The changed-only path (feature `feed`) is in use with this peer.
+    pub changed_only: bool,
+    /// Catching up with the peer's changes in this session: documents pulled / listed by the
+    /// peer, and whether all arrived.
+    pub docs_done: usize,
+    pub docs_total: usize,
+    pub caught_up: bool,
+    /// Documents this device answered the peer's requests for, in this session.
+    pub docs_answered: usize,
+    /// Bytes of sync frames received from / sent to the peer in this session.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Documents that failed to sync with this peer, with the reason (the session goes on).
+    pub doc_errors: BTreeMap<String, String>,
     /// Per document: how much of this device's content the peer is not known to have yet, in
     /// Yjs clock units (one per inserted character, item or map write); 0 = in sync. Only for
     /// documents whose state the peer has told us in this session.
@@ -47,7 +61,15 @@ struct PeerState {
     name: Option<String>,
     connections: u32,
     sessions: u32,
-    synced_docs: BTreeSet<String>,
+    synced_docs: usize,
+    changed_only: bool,
+    docs_done: usize,
+    docs_total: usize,
+    caught_up: bool,
+    docs_answered: usize,
+    bytes_in: u64,
+    bytes_out: u64,
+    doc_errors: BTreeMap<String, String>,
     /// What the peer is known to hold, per document (its SyncStep1, what it sent, what we sent).
     known: HashMap<String, StateVector>,
     last_sync: Option<SystemTime>,
@@ -87,14 +109,55 @@ impl PeerTable {
         self.lock().get(peer).is_some_and(|p| p.connections > 0)
     }
 
-    pub fn session_started(&self, peer: PeerId, name: &str) {
+    pub fn session_started(&self, peer: PeerId, name: &str, changed_only: bool) {
         let mut peers = self.lock();
         let state = peers.entry(peer).or_default();
         state.sessions += 1;
         state.name = Some(name.chars().take(64).collect());
-        state.synced_docs.clear();
+        state.synced_docs = 0;
         state.known.clear();
         state.last_error = None;
+        state.changed_only = changed_only;
+        state.docs_done = 0;
+        state.docs_total = 0;
+        state.caught_up = !changed_only;
+        state.docs_answered = 0;
+        state.bytes_in = 0;
+        state.bytes_out = 0;
+        state.doc_errors.clear();
+    }
+
+    /// Progress of catching up with the peer's changes.
+    pub fn catch_up(&self, peer: PeerId, done: usize, total: usize) {
+        let mut peers = self.lock();
+        let state = peers.entry(peer).or_default();
+        state.docs_done = done;
+        state.docs_total = total;
+    }
+
+    pub fn caught_up(&self, peer: PeerId) {
+        self.lock().entry(peer).or_default().caught_up = true;
+    }
+
+    pub fn answered(&self, peer: PeerId) {
+        self.lock().entry(peer).or_default().docs_answered += 1;
+    }
+
+    pub fn count_bytes(&self, peer: PeerId, received: usize, sent: usize) {
+        let mut peers = self.lock();
+        let state = peers.entry(peer).or_default();
+        state.bytes_in += received as u64;
+        state.bytes_out += sent as u64;
+    }
+
+    /// Records why `doc` failed to sync with `peer` (kept for the last 64 documents).
+    pub fn doc_failed(&self, peer: PeerId, doc: &str, reason: &str) {
+        let mut peers = self.lock();
+        let errors = &mut peers.entry(peer).or_default().doc_errors;
+        if errors.len() >= 64 && !errors.contains_key(doc) {
+            errors.pop_first();
+        }
+        errors.insert(doc.to_string(), reason.to_string());
     }
 
     /// Records that `peer` holds at least `sv` of `doc`.
@@ -116,7 +179,7 @@ impl PeerTable {
         let state = peers.entry(peer).or_default();
         state.sessions = state.sessions.saturating_sub(1);
         if state.sessions == 0 {
-            state.synced_docs.clear();
+            state.synced_docs = 0;
             state.known.clear();
         }
         if error.is_some() {
@@ -131,7 +194,8 @@ impl PeerTable {
     pub fn doc_synced(&self, peer: PeerId, doc: &str) {
         let mut peers = self.lock();
         let state = peers.entry(peer).or_default();
-        state.synced_docs.insert(doc.to_string());
+        let _ = doc;
+        state.synced_docs += 1;
         state.last_sync = Some(SystemTime::now());
     }
 
@@ -164,7 +228,15 @@ impl PeerTable {
                     trusted: trusted.contains_key(&id),
                     connected: state.is_some_and(|s| s.connections > 0),
                     syncing: state.is_some_and(|s| s.sessions > 0),
-                    synced_docs: state.map(|s| s.synced_docs.clone()).unwrap_or_default(),
+                    synced_docs: state.map_or(0, |s| s.synced_docs),
+                    changed_only: state.is_some_and(|s| s.changed_only),
+                    docs_done: state.map_or(0, |s| s.docs_done),
+                    docs_total: state.map_or(0, |s| s.docs_total),
+                    caught_up: state.is_some_and(|s| s.caught_up),
+                    docs_answered: state.map_or(0, |s| s.docs_answered),
+                    bytes_in: state.map_or(0, |s| s.bytes_in),
+                    bytes_out: state.map_or(0, |s| s.bytes_out),
+                    doc_errors: state.map(|s| s.doc_errors.clone()).unwrap_or_default(),
                     pending: state
                         .map(|s| {
                             s.known

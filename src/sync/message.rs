@@ -26,6 +26,19 @@ pub const PROTOCOL_VERSION: Version = Version { major: 1, minor: 4 };
 /// Largest accepted frame body, in bytes (32 MiB).
 pub const MAX_FRAME_LEN: usize = 32 * 1024 * 1024;
 
+/// The `Hello.listen_addrs` entry that announces optional 1.4 features (it never parses as a
+/// multiaddr, so peers without them ignore it, as §6.4 requires): `devicelink-features:` then
+/// feature names separated by commas.
+pub const FEATURES_PREFIX: &str = "devicelink-features:";
+/// Feature: changed-only reconnect over the change feed (`FeedRequest`, `FeedPage`, `FeedMark`).
+pub const FEATURE_FEED: &str = "feed";
+/// Feature: messages larger than a frame sent as `Part`s.
+pub const FEATURE_PARTS: &str = "parts";
+/// Most update bytes in one `Part` (1 MiB): big transfers interleave with other documents.
+pub const PART_LEN: usize = 1 << 20;
+/// Most names in one `FeedPage`.
+pub const FEED_PAGE_LEN: usize = 512;
+
 /// A protocol version `major.minor`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Version {
@@ -36,6 +49,69 @@ pub struct Version {
 impl std::fmt::Display for Version {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+impl Hello {
+    /// The optional features the sender announced (empty for a peer without any).
+    pub fn features(&self) -> Features {
+        let mut features = Features::default();
+        for entry in &self.listen_addrs {
+            if let Some(list) = entry.strip_prefix(FEATURES_PREFIX) {
+                for name in list.split(',') {
+                    match name {
+                        FEATURE_FEED => features.feed = true,
+                        FEATURE_PARTS => features.parts = true,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        features
+    }
+
+    /// The listen addresses without the feature entry.
+    pub fn addrs(&self) -> Vec<String> {
+        self.listen_addrs
+            .iter()
+            .filter(|a| !a.starts_with(FEATURES_PREFIX))
+            .cloned()
+            .collect()
+    }
+}
+
+/// Optional features of 1.4, announced in `Hello` and used only when both sides announce them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    pub feed: bool,
+    pub parts: bool,
+}
+
+impl Features {
+    /// Everything this build supports.
+    pub const ALL: Features = Features {
+        feed: true,
+        parts: true,
+    };
+
+    /// The `listen_addrs` entry announcing these features.
+    pub fn entry(self) -> String {
+        let mut names = Vec::new();
+        if self.feed {
+            names.push(FEATURE_FEED);
+        }
+        if self.parts {
+            names.push(FEATURE_PARTS);
+        }
+        format!("{FEATURES_PREFIX}{}", names.join(","))
+    }
+
+    /// What two sides can both use.
+    pub fn both(self, other: Features) -> Features {
+        Features {
+            feed: self.feed && other.feed,
+            parts: self.parts && other.parts,
+        }
     }
 }
 
@@ -132,6 +208,26 @@ pub enum Message {
         code: DocErrorCode,
         message: String,
     },
+    /// 6 (feature `feed`): "list the documents you changed after `after` in your feed `epoch`".
+    FeedRequest { epoch: u64, after: u64 },
+    /// 7 (feature `feed`): a page of the answer; `head` is the feed position it covers.
+    FeedPage {
+        epoch: u64,
+        head: u64,
+        docs: Vec<String>,
+        last: bool,
+    },
+    /// 8 (feature `feed`): every change up to `head` of the sender's feed has been sent.
+    FeedMark { epoch: u64, head: u64 },
+    /// 9 (feature `parts`): a piece of a `SyncStep2` (`kind` 3) or `Update` (`kind` 4) whose
+    /// update is `total` bytes long; pieces arrive in order and are concatenated.
+    Part {
+        doc: String,
+        kind: u8,
+        total: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 /// A frame that is not a valid message.
@@ -173,8 +269,13 @@ impl Message {
             Message::SyncStep1 { doc, .. }
             | Message::SyncStep2 { doc, .. }
             | Message::Update { doc, .. }
-            | Message::DocError { doc, .. } => Some(doc),
-            Message::Hello(_) | Message::Refuse(_) => None,
+            | Message::DocError { doc, .. }
+            | Message::Part { doc, .. } => Some(doc),
+            Message::Hello(_)
+            | Message::Refuse(_)
+            | Message::FeedRequest { .. }
+            | Message::FeedPage { .. }
+            | Message::FeedMark { .. } => None,
         }
     }
 }

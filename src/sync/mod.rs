@@ -5,7 +5,7 @@ pub mod message;
 pub(crate) mod session;
 
 pub use message::{
-    DocErrorCode, Hello, Message, MessageError, Refusal, RefuseCode, Version, MAX_FRAME_LEN,
-    PROTOCOL_VERSION, SYNC_PROTOCOL,
+    DocErrorCode, Features, Hello, Message, MessageError, Refusal, RefuseCode, Version,
+    MAX_FRAME_LEN, PROTOCOL_VERSION, SYNC_PROTOCOL,
 };
 pub use session::SessionError;

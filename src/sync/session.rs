@@ -2,15 +2,22 @@
 //!
 //! 1. Both sides send `Hello`; an incompatible version is answered with `Refuse` and the stream
 //!    is closed (both sides log the reason).
-//! 2. Each side sends `SyncStep1` (its state vector) for every document it has; the other answers
-//!    `SyncStep2` with exactly the missing updates. A `SyncStep1` for an unknown document creates
-//!    it and is answered with our own `SyncStep1` too, so documents spread in both directions.
-//! 3. From then on every change (local, or from a third device) is pushed as `Update`.
+//! 2. Catching up. With feature `feed` (both sides announced it in `Hello`), each side asks the
+//!    other for the documents changed since the checkpoint it holds of the other's change feed
+//!    (`FeedRequest`), gets their names (`FeedPage`s) and pulls them with a window of `SyncStep1`s
+//!    in flight; once all arrived it records the new checkpoint. A reconnect then costs what
+//!    changed, not what is stored. Without it (a plain 1.4 peer), each side sends `SyncStep1` for
+//!    every document; the other answers `SyncStep2` with exactly the missing updates, and a
+//!    `SyncStep1` for an unknown document creates it and is answered with our own `SyncStep1`.
+//! 3. From then on every change (local, or from a third device) is pushed as `Update`; with
+//!    `feed`, a `FeedMark` every 250 ms tells the peer how far of the feed it has been sent.
+//!    With feature `parts`, an update larger than 1 MiB travels in `Part`s, interleaved with the
+//!    other traffic, so a document of any size syncs and never blocks the others.
 //!
 //! Reading and writing run concurrently (a writer task owns the sink), so two peers sending large
 //! step-2 answers at once never wait on each other.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +28,10 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::codec::Framed;
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
 
-use super::message::{codec, DocErrorCode, Hello, Message, MessageError, Refusal, RefuseCode};
+use super::message::{
+    codec, DocErrorCode, Features, Hello, Message, MessageError, Refusal, RefuseCode,
+    FEED_PAGE_LEN, MAX_FRAME_LEN, PART_LEN,
+};
 use crate::docs::{DocError, DocRegistry, DocUpdate, Origin};
 use crate::status::PeerTable;
 use crate::store::StoreError;
@@ -30,6 +40,20 @@ use crate::store::StoreError;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most queued live updates merged into one write.
 const MAX_UPDATE_BATCH: usize = 1024;
+/// Most documents asked for (`SyncStep1` sent, answer pending) at once while catching up.
+const PULL_WINDOW: usize = 64;
+/// Most documents a peer may list in one session's `FeedPage`s.
+const MAX_LISTED: usize = 10_000_000;
+/// Largest message accepted in parts (4 GiB).
+const MAX_PART_TOTAL: u64 = 4 << 30;
+/// Most messages being reassembled from parts at once.
+const MAX_REASSEMBLIES: usize = 4;
+/// A message in parts with no new piece for this long is dropped.
+const PART_STALL: Duration = Duration::from_secs(60);
+/// How often the sender tells the peer how far of its feed has been sent (feature `feed`).
+const MARK_EVERY: Duration = Duration::from_millis(250);
+/// The empty Yjs update (no structs, empty delete set).
+const EMPTY_UPDATE: [u8; 2] = [0, 0];
 
 type Transport = Framed<Compat<libp2p::Stream>, tokio_util::codec::LengthDelimitedCodec>;
 
@@ -52,6 +76,8 @@ pub enum SessionError {
     Closed,
     #[error("fell behind the live update stream; resynchronizing by state vector")]
     Lagged,
+    #[error("local store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// What a session needs from the agent.
@@ -74,9 +100,11 @@ pub(crate) async fn run(
     on_hello: impl FnOnce(&Hello),
 ) -> Result<(), SessionError> {
     let mut transport = Framed::new(stream.compat(), codec());
-    let hello = handshake(&mut transport, local_hello).await?;
+    let hello = handshake(&mut transport, local_hello.clone()).await?;
     on_hello(&hello);
-    ctx.peers.session_started(peer, &hello.device_name);
+    let features = local_hello.features().both(hello.features());
+    ctx.peers
+        .session_started(peer, &hello.device_name, features.feed);
     // Ends the session in the peer table however this future ends, aborts included.
     let mut ended = SessionEnd {
         peers: &ctx.peers,
@@ -84,43 +112,44 @@ pub(crate) async fn run(
         error: None,
     };
 
-    // Subscribe before reading state vectors: nothing committed after this point can be missed,
-    // and everything before it is covered by the state-vector exchange.
+    // Subscribe before reading state vectors or the feed: nothing committed after this point can
+    // be missed, and everything before it is covered by the state-vector or feed exchange.
     let bus = ctx.registry.subscribe_all();
     let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let mut announced = HashSet::new();
-    for doc in ctx.registry.list().unwrap_or_default() {
-        match ctx.registry.handle(&doc) {
-            Ok(handle) => {
-                let _ = out_tx.send(Outgoing::Msg(Message::SyncStep1 {
-                    state_vector: handle.state_vector(),
-                    doc: doc.clone(),
-                }));
-                announced.insert(doc);
-            }
-            Err(e) => {
-                tracing::error!(%peer, doc, "not syncing a document that cannot be loaded: {e}")
-            }
-        }
+    let mut reader = Reader::new(peer, ctx, out_tx.clone(), features);
+    if features.feed {
+        let (epoch, after) = ctx.registry.store()?.checkpoint(&peer.to_bytes())?;
+        reader.send(Message::FeedRequest { epoch, after });
+    } else {
+        reader.announce_all();
     }
 
     let (sink, source) = transport.split();
-    let mut writer = tokio::spawn(write_loop(peer, sink, out_rx, bus, ctx.peers.clone()));
-    let mut reader = Reader {
+    let marks = features.feed.then(|| FeedMarks {
+        writer: ctx.registry.writer().clone(),
+        epoch: ctx.registry.store().map(|s| s.feed_epoch()).unwrap_or(0),
+    });
+    let out = Writer {
         peer,
-        ctx,
-        out: out_tx.clone(),
-        announced,
+        sink,
+        peers: ctx.peers.clone(),
+        features,
+        bulk: VecDeque::new(),
     };
+    let mut writer = tokio::spawn(out.run(out_rx, bus, marks));
+    let mut writer_done = false;
     let result = tokio::select! {
         r = reader.run(source) => r,
-        w = &mut writer => match w {
-            Ok(r) => r,
-            Err(e) => Err(SessionError::Io(std::io::Error::other(e))),
+        w = &mut writer => {
+            writer_done = true;
+            match w {
+                Ok(r) => r,
+                Err(e) => Err(SessionError::Io(std::io::Error::other(e))),
+            }
         },
     };
     if let Err(e) = &result {
-        if let Some(refusal) = refusal_for(e) {
+        if let (Some(refusal), false) = (refusal_for(e), writer_done) {
             let _ = out_tx.send(Outgoing::Msg(Message::Refuse(refusal)));
             let _ = out_tx.send(Outgoing::Close);
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
@@ -235,67 +264,127 @@ fn kind(msg: &Message) -> &'static str {
         Message::SyncStep2 { .. } => "SyncStep2",
         Message::Update { .. } => "Update",
         Message::DocError { .. } => "DocError",
+        Message::FeedRequest { .. } => "FeedRequest",
+        Message::FeedPage { .. } => "FeedPage",
+        Message::FeedMark { .. } => "FeedMark",
+        Message::Part { .. } => "Part",
     }
 }
 
+/// The receiving half of a session: answers and applies what the peer sends, and (feature
+/// `feed`) pulls the documents the peer changed since this device last caught up with it.
 struct Reader<'a> {
     peer: PeerId,
     ctx: &'a SessionCtx,
     out: mpsc::UnboundedSender<Outgoing>,
+    features: Features,
+    /// Documents this side has sent its `SyncStep1` for (without feature `feed`).
     announced: HashSet<String>,
+    pull: Pull,
+    /// Messages arriving in `Part`s, by document and kind.
+    parts: HashMap<(String, u8), Reassembly>,
 }
 
-impl Reader<'_> {
+/// The changed-only catch-up with the peer's feed (feature `feed`).
+#[derive(Default)]
+struct Pull {
+    epoch: u64,
+    head: u64,
+    /// Names listed by the peer, not yet asked for.
+    queue: VecDeque<String>,
+    /// Asked for (`SyncStep1` sent), answer not yet applied.
+    asked: HashSet<String>,
+    listed: usize,
+    done: usize,
+    /// The last `FeedPage` arrived.
+    listed_all: bool,
+    /// Every listed document was pulled; checkpoints may be recorded.
+    complete: bool,
+    /// The highest `FeedMark` seen.
+    mark: u64,
+    /// Something the peer sent could not be applied: record no checkpoint in this session.
+    failed: bool,
+}
+
+struct Reassembly {
+    total: u64,
+    data: Vec<u8>,
+    last_piece: tokio::time::Instant,
+}
+
+impl<'a> Reader<'a> {
+    fn new(
+        peer: PeerId,
+        ctx: &'a SessionCtx,
+        out: mpsc::UnboundedSender<Outgoing>,
+        features: Features,
+    ) -> Self {
+        Self {
+            peer,
+            ctx,
+            out,
+            features,
+            announced: HashSet::new(),
+            pull: Pull::default(),
+            parts: HashMap::new(),
+        }
+    }
+
+    /// Without feature `feed`: a `SyncStep1` for every document (each is loaded for it).
+    fn announce_all(&mut self) {
+        for doc in self.ctx.registry.list().unwrap_or_default() {
+            match self.ctx.registry.handle(&doc) {
+                Ok(handle) => {
+                    self.send(Message::SyncStep1 {
+                        state_vector: handle.state_vector(),
+                        doc: doc.clone(),
+                    });
+                    self.announced.insert(doc);
+                }
+                Err(e) => {
+                    tracing::error!(peer = %self.peer, doc, "not syncing a document that cannot be loaded: {e}")
+                }
+            }
+        }
+    }
+
     async fn run(
         &mut self,
         mut source: futures::stream::SplitStream<Transport>,
     ) -> Result<(), SessionError> {
-        while let Some(frame) = source.next().await {
-            let frame = frame.map_err(map_read_error)?;
-            let msg = Message::decode(&frame)?;
-            self.handle(msg)?;
+        let mut tick = tokio::time::interval(PART_STALL / 4);
+        loop {
+            tokio::select! {
+                frame = source.next() => {
+                    let Some(frame) = frame else { return Err(SessionError::Closed) };
+                    let frame = frame.map_err(map_read_error)?;
+                    self.ctx.peers.count_bytes(self.peer, frame.len() + 4, 0);
+                    let msg = Message::decode(&frame)?;
+                    self.handle(msg).await?;
+                }
+                _ = tick.tick() => self.expire_parts(),
+            }
         }
-        Err(SessionError::Closed)
     }
 
     fn send(&self, msg: Message) {
         let _ = self.out.send(Outgoing::Msg(msg));
     }
 
-    fn handle(&mut self, msg: Message) -> Result<(), SessionError> {
+    async fn handle(&mut self, msg: Message) -> Result<(), SessionError> {
         match msg {
-            Message::SyncStep1 { doc, state_vector } => {
-                if let Ok(sv) = crate::docs::decode_state_vector(&state_vector) {
-                    self.ctx.peers.peer_has(self.peer, &doc, &sv);
-                }
-                let answer = self
-                    .ctx
-                    .registry
-                    .handle(&doc)
-                    .and_then(|handle| Ok((handle.diff(&state_vector)?, handle)));
-                match answer {
-                    Ok((update, handle)) => {
-                        self.send(Message::SyncStep2 {
-                            doc: doc.clone(),
-                            update,
-                        });
-                        if self.announced.insert(doc.clone()) {
-                            self.send(Message::SyncStep1 {
-                                doc,
-                                state_vector: handle.state_vector(),
-                            });
-                        }
-                    }
-                    Err(e) => self.doc_error(doc, e),
-                }
-            }
+            Message::SyncStep1 { doc, state_vector } => self.answer(doc, &state_vector),
             Message::SyncStep2 { doc, update } => {
-                if self.apply(&doc, &update) {
+                if self.apply(&doc, update).await {
                     self.ctx.peers.doc_synced(self.peer, &doc);
+                }
+                if self.pull.asked.remove(&doc) {
+                    self.pull.done += 1;
+                    self.pump();
                 }
             }
             Message::Update { doc, update } => {
-                if self.apply(&doc, &update) {
+                if self.apply(&doc, update).await {
                     self.ctx.peers.touched(self.peer);
                 }
             }
@@ -317,17 +406,278 @@ impl Reader<'_> {
                     message: "second Hello on one stream".into(),
                 })
             }
+            Message::FeedRequest { epoch, after } if self.features.feed => {
+                self.list_changes(epoch, after).await?
+            }
+            Message::FeedPage {
+                epoch,
+                head,
+                docs,
+                last,
+            } if self.features.feed => self.listed(epoch, head, docs, last)?,
+            Message::FeedMark { epoch, head } if self.features.feed => {
+                if epoch == self.pull.epoch {
+                    self.pull.mark = self.pull.mark.max(head);
+                    self.record_checkpoint();
+                }
+            }
+            Message::Part {
+                doc,
+                kind,
+                total,
+                data,
+            } if self.features.parts => {
+                if let Some(whole) = self.piece(doc, kind, total, data)? {
+                    return Box::pin(self.handle(whole)).await;
+                }
+            }
+            other => {
+                return Err(SessionError::RefusedPeer {
+                    code: RefuseCode::ProtocolViolation,
+                    message: format!("{} without announcing its feature", kind(&other)),
+                })
+            }
         }
         Ok(())
     }
 
-    /// Applies a peer's update; a bad one is reported back and the session goes on.
-    fn apply(&mut self, doc: &str, update: &[u8]) -> bool {
-        match self
-            .ctx
-            .registry
-            .apply_update(doc, update, Origin::Peer(self.peer))
+    /// Answers a `SyncStep1` with what the peer lacks. With feature `feed`, a document this
+    /// device does not have (or deleted) is answered with the empty update and not created.
+    fn answer(&mut self, doc: String, state_vector: &[u8]) {
+        if let Ok(sv) = crate::docs::decode_state_vector(state_vector) {
+            self.ctx.peers.peer_has(self.peer, &doc, &sv);
+        }
+        let registry = &self.ctx.registry;
+        let absent = match registry.exists(&doc) {
+            Ok(exists) => registry.is_deleted(&doc) || (self.features.feed && !exists),
+            Err(e) => return self.doc_error(doc, e),
+        };
+        if absent {
+            if let Err(e) = crate::store::DocStore::validate_name(&doc) {
+                return self.doc_error(doc, e.into());
+            }
+            self.ctx.peers.answered(self.peer);
+            return self.send(Message::SyncStep2 {
+                doc,
+                update: EMPTY_UPDATE.to_vec(),
+            });
+        }
+        match registry
+            .handle(&doc)
+            .and_then(|handle| Ok((handle.diff(state_vector)?, handle)))
         {
+            Ok((update, handle)) => {
+                self.ctx.peers.answered(self.peer);
+                self.send(Message::SyncStep2 {
+                    doc: doc.clone(),
+                    update,
+                });
+                if !self.features.feed && self.announced.insert(doc.clone()) {
+                    self.send(Message::SyncStep1 {
+                        doc,
+                        state_vector: handle.state_vector(),
+                    });
+                }
+            }
+            Err(e) => self.doc_error(doc, e),
+        }
+    }
+
+    /// Answers a `FeedRequest`: every document changed after `after` (all of them if the peer's
+    /// checkpoint is of another feed or ahead of this one), system documents first.
+    async fn list_changes(&mut self, epoch: u64, after: u64) -> Result<(), SessionError> {
+        let store = self.ctx.registry.store()?;
+        // Everything queued so far gets its change number and reaches the disk, so the listing
+        // is complete and its head durable (a peer may record it as a checkpoint).
+        self.ctx.registry.writer().flush().await?;
+        let head = self.ctx.registry.writer().durable_head();
+        let after = if epoch == store.feed_epoch() && after <= head {
+            after
+        } else {
+            0
+        };
+        let (mut docs, _) = store.changed_after(after, usize::MAX)?;
+        docs.sort_by_key(|d| !d.starts_with(crate::group::RESERVED_PREFIX));
+        let pages = docs.len().div_ceil(FEED_PAGE_LEN).max(1);
+        let mut docs = docs.into_iter();
+        for page in 0..pages {
+            self.send(Message::FeedPage {
+                epoch: store.feed_epoch(),
+                head,
+                docs: docs.by_ref().take(FEED_PAGE_LEN).collect(),
+                last: page + 1 == pages,
+            });
+        }
+        Ok(())
+    }
+
+    /// A page of the peer's changed documents: queue them and keep a window of them asked for.
+    fn listed(
+        &mut self,
+        epoch: u64,
+        head: u64,
+        docs: Vec<String>,
+        last: bool,
+    ) -> Result<(), SessionError> {
+        let pull = &mut self.pull;
+        if pull.listed_all || docs.len() > FEED_PAGE_LEN || pull.listed + docs.len() > MAX_LISTED
+        {
+            return Err(SessionError::RefusedPeer {
+                code: RefuseCode::ProtocolViolation,
+                message: format!(
+                    "FeedPage after the last one, over {FEED_PAGE_LEN} names, or over {MAX_LISTED} in all"
+                ),
+            });
+        }
+        pull.epoch = epoch;
+        pull.head = head;
+        pull.listed += docs.len();
+        pull.listed_all = last;
+        for doc in docs {
+            if self.ctx.registry.is_deleted(&doc) {
+                pull.done += 1;
+            } else {
+                pull.queue.push_back(doc);
+            }
+        }
+        self.pump();
+        Ok(())
+    }
+
+    /// Asks for listed documents while fewer than [`PULL_WINDOW`] answers are outstanding;
+    /// records the checkpoint once everything listed has arrived.
+    fn pump(&mut self) {
+        while self.pull.asked.len() < PULL_WINDOW {
+            let Some(doc) = self.pull.queue.pop_front() else {
+                break;
+            };
+            match self.ctx.registry.state_vector_of(&doc) {
+                Ok(state_vector) => {
+                    self.pull.asked.insert(doc.clone());
+                    self.send(Message::SyncStep1 { doc, state_vector });
+                }
+                Err(e) => {
+                    self.pull.failed = true;
+                    self.pull.done += 1;
+                    self.ctx
+                        .peers
+                        .doc_failed(self.peer, &doc, &format!("cannot sync: {e}"));
+                }
+            }
+        }
+        self.ctx
+            .peers
+            .catch_up(self.peer, self.pull.done, self.pull.listed);
+        if self.pull.listed_all && self.pull.queue.is_empty() && self.pull.asked.is_empty() {
+            if !self.pull.complete {
+                self.pull.complete = true;
+                self.ctx.peers.caught_up(self.peer);
+                tracing::debug!(peer = %self.peer, docs = self.pull.listed, "caught up with the peer's changes");
+            }
+            self.record_checkpoint();
+        }
+    }
+
+    /// Remembers how far of the peer's feed this device holds (through the writer, so after the
+    /// updates it received: the checkpoint never reaches the disk before they do).
+    fn record_checkpoint(&mut self) {
+        if !self.pull.complete || self.pull.failed {
+            return;
+        }
+        let change = self.pull.head.max(self.pull.mark);
+        self.ctx
+            .registry
+            .writer()
+            .checkpoint(self.peer.to_bytes(), self.pull.epoch, change);
+    }
+
+    /// One piece of a message sent in parts; returns the message once whole.
+    fn piece(
+        &mut self,
+        doc: String,
+        kind: u8,
+        total: u64,
+        data: Vec<u8>,
+    ) -> Result<Option<Message>, SessionError> {
+        let violation = |message: String| SessionError::RefusedPeer {
+            code: RefuseCode::ProtocolViolation,
+            message,
+        };
+        if !matches!(kind, 3 | 4) || data.len() > PART_LEN || total > MAX_PART_TOTAL {
+            return Err(violation(format!(
+                "Part of kind {kind} with {} bytes of a {total}-byte total",
+                data.len()
+            )));
+        }
+        let key = (doc, kind);
+        if !self.parts.contains_key(&key) && self.parts.len() >= MAX_REASSEMBLIES {
+            return Err(violation(format!(
+                "more than {MAX_REASSEMBLIES} messages in parts at once"
+            )));
+        }
+        let entry = self.parts.entry(key.clone()).or_insert_with(|| Reassembly {
+            total,
+            data: Vec::new(),
+            last_piece: tokio::time::Instant::now(),
+        });
+        if entry.total != total || entry.data.len() as u64 + data.len() as u64 > total {
+            return Err(violation(format!(
+                "Part of {:?} overruns its announced {total} bytes",
+                key.0
+            )));
+        }
+        entry.data.extend_from_slice(&data);
+        entry.last_piece = tokio::time::Instant::now();
+        if (entry.data.len() as u64) < total {
+            return Ok(None);
+        }
+        let Some(whole) = self.parts.remove(&key) else {
+            return Ok(None);
+        };
+        let (doc, update) = (key.0, whole.data);
+        Ok(Some(match kind {
+            3 => Message::SyncStep2 { doc, update },
+            _ => Message::Update { doc, update },
+        }))
+    }
+
+    /// Drops transfers in parts that made no progress for [`PART_STALL`].
+    fn expire_parts(&mut self) {
+        let now = tokio::time::Instant::now();
+        let stale: Vec<(String, u8)> = self
+            .parts
+            .iter()
+            .filter(|(_, r)| now.duration_since(r.last_piece) >= PART_STALL)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            if let Some(r) = self.parts.remove(&key) {
+                self.pull.failed = true;
+                let reason = format!(
+                    "a transfer in parts stalled at {} of {} bytes for {PART_STALL:?}; dropped",
+                    r.data.len(),
+                    r.total
+                );
+                tracing::warn!(peer = %self.peer, doc = key.0, "{reason}");
+                self.ctx.peers.doc_failed(self.peer, &key.0, &reason);
+            }
+        }
+    }
+
+    /// Applies a peer's update; a bad one is reported back and the session goes on. Large ones
+    /// are applied off the async thread, so the agent's other work goes on meanwhile.
+    async fn apply(&mut self, doc: &str, update: Vec<u8>) -> bool {
+        let registry = self.ctx.registry.clone();
+        let origin = Origin::Peer(self.peer);
+        let applied = if update.len() > PART_LEN {
+            let doc = doc.to_string();
+            tokio::task::spawn_blocking(move || registry.apply_update(&doc, &update, origin))
+                .await
+                .unwrap_or(Err(DocError::AgentStopped))
+        } else {
+            registry.apply_update(doc, &update, origin)
+        };
+        match applied {
             Ok(applied) => {
                 self.ctx
                     .peers
@@ -335,6 +685,8 @@ impl Reader<'_> {
                 true
             }
             Err(e) => {
+                self.pull.failed = true;
+                self.ctx.peers.doc_failed(self.peer, doc, &e.to_string());
                 self.doc_error(doc.to_string(), e);
                 false
             }
@@ -357,90 +709,189 @@ impl Reader<'_> {
     }
 }
 
-/// Sends queued protocol messages and pushes live updates not originating from `peer`.
-async fn write_loop(
+/// Where the writer learns how far this device's feed is durable (feature `feed`).
+struct FeedMarks {
+    writer: crate::store::writer::WriterHandle,
+    epoch: u64,
+}
+
+/// The sending half of a session: queued protocol messages first, then live updates, then the
+/// pieces of large messages, one at a time so they interleave with everything else.
+struct Writer {
     peer: PeerId,
-    mut sink: futures::stream::SplitSink<Transport, Bytes>,
-    mut out: mpsc::UnboundedReceiver<Outgoing>,
-    mut bus: broadcast::Receiver<DocUpdate>,
+    sink: futures::stream::SplitSink<Transport, Bytes>,
     peers: Arc<PeerTable>,
-) -> Result<(), SessionError> {
-    let from_peer = Origin::Peer(peer);
-    loop {
-        tokio::select! {
-            biased;
-            item = out.recv() => match item {
-                Some(Outgoing::Msg(msg)) => {
-                    // Write everything queued, then flush once.
-                    let (mut next, mut close, mut answered) = (Some(msg), false, Vec::new());
-                    while let Some(msg) = next.take() {
-                        if let Message::SyncStep2 { doc, update } = &msg {
-                            if let Ok(decoded) = crate::docs::decode_update(update) {
-                                answered.push((doc.clone(), crate::docs::upper_state_vector(&decoded)));
+    features: Features,
+    /// `Part`s of large messages still to send.
+    bulk: VecDeque<Message>,
+}
+
+impl Writer {
+    /// Queues `msg` for the stream: at once, or split into parts (feature `parts`), or, if it
+    /// cannot be sent to this peer at all, reported and skipped (the session goes on).
+    async fn emit(&mut self, msg: Message) -> Result<(), SessionError> {
+        let (doc, update, kind) = match &msg {
+            Message::SyncStep2 { doc, update } => (doc, update, 3u8),
+            Message::Update { doc, update } => (doc, update, 4u8),
+            _ => return self.feed(&msg).await,
+        };
+        if update.len() <= PART_LEN {
+            return self.feed(&msg).await;
+        }
+        if self.features.parts {
+            let total = update.len() as u64;
+            for data in update.chunks(PART_LEN) {
+                self.bulk.push_back(Message::Part {
+                    doc: doc.clone(),
+                    kind,
+                    total,
+                    data: data.to_vec(),
+                });
+            }
+            return Ok(());
+        }
+        if update.len() + doc.len() + 16 <= MAX_FRAME_LEN {
+            return self.feed(&msg).await;
+        }
+        let reason = format!(
+            "{} bytes to send exceed the {MAX_FRAME_LEN}-byte frame limit of a peer without large-document support (feature `parts`); not sent",
+            update.len()
+        );
+        tracing::error!(peer = %self.peer, doc, "{reason}");
+        self.peers.doc_failed(self.peer, doc, &reason);
+        Ok(())
+    }
+
+    async fn feed(&mut self, msg: &Message) -> Result<(), SessionError> {
+        let body = msg.encode()?;
+        self.peers.count_bytes(self.peer, 0, body.len() + 4);
+        self.sink.feed(body).await?;
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut out: mpsc::UnboundedReceiver<Outgoing>,
+        mut bus: broadcast::Receiver<DocUpdate>,
+        marks: Option<FeedMarks>,
+    ) -> Result<(), SessionError> {
+        let mut mark_tick = tokio::time::interval(MARK_EVERY);
+        let mut marked = 0;
+        loop {
+            tokio::select! {
+                biased;
+                item = out.recv() => match item {
+                    Some(Outgoing::Msg(msg)) => {
+                        // Write everything queued, then flush once.
+                        let (mut next, mut close, mut answered) = (Some(msg), false, Vec::new());
+                        while let Some(msg) = next.take() {
+                            if let Message::SyncStep2 { doc, update } = &msg {
+                                if update.len() <= PART_LEN {
+                                    if let Ok(decoded) = crate::docs::decode_update(update) {
+                                        answered.push((doc.clone(), crate::docs::upper_state_vector(&decoded)));
+                                    }
+                                }
+                            }
+                            self.emit(msg).await?;
+                            match out.try_recv() {
+                                Ok(Outgoing::Msg(msg)) => next = Some(msg),
+                                Ok(Outgoing::Close) => close = true,
+                                Err(_) => {}
                             }
                         }
-                        sink.feed(msg.encode()?).await?;
-                        match out.try_recv() {
-                            Ok(Outgoing::Msg(msg)) => next = Some(msg),
-                            Ok(Outgoing::Close) => close = true,
-                            Err(_) => {}
+                        self.sink.flush().await?;
+                        for (doc, sv) in answered {
+                            self.peers.peer_has(self.peer, &doc, &sv);
+                        }
+                        if close {
+                            let _ = SinkExt::<Bytes>::close(&mut self.sink).await;
+                            return Ok(());
                         }
                     }
-                    sink.flush().await?;
-                    for (doc, sv) in answered {
-                        peers.peer_has(peer, &doc, &sv);
-                    }
-                    if close {
-                        let _ = SinkExt::<Bytes>::close(&mut sink).await;
+                    Some(Outgoing::Close) | None => {
+                        let _ = self.sink.close().await;
                         return Ok(());
                     }
-                }
-                Some(Outgoing::Close) | None => {
-                    let _ = sink.close().await;
-                    return Ok(());
-                }
-            },
-            event = bus.recv() => {
-                let first = match event {
-                    Ok(event) => event,
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(SessionError::Lagged),
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                };
-                // Everything already queued goes out in one flush, a frame per update: merging
-                // (yrs decodes every update) or diffing the live doc (yrs scans whole text
-                // blocks) costs more than the peer applying each small update (see benches/).
-                let mut sent: HashMap<Arc<str>, Arc<yrs::StateVector>> = HashMap::new();
-                let mut event = first;
-                let mut queued = 1;
-                loop {
-                    if event.origin != from_peer {
-                        let frame = Message::Update {
-                            doc: event.doc.to_string(),
-                            update: event.update.to_vec(),
-                        };
-                        sink.feed(frame.encode()?).await?;
-                        sent.insert(event.doc, event.state);
-                    }
-                    if queued == MAX_UPDATE_BATCH {
-                        break;
-                    }
-                    event = match bus.try_recv() {
+                },
+                event = bus.recv() => {
+                    let first = match event {
                         Ok(event) => event,
-                        Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                            return Err(SessionError::Lagged)
-                        }
-                        Err(_) => break,
+                        Err(broadcast::error::RecvError::Lagged(_)) => return Err(SessionError::Lagged),
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     };
-                    queued += 1;
+                    self.push_live(first, &mut bus).await?;
                 }
-                if sent.is_empty() {
-                    continue;
+                _ = std::future::ready(()), if !self.bulk.is_empty() => {
+                    if let Some(part) = self.bulk.pop_front() {
+                        self.feed(&part).await?;
+                        self.sink.flush().await?;
+                    }
                 }
-                sink.flush().await?;
-                for (doc, sv) in sent {
-                    peers.peer_has(peer, &doc, &sv);
+                _ = mark_tick.tick(), if marks.is_some() && self.bulk.is_empty() => {
+                    let Some(marks) = &marks else { continue };
+                    // Every change numbered up to `head` was published before it was numbered:
+                    // once the bus is drained, all of them have gone out (or came from the peer).
+                    let head = marks.writer.durable_head();
+                    if head <= marked {
+                        continue;
+                    }
+                    loop {
+                        match bus.try_recv() {
+                            Ok(event) => self.push_live(event, &mut bus).await?,
+                            Err(broadcast::error::TryRecvError::Lagged(_)) => return Err(SessionError::Lagged),
+                            Err(_) => break,
+                        }
+                    }
+                    if !self.bulk.is_empty() {
+                        continue; // a large update still in parts: mark once it is out
+                    }
+                    self.feed(&Message::FeedMark { epoch: marks.epoch, head }).await?;
+                    self.sink.flush().await?;
+                    marked = head;
                 }
             }
         }
+    }
+
+    /// Pushes `first` and every change already queued behind it (not those from the peer).
+    async fn push_live(
+        &mut self,
+        first: DocUpdate,
+        bus: &mut broadcast::Receiver<DocUpdate>,
+    ) -> Result<(), SessionError> {
+        let from_peer = Origin::Peer(self.peer);
+        // Everything already queued goes out in one flush, a frame per update: merging
+        // (yrs decodes every update) or diffing the live doc (yrs scans whole text
+        // blocks) costs more than the peer applying each small update (see benches/).
+        let mut sent: HashMap<Arc<str>, Arc<yrs::StateVector>> = HashMap::new();
+        let mut event = first;
+        let mut queued = 1;
+        loop {
+            if event.origin != from_peer && !event.deleted {
+                let frame = Message::Update {
+                    doc: event.doc.to_string(),
+                    update: event.update.to_vec(),
+                };
+                self.emit(frame).await?;
+                sent.insert(event.doc, event.state);
+            }
+            if queued == MAX_UPDATE_BATCH {
+                break;
+            }
+            event = match bus.try_recv() {
+                Ok(event) => event,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => return Err(SessionError::Lagged),
+                Err(_) => break,
+            };
+            queued += 1;
+        }
+        if sent.is_empty() {
+            return Ok(());
+        }
+        self.sink.flush().await?;
+        for (doc, sv) in sent {
+            self.peers.peer_has(self.peer, &doc, &sv);
+        }
+        Ok(())
     }
 }
