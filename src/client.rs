@@ -135,9 +135,37 @@ impl Client {
         self.request(RequestBody::Status).await
     }
 
+    /// Names of every document (reads every page of `doc_list`).
     pub async fn doc_list(&self) -> Result<Vec<String>, ClientError> {
-        let value = self.request(RequestBody::DocList).await?;
-        serde_json::from_value(value).map_err(|e| ClientError::Protocol(e.to_string()))
+        let mut names = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.doc_list_page(after.take(), None).await?;
+            for doc in page["docs"].as_array().into_iter().flatten() {
+                if let Some(name) = doc["name"].as_str() {
+                    names.push(name.to_string());
+                }
+            }
+            match page["next"].as_str() {
+                Some(next) => after = Some(next.to_string()),
+                None => return Ok(names),
+            }
+        }
+    }
+
+    /// One page of documents with metadata: `{"docs": [{name, bytes, updated_at, by}], "next"}`.
+    pub async fn doc_list_page(
+        &self,
+        after: Option<String>,
+        limit: Option<usize>,
+    ) -> Result<Value, ClientError> {
+        self.request(RequestBody::DocList { after, limit }).await
+    }
+
+    /// Deletes a document on every device.
+    pub async fn doc_delete(&self, doc: &str) -> Result<Value, ClientError> {
+        self.request(RequestBody::DocDelete { doc: doc.into() })
+            .await
     }
 
     /// The document as JSON.

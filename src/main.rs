@@ -53,6 +53,10 @@ enum Command {
         /// one machine, tests).
         #[arg(long, conflicts_with = "no_mdns")]
         mdns_loopback: bool,
+        /// Memory budget of loaded documents, in MiB: idle documents beyond it leave memory
+        /// (they load again when an app or a peer needs them).
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+        doc_cache_mb: u64,
     },
     /// Link this device with another: without CODE, open a code and wait; with CODE, join the
     /// device showing it.
@@ -114,6 +118,15 @@ enum Command {
         /// Also run the Yjs + y-websocket comparison installed in DIR (see bench/yjs/README.md).
         #[arg(long)]
         yjs: Option<PathBuf>,
+        /// Documents in the many-documents section (default 10000; 1000 with --quick; 0 skips).
+        #[arg(long)]
+        docs: Option<usize>,
+        /// Size in MiB of the large document whose first sync is measured (default 100).
+        #[arg(long)]
+        large_mb: Option<usize>,
+        /// Also run the automerge-repo comparison installed in DIR (see bench/automerge/README.md).
+        #[arg(long)]
+        automerge: Option<PathBuf>,
     },
 }
 
@@ -171,8 +184,10 @@ enum TrustCommand {
 
 #[derive(Subcommand)]
 enum DocCommand {
-    /// List documents.
+    /// List documents with their size, last change and the device it came from.
     List,
+    /// Delete a document on every device (it stays deleted on devices that were offline).
+    Delete { doc: String },
     /// Print a document as JSON (every root type).
     Get { doc: String },
     /// Set MAP.KEY to a JSON value.
@@ -258,6 +273,7 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             no_mdns,
             mdns_loopback,
+            doc_cache_mb,
         } => {
             let discovery = if no_mdns {
                 devicelink::discovery::DiscoveryConfig::default()
@@ -269,7 +285,8 @@ async fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 }
             };
-            run_agent(&global, listen, peer, name, discovery).await
+            let cache = usize::try_from(doc_cache_mb << 20).unwrap_or(usize::MAX);
+            run_agent(&global, listen, peer, name, discovery, cache).await
         }
         Command::Pair {
             code,
@@ -367,13 +384,22 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Trust(command) => trust(&global, command).await,
         Command::Status => print_json(&global.client().await?.status().await?),
         Command::Doc(command) => doc(&global, command).await,
-        Command::Bench { quick, yjs } => {
+        Command::Bench {
+            quick,
+            yjs,
+            docs,
+            large_mb,
+            automerge,
+        } => {
             let mut config = if quick {
                 devicelink::bench::BenchConfig::quick()
             } else {
                 devicelink::bench::BenchConfig::default()
             };
             config.yjs_dir = yjs;
+            config.automerge_dir = automerge;
+            config.docs = docs.unwrap_or(config.docs);
+            config.large_doc_mb = large_mb.unwrap_or(config.large_doc_mb);
             let report = devicelink::bench::run(&config).await?;
             println!("{report}");
             Ok(())
@@ -391,8 +417,10 @@ async fn run_agent(
     peers: Vec<Multiaddr>,
     name: Option<String>,
     discovery: devicelink::discovery::DiscoveryConfig,
+    doc_cache_bytes: usize,
 ) -> Result<()> {
     let mut config = AgentConfig::new(global.data_dir()?);
+    config.doc_cache_bytes = doc_cache_bytes;
     config.listen = listen;
     config.peers = peers;
     config.discovery = discovery;
@@ -484,9 +512,26 @@ async fn doc(global: &Global, command: DocCommand) -> Result<()> {
     let client = global.client().await?;
     match command {
         DocCommand::List => {
-            for name in client.doc_list().await? {
-                println!("{name}");
+            let mut after = None;
+            loop {
+                let page = client.doc_list_page(after.take(), None).await?;
+                for doc in page["docs"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}\t{} bytes\t{}",
+                        doc["name"].as_str().unwrap_or_default(),
+                        doc["bytes"],
+                        doc["by"].as_str().unwrap_or_default()
+                    );
+                }
+                match page["next"].as_str() {
+                    Some(next) => after = Some(next.to_string()),
+                    None => break,
+                }
             }
+        }
+        DocCommand::Delete { doc } => {
+            let result = client.doc_delete(&doc).await?;
+            println!("deleted {doc:?} on every device{}", if result["existed"] == true { "" } else { " (this device had no copy)" });
         }
         DocCommand::Get { doc } => print_json(&client.doc_get(&doc).await?)?,
         DocCommand::Set {

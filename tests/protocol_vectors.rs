@@ -424,6 +424,82 @@ fn vectors() -> Vec<Vector> {
             doc_error("notes", DocErrorCode::Storage, "database error"),
             Check::None,
         ),
+        // Optional features (announced in Hello.listen_addrs).
+        v(
+            "hello_1_4_features.bin",
+            hello(
+                1,
+                4,
+                "laptop",
+                &["/ip4/10.0.0.2/tcp/4001", "devicelink-features:feed,parts"],
+            ),
+            Check::Version { accepted: true },
+        ),
+        // FeedRequest (tag 6)
+        v(
+            "feed_request_first.bin",
+            Message::FeedRequest { epoch: 0, after: 0 },
+            Check::None,
+        ),
+        v(
+            "feed_request.bin",
+            Message::FeedRequest {
+                epoch: 0x0123_4567_89ab_cdef,
+                after: 300,
+            },
+            Check::None,
+        ),
+        // FeedPage (tag 7)
+        v(
+            "feed_page.bin",
+            Message::FeedPage {
+                epoch: 0x0123_4567_89ab_cdef,
+                head: 302,
+                docs: vec!["_devicelink/devices".into(), "notes".into()],
+                last: true,
+            },
+            Check::None,
+        ),
+        v(
+            "feed_page_empty.bin",
+            Message::FeedPage {
+                epoch: 0x0123_4567_89ab_cdef,
+                head: 300,
+                docs: vec![],
+                last: true,
+            },
+            Check::None,
+        ),
+        // FeedMark (tag 8)
+        v(
+            "feed_mark.bin",
+            Message::FeedMark {
+                epoch: 0x0123_4567_89ab_cdef,
+                head: 305,
+            },
+            Check::None,
+        ),
+        // Part (tag 9): the whole `notes` update split in two pieces.
+        v(
+            "part_first.bin",
+            Message::Part {
+                doc: "notes".into(),
+                kind: 3,
+                total: f.full_state.len() as u64,
+                data: f.full_state[..20].to_vec(),
+            },
+            Check::None,
+        ),
+        v(
+            "part_last.bin",
+            Message::Part {
+                doc: "notes".into(),
+                kind: 3,
+                total: f.full_state.len() as u64,
+                data: f.full_state[20..].to_vec(),
+            },
+            Check::None,
+        ),
     ]
 }
 
@@ -432,7 +508,7 @@ fn vectors() -> Vec<Vector> {
 // not compile here until it has a tag, a vector and a line in protocol/README.md.
 // ---------------------------------------------------------------------------------------------
 
-const MESSAGE_TAGS: usize = 6;
+const MESSAGE_TAGS: usize = 10;
 const REFUSE_CODES: usize = 6;
 const DOC_ERROR_CODES: usize = 4;
 
@@ -444,6 +520,10 @@ fn message_tag(msg: &Message) -> u8 {
         Message::SyncStep2 { .. } => 3,
         Message::Update { .. } => 4,
         Message::DocError { .. } => 5,
+        Message::FeedRequest { .. } => 6,
+        Message::FeedPage { .. } => 7,
+        Message::FeedMark { .. } => 8,
+        Message::Part { .. } => 9,
     }
 }
 
@@ -668,6 +748,50 @@ fn check_tags(name: &str, msg: &Message, body: &[u8]) {
             expected.extend(bytes);
             assert_eq!(body, expected, "{name}: doc + bytes layout");
         }
+        Message::FeedRequest { epoch, after } => {
+            let mut expected = vec![message_tag(msg)];
+            expected.extend(varint(*epoch));
+            expected.extend(varint(*after));
+            assert_eq!(body, expected, "{name}: FeedRequest layout");
+        }
+        Message::FeedPage {
+            epoch,
+            head,
+            docs,
+            last,
+        } => {
+            let mut expected = vec![message_tag(msg)];
+            expected.extend(varint(*epoch));
+            expected.extend(varint(*head));
+            expected.extend(varint(docs.len() as u64));
+            for d in docs {
+                expected.extend(varint(d.len() as u64));
+                expected.extend(d.as_bytes());
+            }
+            expected.push(u8::from(*last));
+            assert_eq!(body, expected, "{name}: FeedPage layout");
+        }
+        Message::FeedMark { epoch, head } => {
+            let mut expected = vec![message_tag(msg)];
+            expected.extend(varint(*epoch));
+            expected.extend(varint(*head));
+            assert_eq!(body, expected, "{name}: FeedMark layout");
+        }
+        Message::Part {
+            doc,
+            kind,
+            total,
+            data,
+        } => {
+            let mut expected = vec![message_tag(msg)];
+            expected.extend(varint(doc.len() as u64));
+            expected.extend(doc.as_bytes());
+            expected.push(*kind);
+            expected.extend(varint(*total));
+            expected.extend(varint(data.len() as u64));
+            expected.extend(data);
+            assert_eq!(body, expected, "{name}: Part layout");
+        }
     }
 }
 
@@ -741,7 +865,12 @@ fn invalid_vectors() -> Vec<(&'static str, Vec<u8>, Reject)> {
             frame(&hello_body[..hello_body.len() - 3]),
             Reject::Decode,
         ),
-        ("unknown_message_tag.bin", frame(&[0x06]), Reject::Decode),
+        ("unknown_message_tag.bin", frame(&[0x0a]), Reject::Decode),
+        (
+            "part_bad_bool.bin",
+            frame(&[0x07, 0x01, 0x00, 0x00, 0x02]),
+            Reject::Decode,
+        ),
         (
             "unknown_refuse_code.bin",
             frame(&[0x01, 0x06, 0x00]),

@@ -37,8 +37,19 @@ impl Request {
 pub enum RequestBody {
     /// Device, peers and per-document sync state.
     Status,
-    /// Names of every document.
-    DocList,
+    /// Documents with their metadata, sorted by name, a page at a time: names after `after`
+    /// (default: from the start), at most `limit` (default 1000, at most 10000). `next` in the
+    /// answer is the `after` of the next page (`null` at the end).
+    DocList {
+        #[serde(default)]
+        after: Option<String>,
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+    /// Deletes a document on every device (replicated tombstone); subscribers get `deleted`.
+    DocDelete {
+        doc: String,
+    },
     /// Opens (creating if needed) a document.
     DocOpen {
         doc: String,
@@ -224,6 +235,8 @@ pub enum Event {
     Conflicts {
         open: Vec<crate::conflict::Conflict>,
     },
+    /// A subscribed document was deleted (here or on another device).
+    Deleted { subscription: u64, doc: String },
     /// The subscriber fell behind and missed `missed` updates: re-read the doc (or diff by
     /// state vector) to catch up.
     Lagged { subscription: u64, missed: u64 },
@@ -294,7 +307,10 @@ mod tests {
                 addr: None,
             },
             RequestBody::DocUnsubscribe { subscription: 3 },
-            RequestBody::DocList,
+            RequestBody::DocList {
+                after: None,
+                limit: None,
+            },
             RequestBody::DocText {
                 doc: "d".into(),
                 name: "t".into(),

@@ -243,7 +243,32 @@ impl Connection {
         let agent = &self.agent;
         Ok(Reply::Now(match body {
             RequestBody::Status => to_value(agent.status().map_err(agent_error)?),
-            RequestBody::DocList => json!(agent.list_docs().map_err(agent_error)?),
+            RequestBody::DocList { after, limit } => {
+                let limit = limit.unwrap_or(1000).clamp(1, 10_000);
+                let page = agent
+                    .list_docs_meta(after.as_deref(), limit)
+                    .map_err(agent_error)?;
+                let next = (page.len() == limit)
+                    .then(|| page.last().map(|(name, _)| name.clone()))
+                    .flatten();
+                let me = agent.device_id().to_string();
+                let docs: Vec<serde_json::Value> = page
+                    .into_iter()
+                    .map(|(name, meta)| {
+                        json!({
+                            "name": name,
+                            "bytes": meta.stored_bytes(),
+                            "updated_at": meta.updated_ms as f64 / 1000.0,
+                            "by": meta.by.unwrap_or_else(|| me.clone()),
+                        })
+                    })
+                    .collect();
+                json!({ "docs": docs, "next": next })
+            }
+            RequestBody::DocDelete { doc } => {
+                let existed = agent.delete_doc(&doc).await.map_err(agent_error)?;
+                json!({ "deleted": doc, "existed": existed })
+            }
             RequestBody::DocOpen { doc } => {
                 agent.open_doc(&doc).map_err(agent_error)?;
                 json!({ "doc": doc })
@@ -518,6 +543,10 @@ async fn forward_events(
 ) {
     loop {
         let event = match events.recv().await {
+            Ok(update) if update.deleted => Event::Deleted {
+                subscription,
+                doc: update.doc.to_string(),
+            },
             Ok(update) => Event::Update {
                 subscription,
                 doc: update.doc.to_string(),
@@ -623,6 +652,7 @@ fn doc_error(e: DocError) -> (ErrorCode, String) {
         }
         DocError::NotDurable { .. } => (ErrorCode::NotDurable, e.to_string()),
         DocError::Store(e) => store_error(e),
+        DocError::Deleted(_) | DocError::NotFound(_) => (ErrorCode::NotFound, e.to_string()),
         DocError::AgentStopped => (ErrorCode::Internal, e.to_string()),
     }
 }

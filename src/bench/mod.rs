@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 use crate::client::{Client, ClientError};
 use crate::ipc::Event;
 
+mod many_docs;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("cannot start an agent: {0}")]
@@ -35,6 +37,12 @@ pub struct BenchConfig {
     pub big_doc_bytes: usize,
     /// Run the Yjs comparison (needs node and bench/yjs).
     pub yjs_dir: Option<PathBuf>,
+    /// Documents in the many-documents section (0 skips it).
+    pub docs: usize,
+    /// Size of the large document whose first sync is measured, in MiB (0 skips it).
+    pub large_doc_mb: usize,
+    /// Run the automerge-repo comparison (needs node and bench/automerge).
+    pub automerge_dir: Option<PathBuf>,
 }
 
 impl BenchConfig {
@@ -46,6 +54,9 @@ impl BenchConfig {
             offline_changes: 5_000,
             big_doc_bytes: 1 << 20,
             yjs_dir: None,
+            docs: 1_000,
+            large_doc_mb: 8,
+            automerge_dir: None,
         }
     }
 }
@@ -58,6 +69,9 @@ impl Default for BenchConfig {
             offline_changes: 100_000,
             big_doc_bytes: 10 << 20,
             yjs_dir: None,
+            docs: 10_000,
+            large_doc_mb: 100,
+            automerge_dir: None,
         }
     }
 }
@@ -410,11 +424,35 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         "updates_per_sec": ratio("updates_per_sec", "updates_per_sec"),
         "rss": ratio("agent_rss_load_mb", "server_rss_mb"),
     });
-    Ok(json!({ "devicelink": ours, "yjs": yjs, "ratio_devicelink_over_yjs": ratios }))
+    drop((a, b, d));
+    let many = if config.docs > 0 || config.large_doc_mb > 0 {
+        many_docs::run(config).await?
+    } else {
+        json!({ "skipped": "--docs 0" })
+    };
+    Ok(json!({
+        "devicelink": ours,
+        "yjs": yjs,
+        "ratio_devicelink_over_yjs": ratios,
+        "many_docs": many,
+    }))
 }
 
 /// Runs the Yjs peer workload (node + yjs + y-websocket, installed in `dir`).
 fn run_yjs(dir: &Path, config: &BenchConfig) -> Value {
+    run_node_peer(
+        dir,
+        &[
+            ("SAMPLES", config.latency_samples.to_string()),
+            ("SECONDS", config.throughput_secs.to_string()),
+            ("OFFLINE", config.offline_changes.to_string()),
+        ],
+    )
+}
+
+/// Runs `bench.mjs` of a comparison peer installed in `dir` with `env`; its last stdout line is
+/// its JSON report.
+fn run_node_peer(dir: &Path, env: &[(&str, String)]) -> Value {
     let dir = match dir.canonicalize() {
         Ok(dir) => dir,
         Err(e) => return json!({ "error": format!("{}: {e}", dir.display()) }),
@@ -424,10 +462,8 @@ fn run_yjs(dir: &Path, config: &BenchConfig) -> Value {
     }
     let output = Command::new("node")
         .arg(dir.join("bench.mjs"))
-        .env("SAMPLES", config.latency_samples.to_string())
-        .env("SECONDS", config.throughput_secs.to_string())
-        .env("OFFLINE", config.offline_changes.to_string())
-        .current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&dir)
         .stderr(Stdio::inherit())
         .output();
     match output {
