@@ -356,3 +356,178 @@ async fn assert_still_serving(a: &AgentHandle, b: &AgentHandle) {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// Reads frames until `want` matches one (bounded in time); returns everything read.
+async fn read_until(transport: &mut Transport, want: impl Fn(&Message) -> bool) -> Vec<Message> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, transport.next()).await {
+        let msg = Message::decode(&frame).expect("the agent only sends valid frames");
+        let done = want(&msg);
+        out.push(msg);
+        if done {
+            break;
+        }
+    }
+    out
+}
+
+fn update_setting(key: &str, value: &str) -> Vec<u8> {
+    use yrs::{Map, Transact};
+    let doc = yrs::Doc::new();
+    let map = doc.get_or_insert_map("m");
+    let mut txn = doc.transact_mut();
+    map.insert(&mut txn, key, value);
+    txn.encode_update_v1()
+}
+
+/// A plain 1.4 peer (no features announced) gets the plain protocol: a `SyncStep1` per document,
+/// never a feature message; feature messages from it are protocol violations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_features_gets_the_plain_protocol() {
+    let da = tempfile::tempdir().unwrap();
+    let a = start(da.path(), "a").await;
+    a.open_doc("notes")
+        .unwrap()
+        .set_map_value("m", "k", "v")
+        .await
+        .unwrap();
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    a.trust_add(keypair.public().to_peer_id(), "plain").unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    transport
+        .send(hello(PROTOCOL_VERSION).encode().unwrap())
+        .await
+        .unwrap();
+    let got = read_until(
+        &mut transport,
+        |m| matches!(m, Message::SyncStep1 { doc, .. } if doc == "notes"),
+    )
+    .await;
+    assert!(
+        got.iter()
+            .any(|m| matches!(m, Message::SyncStep1 { doc, .. } if doc == "notes")),
+        "{got:?}"
+    );
+    let Some(Message::Hello(theirs)) = got.first() else {
+        panic!("Hello first: {got:?}")
+    };
+    assert!(theirs.features().feed && theirs.features().parts);
+    transport
+        .send(
+            Message::FeedRequest { epoch: 0, after: 0 }
+                .encode()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let rest = read_all(&mut transport).await;
+    assert!(
+        !got.iter().chain(&rest).any(|m| matches!(
+            m,
+            Message::FeedRequest { .. }
+                | Message::FeedPage { .. }
+                | Message::FeedMark { .. }
+                | Message::Part { .. }
+        )),
+        "a feature message to a plain peer: {got:?} {rest:?}"
+    );
+    let (code, _) = refusal(&rest).expect("a Refuse frame");
+    assert_eq!(code, RefuseCode::ProtocolViolation);
+    a.shutdown().await.unwrap();
+}
+
+/// A feature peer: its listing request is answered from the change feed; a transfer in parts it
+/// never finishes does not hold up other documents; over-long listings and oversized parts end
+/// only that stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feature_peer_cannot_stall_or_overflow_the_agent() {
+    let (a, b, _da, _db) = linked_pair().await;
+    a.open_doc("listed")
+        .unwrap()
+        .set_map_value("m", "k", "v")
+        .await
+        .unwrap();
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    a.trust_add(keypair.public().to_peer_id(), "featured")
+        .unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let featured = Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        device_name: "raw".into(),
+        listen_addrs: vec![devicelink::sync::Features::ALL.entry()],
+    });
+
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    transport.send(featured.encode().unwrap()).await.unwrap();
+    // The agent asks for our changes (we have no checkpoint of its feed: it lists everything).
+    let got = read_until(&mut transport, |m| matches!(m, Message::FeedRequest { .. })).await;
+    assert!(
+        matches!(got.last(), Some(Message::FeedRequest { .. })),
+        "{got:?}"
+    );
+    transport
+        .send(
+            Message::FeedRequest { epoch: 0, after: 0 }
+                .encode()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut listed = Vec::new();
+    let pages = read_until(&mut transport, |m| {
+        matches!(m, Message::FeedPage { last: true, .. })
+    })
+    .await;
+    for m in &pages {
+        if let Message::FeedPage { docs, epoch, .. } = m {
+            assert_ne!(*epoch, 0);
+            listed.extend(docs.clone());
+        }
+    }
+    assert!(listed.contains(&"listed".to_string()), "{pages:?}");
+
+    // A transfer in parts that never finishes, then a small update of another document.
+    let part = Message::Part {
+        doc: "never".into(),
+        kind: 4,
+        total: 8 << 20,
+        data: vec![0; 1024],
+    };
+    transport.send(part.encode().unwrap()).await.unwrap();
+    let update = Message::Update {
+        doc: "beside".into(),
+        update: update_setting("k", "arrived"),
+    };
+    transport.send(update.encode().unwrap()).await.unwrap();
+    wait_until(LIMIT, "the update beside an unfinished transfer", || {
+        a.open_doc("beside").unwrap().to_json()["m"]["k"] == "arrived"
+    })
+    .await;
+    // Our answer to the agent's request: more names in one page than allowed.
+    let page = Message::FeedPage {
+        epoch: 7,
+        head: 1,
+        docs: (0..513).map(|i| format!("d{i}")).collect(),
+        last: true,
+    };
+    transport.send(page.encode().unwrap()).await.unwrap();
+    let (code, message) = refusal(&read_all(&mut transport).await).expect("a Refuse frame");
+    assert_eq!(code, RefuseCode::ProtocolViolation, "{message}");
+
+    // A piece over 1 MiB.
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    transport.send(featured.encode().unwrap()).await.unwrap();
+    let part = Message::Part {
+        doc: "big".into(),
+        kind: 4,
+        total: 4 << 20,
+        data: vec![0; (1 << 20) + 1],
+    };
+    transport.send(part.encode().unwrap()).await.unwrap();
+    let (code, message) = refusal(&read_all(&mut transport).await).expect("a Refuse frame");
+    assert_eq!(code, RefuseCode::ProtocolViolation, "{message}");
+    assert!(!a.list_docs().unwrap().contains(&"never".to_string()));
+    assert_still_serving(&a, &b).await;
+}

@@ -139,9 +139,11 @@ async fn a_deletion_made_while_a_device_was_offline_does_not_come_back() {
     let b = start(dir_b.path(), "b").await;
     assert!(b.list_docs().unwrap().contains(&"gone".to_string()));
     b.dial(a.listen_addrs()[0].clone()).unwrap();
-    wait_until(Duration::from_secs(20), "b drops the deleted document", || {
-        !b.list_docs().unwrap().contains(&"gone".to_string())
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "b drops the deleted document",
+        || !b.list_docs().unwrap().contains(&"gone".to_string()),
+    )
     .await;
     wait_until(Duration::from_secs(20), "both caught up", || {
         peer_status(&b, &a).caught_up && peer_status(&a, &b).caught_up
@@ -165,10 +167,14 @@ async fn a_deletion_made_while_a_device_was_offline_does_not_come_back() {
         .set_map_value("m", "new", true)
         .await
         .unwrap();
-    wait_until(Duration::from_secs(20), "the re-created document on b", || {
-        b.list_docs().unwrap().contains(&"gone".to_string())
-            && b.open_doc("gone").unwrap().to_json() == json!({"m": {"new": true}})
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "the re-created document on b",
+        || {
+            b.list_docs().unwrap().contains(&"gone".to_string())
+                && b.open_doc("gone").unwrap().to_json() == json!({"m": {"new": true}})
+        },
+    )
     .await;
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
@@ -279,9 +285,11 @@ async fn a_hundred_megabyte_document_syncs_while_small_documents_keep_syncing() 
     );
     common::assert_identical(&a.open_doc("big").unwrap(), &b.open_doc("big").unwrap());
     small.set_map_value("m", "k", "after").await.unwrap();
-    wait_until(Duration::from_secs(20), "a small edit after the big one", || {
-        has_value(&b, "small", json!("after"))
-    })
+    wait_until(
+        Duration::from_secs(20),
+        "a small edit after the big one",
+        || has_value(&b, "small", json!("after")),
+    )
     .await;
     assert!(peer_status(&b, &a).doc_errors.is_empty());
     b.shutdown().await.unwrap();
