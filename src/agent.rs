@@ -283,10 +283,12 @@ impl AgentHandle {
     /// had it; an unknown name is an error.
     pub async fn delete_doc(&self, name: &str) -> Result<bool, AgentError> {
         if name.starts_with(crate::group::RESERVED_PREFIX) {
-            return Err(AgentError::Doc(DocError::Store(StoreError::InvalidDocName {
-                name: name.to_string(),
-                reason: "reserved for the agent",
-            })));
+            return Err(AgentError::Doc(DocError::Store(
+                StoreError::InvalidDocName {
+                    name: name.to_string(),
+                    reason: "reserved for the agent",
+                },
+            )));
         }
         Ok(crate::lifecycle::delete(&self.inner.registry, name).await?)
     }

@@ -366,10 +366,7 @@ impl DocRegistry {
             return;
         }
         let map = live.doc.get_or_insert_map(DELETED_MAP);
-        let names = map
-            .keys(&live.doc.transact())
-            .map(str::to_string)
-            .collect();
+        let names = map.keys(&live.doc.transact()).map(str::to_string).collect();
         *self.tombstones.write().unwrap_or_else(|p| p.into_inner()) = names;
     }
 
@@ -393,7 +390,10 @@ impl DocRegistry {
                     map.remove(txn, name);
                 });
             }
-            Err(e) => tracing::error!(doc = name, "cannot lift the tombstone of a re-created document: {e}"),
+            Err(e) => tracing::error!(
+                doc = name,
+                "cannot lift the tombstone of a re-created document: {e}"
+            ),
         }
     }
 

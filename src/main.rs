@@ -351,7 +351,16 @@ async fn run(cli: Cli) -> Result<()> {
                 activity_id,
                 timeout_secs: Some(timeout),
             };
-            print_json(&global.client().await?.request(body).await?)
+            let client = global.client().await?;
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let progress = first_sync_progress(&client, "", Some(done_rx));
+            let handoff = async {
+                let result = client.request(body).await;
+                let _ = done_tx.send(());
+                result
+            };
+            let (result, ()) = tokio::join!(handoff, progress);
+            print_json(&result?)
         }
         Command::Conflicts { command, doc, all } => {
             let client = global.client().await?;
@@ -531,7 +540,14 @@ async fn doc(global: &Global, command: DocCommand) -> Result<()> {
         }
         DocCommand::Delete { doc } => {
             let result = client.doc_delete(&doc).await?;
-            println!("deleted {doc:?} on every device{}", if result["existed"] == true { "" } else { " (this device had no copy)" });
+            println!(
+                "deleted {doc:?} on every device{}",
+                if result["existed"] == true {
+                    ""
+                } else {
+                    " (this device had no copy)"
+                }
+            );
         }
         DocCommand::Get { doc } => print_json(&client.doc_get(&doc).await?)?,
         DocCommand::Set {
@@ -576,6 +592,73 @@ async fn doc(global: &Global, command: DocCommand) -> Result<()> {
     Ok(())
 }
 
+/// On a terminal, shows how far this device has caught up with `device` (any peer, if empty)
+/// with a progress bar, until it has, until `until` fires, or until nothing moved for 60 s.
+/// Prints nothing when stdout is not a terminal.
+async fn first_sync_progress(
+    client: &Client,
+    device: &str,
+    mut until: Option<tokio::sync::oneshot::Receiver<()>>,
+) {
+    use std::io::IsTerminal as _;
+    if !std::io::stdout().is_terminal() {
+        if let Some(until) = until {
+            let _ = until.await;
+        }
+        return;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} syncing documents {bar:30} {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (mut last, mut moved) = (None, std::time::Instant::now());
+    loop {
+        let peers = client
+            .status()
+            .await
+            .ok()
+            .and_then(|s| s["peers"].as_array().cloned())
+            .unwrap_or_default();
+        let peer = peers
+            .iter()
+            .find(|p| p["syncing"] == true && (device.is_empty() || p["device_id"] == device));
+        if let Some(peer) = peer {
+            let (done, total) = (
+                peer["docs_done"].as_u64().unwrap_or(0),
+                peer["docs_total"].as_u64().unwrap_or(0),
+            );
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(peer["name"].as_str().unwrap_or_default().to_string());
+            if last != Some(done) {
+                (last, moved) = (Some(done), std::time::Instant::now());
+            }
+            if peer["caught_up"] == true && until.is_none() {
+                bar.finish_with_message("caught up");
+                return;
+            }
+        }
+        if moved.elapsed() > std::time::Duration::from_secs(60) {
+            bar.abandon_with_message("no progress for 60 s (it goes on in the background)");
+            return;
+        }
+        let tick = tokio::time::sleep(std::time::Duration::from_millis(100));
+        match until.as_mut() {
+            Some(done) => tokio::select! {
+                _ = done => {
+                    bar.finish_and_clear();
+                    return;
+                }
+                _ = tick => {}
+            },
+            None => tick.await,
+        }
+    }
+}
+
 async fn pair(
     global: &Global,
     code: Option<String>,
@@ -599,6 +682,7 @@ async fn pair(
         };
         let paired: Paired = serde_json::from_value(client.request(body).await?)?;
         show(&paired);
+        first_sync_progress(&client, &paired.device_id, None).await;
         return Ok(());
     }
     let mut events = client.take_events().context("event stream already taken")?;
@@ -625,6 +709,7 @@ async fn pair(
             }
             HostEvent::Paired(paired) => {
                 show(&paired);
+                first_sync_progress(&client, &paired.device_id, None).await;
                 return Ok(());
             }
             HostEvent::Closed { reason } => bail!("pairing failed: {reason}"),

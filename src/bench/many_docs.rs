@@ -182,7 +182,9 @@ pub(super) async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         "one_changed_reconnect_bytes": ratio("one_changed_reconnect_bytes", "one_changed_reconnect_bytes"),
         "large_doc_first_sync": ratio("large_doc_first_sync_s", "large_doc_first_sync_s"),
     });
-    Ok(json!({ "devicelink": ours, "automerge_repo": automerge, "ratio_devicelink_over_automerge": ratios }))
+    Ok(
+        json!({ "devicelink": ours, "automerge_repo": automerge, "ratio_devicelink_over_automerge": ratios }),
+    )
 }
 
 /// First sync of one `mb`-MiB document (map values of 4 MiB) to a new device.

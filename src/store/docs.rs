@@ -151,7 +151,10 @@ impl DocStore {
         for key in names {
             let existing = self.names.get(&key)?;
             let name = String::from_utf8_lossy(&key).into_owned();
-            let mut meta = match existing.as_deref().and_then(|v| postcard::from_bytes(v).ok()) {
+            let mut meta = match existing
+                .as_deref()
+                .and_then(|v| postcard::from_bytes(v).ok())
+            {
                 Some(meta) if !existing.as_deref().is_some_and(|v| v.is_empty()) => meta,
                 _ => DocMeta {
                     id: self.db.generate_id()? + 1,
@@ -177,7 +180,8 @@ impl DocStore {
             }
             if meta.change == 0 {
                 meta.change = self.next_change()?;
-                self.feed.insert(meta.change.to_be_bytes(), name.as_bytes())?;
+                self.feed
+                    .insert(meta.change.to_be_bytes(), name.as_bytes())?;
             }
             self.names.insert(&key, encode_meta(&meta))?;
             self.db.flush()?;
@@ -365,10 +369,8 @@ impl DocStore {
         state: &[u8],
     ) -> Result<(), StoreError> {
         let upto = meta.last_seq;
-        self.snapshots.insert(
-            meta.id.to_be_bytes(),
-            record::encode_snapshot(upto, state),
-        )?;
+        self.snapshots
+            .insert(meta.id.to_be_bytes(), record::encode_snapshot(upto, state))?;
         meta.log_updates = 0;
         meta.log_bytes = 0;
         meta.snapshot_len = state.len() as u64;
@@ -579,7 +581,10 @@ mod tests {
         assert_eq!(store.changed_after(2, 10).unwrap(), (vec!["a".into()], 3));
         assert_eq!(store.changed_after(3, 10).unwrap(), (vec![], 3));
         assert_eq!(store.load("a").unwrap().updates.len(), 2);
-        assert_eq!(store.meta("b").unwrap().unwrap().by.as_deref(), Some("peer"));
+        assert_eq!(
+            store.meta("b").unwrap().unwrap().by.as_deref(),
+            Some("peer")
+        );
         assert!(store.purge("a").unwrap());
         assert!(store.load("a").unwrap().meta.is_none());
         assert_eq!(store.changed_after(0, 10).unwrap().0, vec!["b".to_string()]);
@@ -609,6 +614,9 @@ mod tests {
         assert_eq!(loaded.updates[1].1, b"u2");
         assert_eq!(loaded.meta.unwrap().last_seq, 2);
         assert!(!db.tree_names().iter().any(|n| n.starts_with(b"log/")));
-        assert_eq!(store.changed_after(0, 10).unwrap().0, vec!["old".to_string()]);
+        assert_eq!(
+            store.changed_after(0, 10).unwrap().0,
+            vec!["old".to_string()]
+        );
     }
 }

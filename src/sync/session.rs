@@ -520,8 +520,7 @@ impl<'a> Reader<'a> {
         last: bool,
     ) -> Result<(), SessionError> {
         let pull = &mut self.pull;
-        if pull.listed_all || docs.len() > FEED_PAGE_LEN || pull.listed + docs.len() > MAX_LISTED
-        {
+        if pull.listed_all || docs.len() > FEED_PAGE_LEN || pull.listed + docs.len() > MAX_LISTED {
             return Err(SessionError::RefusedPeer {
                 code: RefuseCode::ProtocolViolation,
                 message: format!(
