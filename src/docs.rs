@@ -292,7 +292,7 @@ impl DocRegistry {
                 break;
             }
             // Checked again under the map lock: nobody can take a new reference meanwhile.
-            if docs.get(&name).is_some_and(|live| Self::evictable(live)) {
+            if docs.get(&name).is_some_and(Self::evictable) {
                 if let Some(live) = docs.remove(&name) {
                     self.cached
                         .fetch_sub(live.memory.load(Ordering::Relaxed), Ordering::Relaxed);
