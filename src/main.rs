@@ -828,6 +828,22 @@ async fn doctor(global: &Global) -> Result<()> {
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default(),
         );
+        if p["syncing"] == true && p["changed_only"] == true {
+            println!(
+                "      catching up: {}/{} changed documents{}",
+                p["docs_done"],
+                p["docs_total"],
+                if p["caught_up"] == true { ", done" } else { "" }
+            );
+        }
+        if let Some(errors) = p["doc_errors"].as_object() {
+            for (doc, reason) in errors {
+                println!(
+                    "      {doc}: NOT SYNCING: {}",
+                    reason.as_str().unwrap_or("?")
+                );
+            }
+        }
         if let Some(pending) = p["pending"].as_object() {
             for (doc, n) in pending {
                 let n = n.as_u64().unwrap_or(0);

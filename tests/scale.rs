@@ -295,3 +295,49 @@ async fn a_hundred_megabyte_document_syncs_while_small_documents_keep_syncing() 
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// A device whose database is gone (identity kept) starts a new change feed: both sides notice
+/// the checkpoints no longer hold and list everything, so nothing is missed either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_lost_its_database_gets_everything_again() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(dir_a.path(), "a").await;
+    let b = start(dir_b.path(), "b").await;
+    link(&a, &b);
+    for i in 0..50 {
+        a.open_doc(&format!("n{i}"))
+            .unwrap()
+            .set_map_value("m", "k", i)
+            .await
+            .unwrap();
+    }
+    wait_until(Duration::from_secs(20), "50 documents on b", || {
+        has_value(&b, "n49", json!(49))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // marks: checkpoints on both sides
+    b.shutdown().await.unwrap();
+    std::fs::remove_dir_all(dir_b.path().join("db")).unwrap();
+
+    // b comes back empty with the same identity; a still trusts it.
+    let b = start(dir_b.path(), "b").await;
+    b.trust_add(a.device_id(), "a").unwrap();
+    b.open_doc("from-b")
+        .unwrap()
+        .set_map_value("m", "k", "b")
+        .await
+        .unwrap();
+    b.dial(a.listen_addrs()[0].clone()).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "everything back on b, b's new doc on a",
+        || {
+            (0..50).all(|i| has_value(&b, &format!("n{i}"), json!(i)))
+                && has_value(&a, "from-b", json!("b"))
+        },
+    )
+    .await;
+    assert!(peer_status(&b, &a).docs_total >= 50);
+    b.shutdown().await.unwrap();
+    a.shutdown().await.unwrap();
+}

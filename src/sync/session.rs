@@ -43,7 +43,7 @@ const MAX_UPDATE_BATCH: usize = 1024;
 /// Most documents asked for (`SyncStep1` sent, answer pending) at once while catching up.
 const PULL_WINDOW: usize = 64;
 /// Most documents a peer may list in one session's `FeedPage`s.
-const MAX_LISTED: usize = 10_000_000;
+const MAX_LISTED: usize = 1_000_000;
 /// Largest message accepted in parts (4 GiB).
 const MAX_PART_TOTAL: u64 = 4 << 30;
 /// Most messages being reassembled from parts at once.
