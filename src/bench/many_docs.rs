@@ -168,20 +168,38 @@ pub(super) async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         Some(dir) => run_automerge(dir, config),
         None => json!({ "skipped": "run with --automerge DIR (see bench/automerge/README.md)" }),
     };
-    let ratio = |ours_key: &str, theirs_key: &str| -> Value {
-        match (ours[ours_key].as_f64(), automerge[theirs_key].as_f64()) {
-            (Some(o), Some(t)) if t > 0.0 => json!((o / t * 100.0).round() / 100.0),
-            _ => Value::Null,
-        }
-    };
-    let ratios = json!({
-        "create_docs_per_s": ratio("create_docs_per_s", "create_docs_per_s"),
-        "rss_idle": ratio("rss_idle_after_restart_mb", "rss_idle_mb_after_restart"),
-        "first_sync": ratio("first_sync_s", "first_sync_s"),
-        "one_changed_after_reconnect": ratio("one_changed_after_reconnect_ms", "one_changed_after_reconnect_ms"),
-        "one_changed_reconnect_bytes": ratio("one_changed_reconnect_bytes", "one_changed_reconnect_bytes"),
-        "large_doc_first_sync": ratio("large_doc_first_sync_s", "large_doc_first_sync_s"),
-    });
+    let ratios = super::ratios(
+        &ours,
+        &automerge,
+        &[
+            (
+                "create_docs_per_s",
+                "create_docs_per_s",
+                "create_docs_per_s",
+            ),
+            (
+                "rss_idle",
+                "rss_idle_after_restart_mb",
+                "rss_idle_mb_after_restart",
+            ),
+            ("first_sync", "first_sync_s", "first_sync_s"),
+            (
+                "one_changed_after_reconnect",
+                "one_changed_after_reconnect_ms",
+                "one_changed_after_reconnect_ms",
+            ),
+            (
+                "one_changed_reconnect_bytes",
+                "one_changed_reconnect_bytes",
+                "one_changed_reconnect_bytes",
+            ),
+            (
+                "large_doc_first_sync",
+                "large_doc_first_sync_s",
+                "large_doc_first_sync_s",
+            ),
+        ],
+    );
     Ok(
         json!({ "devicelink": ours, "automerge_repo": automerge, "ratio_devicelink_over_automerge": ratios }),
     )

@@ -412,18 +412,16 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         Some(dir) => run_yjs(dir, config),
         None => json!({ "skipped": "run with --yjs DIR (see bench/yjs/README.md)" }),
     };
-    let ratio = |ours_key: &str, theirs_key: &str| -> Value {
-        match (ours[ours_key].as_f64(), yjs[theirs_key].as_f64()) {
-            (Some(o), Some(t)) if t > 0.0 => json!((o / t * 100.0).round() / 100.0),
-            _ => Value::Null,
-        }
-    };
-    let ratios = json!({
-        "latency_p50": ratio("latency_p50_us", "latency_p50_us"),
-        "latency_p99": ratio("latency_p99_us", "latency_p99_us"),
-        "updates_per_sec": ratio("updates_per_sec", "updates_per_sec"),
-        "rss": ratio("agent_rss_load_mb", "server_rss_mb"),
-    });
+    let ratios = ratios(
+        &ours,
+        &yjs,
+        &[
+            ("latency_p50", "latency_p50_us", "latency_p50_us"),
+            ("latency_p99", "latency_p99_us", "latency_p99_us"),
+            ("updates_per_sec", "updates_per_sec", "updates_per_sec"),
+            ("rss", "agent_rss_load_mb", "server_rss_mb"),
+        ],
+    );
     drop((a, b, d));
     let many = if config.docs > 0 || config.large_doc_mb > 0 {
         many_docs::run(config).await?
@@ -436,6 +434,19 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         "ratio_devicelink_over_yjs": ratios,
         "many_docs": many,
     }))
+}
+
+/// `{name: ours[ours_key] / theirs[theirs_key]}` for each `(name, ours_key, theirs_key)`,
+/// rounded to hundredths; null where either figure is missing.
+fn ratios(ours: &Value, theirs: &Value, pairs: &[(&str, &str, &str)]) -> Value {
+    let ratios = pairs.iter().map(|(name, ours_key, theirs_key)| {
+        let ratio = match (ours[*ours_key].as_f64(), theirs[*theirs_key].as_f64()) {
+            (Some(o), Some(t)) if t > 0.0 => json!((o / t * 100.0).round() / 100.0),
+            _ => Value::Null,
+        };
+        (name.to_string(), ratio)
+    });
+    Value::Object(ratios.collect())
 }
 
 /// Runs the Yjs peer workload (node + yjs + y-websocket, installed in `dir`).
