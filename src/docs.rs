@@ -531,7 +531,7 @@ impl DocRegistry {
             update,
             by: match origin {
                 Origin::Local => None,
-                Origin::Peer(peer) => Some(Arc::from(peer.to_string())),
+                Origin::Peer(peer) => Some(peer),
             },
             inflight: live.inflight.clone(),
         }

@@ -2,7 +2,8 @@
 //! `PeerTable` is updated by the network loop and the sync sessions and read by `status()`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use libp2p::PeerId;
@@ -67,8 +68,8 @@ struct PeerState {
     docs_total: usize,
     caught_up: bool,
     docs_answered: usize,
-    bytes_in: u64,
-    bytes_out: u64,
+    /// This session's traffic, counted by the session itself without taking the table lock.
+    traffic: Arc<Traffic>,
     doc_errors: BTreeMap<String, String>,
     /// What the peer is known to hold, per document (its SyncStep1, what it sent, what we sent).
     known: HashMap<String, StateVector>,
@@ -76,6 +77,23 @@ struct PeerState {
     last_error: Option<String>,
     found_via: BTreeSet<String>,
     address: Option<String>,
+}
+
+/// Bytes of sync frames (with their length prefix) received and sent in one session.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    pub received: AtomicU64,
+    pub sent: AtomicU64,
+}
+
+impl Traffic {
+    pub fn received(&self, bytes: usize) {
+        self.received.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn sent(&self, bytes: usize) {
+        self.sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
 }
 
 /// Live per-peer state shared by the network loop and sessions.
@@ -122,8 +140,7 @@ impl PeerTable {
         state.docs_total = 0;
         state.caught_up = !changed_only;
         state.docs_answered = 0;
-        state.bytes_in = 0;
-        state.bytes_out = 0;
+        state.traffic = Arc::default();
         state.doc_errors.clear();
     }
 
@@ -143,11 +160,9 @@ impl PeerTable {
         self.lock().entry(peer).or_default().docs_answered += 1;
     }
 
-    pub fn count_bytes(&self, peer: PeerId, received: usize, sent: usize) {
-        let mut peers = self.lock();
-        let state = peers.entry(peer).or_default();
-        state.bytes_in += received as u64;
-        state.bytes_out += sent as u64;
+    /// The byte counters of the session that just started with `peer`.
+    pub fn traffic(&self, peer: PeerId) -> Arc<Traffic> {
+        self.lock().entry(peer).or_default().traffic.clone()
     }
 
     /// Records why `doc` failed to sync with `peer` (kept for the last 64 documents).
@@ -234,8 +249,8 @@ impl PeerTable {
                     docs_total: state.map_or(0, |s| s.docs_total),
                     caught_up: state.is_some_and(|s| s.caught_up),
                     docs_answered: state.map_or(0, |s| s.docs_answered),
-                    bytes_in: state.map_or(0, |s| s.bytes_in),
-                    bytes_out: state.map_or(0, |s| s.bytes_out),
+                    bytes_in: state.map_or(0, |s| s.traffic.received.load(Ordering::Relaxed)),
+                    bytes_out: state.map_or(0, |s| s.traffic.sent.load(Ordering::Relaxed)),
                     doc_errors: state.map(|s| s.doc_errors.clone()).unwrap_or_default(),
                     pending: state
                         .map(|s| {

@@ -48,7 +48,7 @@ pub(crate) struct Append {
     pub doc: yrs::Doc,
     pub update: Bytes,
     /// The device it came from (`None`: this device).
-    pub by: Option<Arc<str>>,
+    pub by: Option<libp2p::PeerId>,
     /// Counts this document's updates queued but not yet written; decremented once written
     /// (readable by a later load), so the document may leave memory only at zero.
     pub inflight: Arc<AtomicUsize>,
@@ -255,7 +255,7 @@ struct PendingRecord {
     name: Arc<str>,
     doc: yrs::Doc,
     /// Who made the last of these updates (`None`: this device).
-    by: Option<Arc<str>>,
+    by: Option<libp2p::PeerId>,
     updates: Vec<Bytes>,
     /// One count per update, released once written.
     inflight: Vec<Arc<AtomicUsize>>,
@@ -518,8 +518,10 @@ impl Writer {
             }
         };
         let change = self.head + 1;
-        let by = record.by.as_deref();
-        let result = self.store.append(name, &mut meta, change, updates, by);
+        let by = record.by.map(|peer| peer.to_string());
+        let result = self
+            .store
+            .append(name, &mut meta, change, updates, by.as_deref());
         if result.is_ok() {
             self.head = change;
             let policy = self.policy;

@@ -33,7 +33,7 @@ use super::message::{
     FEED_PAGE_LEN, MAX_FRAME_LEN, PART_LEN,
 };
 use crate::docs::{DocError, DocRegistry, DocUpdate, Origin};
-use crate::status::PeerTable;
+use crate::status::{PeerTable, Traffic};
 use crate::store::StoreError;
 
 /// How long a peer has to send its `Hello`.
@@ -135,6 +135,7 @@ pub(crate) async fn run(
         peers: ctx.peers.clone(),
         features,
         bulk: VecDeque::new(),
+        traffic: ctx.peers.traffic(peer),
     };
     let mut writer = tokio::spawn(out.run(out_rx, bus, marks));
     let mut writer_done = false;
@@ -283,6 +284,7 @@ struct Reader<'a> {
     pull: Pull,
     /// Messages arriving in `Part`s, by document and kind.
     parts: HashMap<(String, u8), Reassembly>,
+    traffic: Arc<Traffic>,
 }
 
 /// The changed-only catch-up with the peer's feed (feature `feed`).
@@ -327,6 +329,7 @@ impl<'a> Reader<'a> {
             announced: HashSet::new(),
             pull: Pull::default(),
             parts: HashMap::new(),
+            traffic: ctx.peers.traffic(peer),
         }
     }
 
@@ -358,7 +361,7 @@ impl<'a> Reader<'a> {
                 frame = source.next() => {
                     let Some(frame) = frame else { return Err(SessionError::Closed) };
                     let frame = frame.map_err(map_read_error)?;
-                    self.ctx.peers.count_bytes(self.peer, frame.len() + 4, 0);
+                    self.traffic.received(frame.len() + 4);
                     let msg = Message::decode(&frame)?;
                     self.handle(msg).await?;
                 }
@@ -723,6 +726,7 @@ struct Writer {
     features: Features,
     /// `Part`s of large messages still to send.
     bulk: VecDeque<Message>,
+    traffic: Arc<Traffic>,
 }
 
 impl Writer {
@@ -763,7 +767,7 @@ impl Writer {
 
     async fn feed(&mut self, msg: &Message) -> Result<(), SessionError> {
         let body = msg.encode()?;
-        self.peers.count_bytes(self.peer, 0, body.len() + 4);
+        self.traffic.sent(body.len() + 4);
         self.sink.feed(body).await?;
         Ok(())
     }
