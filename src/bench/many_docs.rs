@@ -126,6 +126,7 @@ pub(super) async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     drop(cb);
     b.stop();
     ca.doc_set("doc/000042", "m", "k", json!("changed")).await?;
+    let b_restarted = Instant::now();
     let b = AgentProc::start(&exe, &db, &b_addr, &[&a_addr])?;
     let cb = Client::connect(&b.socket).await?;
     let connected = wait_for("b to reconnect", || async {
@@ -158,6 +159,7 @@ pub(super) async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         "first_sync_s": ((first_done - first_start).as_secs_f64() * 100.0).round() / 100.0,
         "rss_during_first_sync_mb": mb(rss_sync_a.max(rss_sync_b)),
         "one_changed_after_reconnect_ms": ms(changed.saturating_duration_since(connected)),
+        "one_changed_after_restart_ms": ms(changed - b_restarted),
         "one_changed_reconnect_bytes": reconnect["bytes_in"].as_u64().unwrap_or(0) + reconnect["bytes_out"].as_u64().unwrap_or(0),
         "one_changed_reconnect_docs_listed": reconnect["docs_total"],
         "large_doc_mb": config.large_doc_mb,

@@ -724,9 +724,36 @@ struct Writer {
     sink: futures::stream::SplitSink<Transport, Bytes>,
     peers: Arc<PeerTable>,
     features: Features,
-    /// `Part`s of large messages still to send.
-    bulk: VecDeque<Message>,
+    /// Large messages still to send in parts, each cut into its next piece only when that
+    /// piece goes out (no second copy of a large update).
+    bulk: VecDeque<InParts>,
     traffic: Arc<Traffic>,
+}
+
+/// A large `SyncStep2` or `Update` being sent as `Part`s.
+struct InParts {
+    doc: String,
+    kind: u8,
+    update: Vec<u8>,
+    sent: usize,
+}
+
+impl InParts {
+    /// The next piece, or `None` once all went out.
+    fn next_part(&mut self) -> Option<Message> {
+        if self.sent >= self.update.len() {
+            return None;
+        }
+        let end = (self.sent + PART_LEN).min(self.update.len());
+        let part = Message::Part {
+            doc: self.doc.clone(),
+            kind: self.kind,
+            total: self.update.len() as u64,
+            data: self.update[self.sent..end].to_vec(),
+        };
+        self.sent = end;
+        Some(part)
+    }
 }
 
 impl Writer {
@@ -742,13 +769,12 @@ impl Writer {
             return self.feed(&msg).await;
         }
         if self.features.parts {
-            let total = update.len() as u64;
-            for data in update.chunks(PART_LEN) {
-                self.bulk.push_back(Message::Part {
-                    doc: doc.clone(),
+            if let Message::SyncStep2 { doc, update } | Message::Update { doc, update } = msg {
+                self.bulk.push_back(InParts {
+                    doc,
                     kind,
-                    total,
-                    data: data.to_vec(),
+                    update,
+                    sent: 0,
                 });
             }
             return Ok(());
@@ -825,9 +851,15 @@ impl Writer {
                     self.push_live(first, &mut bus).await?;
                 }
                 _ = std::future::ready(()), if !self.bulk.is_empty() => {
-                    if let Some(part) = self.bulk.pop_front() {
-                        self.feed(&part).await?;
-                        self.sink.flush().await?;
+                    let part = self.bulk.front_mut().and_then(InParts::next_part);
+                    match part {
+                        Some(part) => {
+                            self.feed(&part).await?;
+                            self.sink.flush().await?;
+                        }
+                        None => {
+                            self.bulk.pop_front();
+                        }
                     }
                 }
                 _ = mark_tick.tick(), if marks.is_some() && self.bulk.is_empty() => {
