@@ -37,7 +37,8 @@ pub struct PeerStatus {
     pub doc_errors: BTreeMap<String, String>,
     /// Per document: how much of this device's content the peer is not known to have yet, in
     /// Yjs clock units (one per inserted character, item or map write); 0 = in sync. Only for
-    /// documents whose state the peer has told us in this session.
+    /// documents whose state the peer has told us in this session and that are loaded now, at
+    /// most [`MAX_PENDING_SHOWN`] of them (`docs_done`/`docs_total` count them all).
     pub pending: BTreeMap<String, u64>,
     /// When the last update or sync answer from this peer arrived.
     #[serde(serialize_with = "ser_time")]
@@ -49,6 +50,9 @@ pub struct PeerStatus {
     /// The address of the last connection.
     pub address: Option<String>,
 }
+
+/// Most documents listed in [`PeerStatus::pending`].
+pub const MAX_PENDING_SHOWN: usize = 1000;
 
 fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     let secs = t
@@ -259,6 +263,7 @@ impl PeerTable {
                                 .filter_map(|(doc, known)| {
                                     Some((doc.clone(), missing(&local_sv(doc)?, known)))
                                 })
+                                .take(MAX_PENDING_SHOWN)
                                 .collect()
                         })
                         .unwrap_or_default(),

@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Value};
 
-use super::{proc_usage, trust_each_other, wait_for, AgentProc, BenchConfig, BenchError};
+use super::{proc_usage, trust_each_other, wait_for_every, AgentProc, BenchConfig, BenchError};
 use crate::client::Client;
 
 /// Requests in flight while creating documents.
 const WINDOW: usize = 512;
+/// How often progress is polled (every poll is a `status` request the agents answer).
+const POLL: Duration = Duration::from_millis(5);
 
 fn mb(kib: u64) -> f64 {
     (kib as f64 / 1024.0 * 10.0).round() / 10.0
@@ -111,7 +113,7 @@ pub(super) async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     let b = AgentProc::start(&exe, &db, "/ip4/127.0.0.1/tcp/0", &[&a_addr])?;
     let (stop_b, peak_b) = rss_sampler(vec![b.pid()]);
     let cb = Client::connect(&b.socket).await?;
-    let first_done = wait_for("the first sync of many documents", || async {
+    let first_done = wait_for_every(POLL, "the first sync of many documents", || async {
         docs_stored(&cb).await >= n as u64 && peer(&cb).await["caught_up"] == true
     })
     .await?;
@@ -129,17 +131,17 @@ pub(super) async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     let b_restarted = Instant::now();
     let b = AgentProc::start(&exe, &db, &b_addr, &[&a_addr])?;
     let cb = Client::connect(&b.socket).await?;
-    let connected = wait_for("b to reconnect", || async {
+    let connected = wait_for_every(POLL, "b to reconnect", || async {
         peer(&cb).await["syncing"] == true
     })
     .await?;
-    let changed = wait_for("the changed document", || async {
+    let changed = wait_for_every(POLL, "the changed document", || async {
         cb.doc_get("doc/000042")
             .await
             .is_ok_and(|d| d["m"]["k"] == "changed")
     })
     .await?;
-    wait_for("b to catch up", || async {
+    wait_for_every(POLL, "b to catch up", || async {
         peer(&cb).await["caught_up"] == true
     })
     .await?;
@@ -229,7 +231,7 @@ async fn large_doc(exe: &Path, root: &Path, size_mb: usize) -> Result<Value, Ben
     let e = AgentProc::start(exe, &de, "/ip4/127.0.0.1/tcp/0", &[&d.addr])?;
     let (stop_e, peak_e) = rss_sampler(vec![e.pid()]);
     let ce = Client::connect(&e.socket).await?;
-    let done = wait_for("the large document's first sync", || async {
+    let done = wait_for_every(POLL, "the large document's first sync", || async {
         target.is_some() && super::state_vector(&ce, "large").await == target
     })
     .await?;

@@ -166,7 +166,20 @@ fn trust_each_other(dirs: &[&Path]) -> Result<(), BenchError> {
     Ok(())
 }
 
-async fn wait_for<F, Fut>(what: &'static str, mut cond: F) -> Result<Instant, BenchError>
+async fn wait_for<F, Fut>(what: &'static str, cond: F) -> Result<Instant, BenchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    wait_for_every(Duration::from_micros(500), what, cond).await
+}
+
+/// Polls `cond` every `every` until it holds; the time it first held.
+async fn wait_for_every<F, Fut>(
+    every: Duration,
+    what: &'static str,
+    mut cond: F,
+) -> Result<Instant, BenchError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -176,7 +189,7 @@ where
         if start.elapsed() > LIMIT {
             return Err(BenchError::Timeout(what, LIMIT));
         }
-        tokio::time::sleep(Duration::from_micros(500)).await;
+        tokio::time::sleep(every).await;
     }
     Ok(Instant::now())
 }

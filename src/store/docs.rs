@@ -19,6 +19,8 @@
 //! Creating a document costs a few inserts into existing trees (no sled tree per document).
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -94,6 +96,8 @@ pub struct DocStore {
     checkpoints: sled::Tree,
     local_writes: sled::Tree,
     epoch: u64,
+    /// How many documents are stored (sled counts a tree by walking it).
+    count: Arc<AtomicUsize>,
 }
 
 impl DocStore {
@@ -109,6 +113,7 @@ impl DocStore {
             checkpoints: db.open_tree("checkpoints")?,
             local_writes: db.open_tree("local_writes")?,
             epoch: 0,
+            count: Arc::default(),
         };
         if meta.get("layout")?.is_none() {
             store.migrate_layout_1()?;
@@ -128,6 +133,7 @@ impl DocStore {
             }
         };
         db.flush()?;
+        store.count.store(store.names.len(), Ordering::Relaxed);
         Ok(Self { epoch, ..store })
     }
 
@@ -230,7 +236,7 @@ impl DocStore {
 
     /// How many documents are stored.
     pub fn count(&self) -> usize {
-        self.names.len()
+        self.count.load(Ordering::Relaxed)
     }
 
     /// A page of documents with their metadata: names sorted, strictly after `after`.
@@ -355,7 +361,9 @@ impl DocStore {
         meta.log_bytes += bytes;
         meta.updated_ms = now_ms();
         meta.by = by.map(str::to_string);
-        self.names.insert(name, encode_meta(meta))?;
+        if self.names.insert(name, encode_meta(meta))?.is_none() {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -410,7 +418,9 @@ impl DocStore {
         for key in self.local_writes.scan_prefix(doc_prefix(name)).keys() {
             self.local_writes.remove(key?)?;
         }
-        self.names.remove(name)?;
+        if self.names.remove(name)?.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
         Ok(true)
     }
 
