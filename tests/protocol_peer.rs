@@ -357,6 +357,11 @@ async fn assert_still_serving(a: &AgentHandle, b: &AgentHandle) {
     b.shutdown().await.unwrap();
 }
 
+/// Sends one message on a raw stream.
+async fn send(transport: &mut Transport, msg: &Message) {
+    transport.send(msg.encode().unwrap()).await.unwrap();
+}
+
 /// Reads frames until `want` matches one (bounded in time); returns everything read.
 async fn read_until(transport: &mut Transport, want: impl Fn(&Message) -> bool) -> Vec<Message> {
     let mut out = Vec::new();
@@ -396,10 +401,7 @@ async fn a_peer_without_features_gets_the_plain_protocol() {
     a.trust_add(keypair.public().to_peer_id(), "plain").unwrap();
     let mut raw = raw_peer_with(keypair, &a).await;
     let mut transport = open(&mut raw, &a).await.unwrap();
-    transport
-        .send(hello(PROTOCOL_VERSION).encode().unwrap())
-        .await
-        .unwrap();
+    send(&mut transport, &hello(PROTOCOL_VERSION)).await;
     let got = read_until(
         &mut transport,
         |m| matches!(m, Message::SyncStep1 { doc, .. } if doc == "notes"),
@@ -414,14 +416,7 @@ async fn a_peer_without_features_gets_the_plain_protocol() {
         panic!("Hello first: {got:?}")
     };
     assert!(theirs.features().feed && theirs.features().parts);
-    transport
-        .send(
-            Message::FeedRequest { epoch: 0, after: 0 }
-                .encode()
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    send(&mut transport, &Message::FeedRequest { epoch: 0, after: 0 }).await;
     let rest = read_all(&mut transport).await;
     assert!(
         !got.iter().chain(&rest).any(|m| matches!(
@@ -460,21 +455,14 @@ async fn a_feature_peer_cannot_stall_or_overflow_the_agent() {
     });
 
     let mut transport = open(&mut raw, &a).await.unwrap();
-    transport.send(featured.encode().unwrap()).await.unwrap();
+    send(&mut transport, &featured).await;
     // The agent asks for our changes (we have no checkpoint of its feed: it lists everything).
     let got = read_until(&mut transport, |m| matches!(m, Message::FeedRequest { .. })).await;
     assert!(
         matches!(got.last(), Some(Message::FeedRequest { .. })),
         "{got:?}"
     );
-    transport
-        .send(
-            Message::FeedRequest { epoch: 0, after: 0 }
-                .encode()
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    send(&mut transport, &Message::FeedRequest { epoch: 0, after: 0 }).await;
     let mut listed = Vec::new();
     let pages = read_until(&mut transport, |m| {
         matches!(m, Message::FeedPage { last: true, .. })
@@ -495,12 +483,12 @@ async fn a_feature_peer_cannot_stall_or_overflow_the_agent() {
         total: 8 << 20,
         data: vec![0; 1024],
     };
-    transport.send(part.encode().unwrap()).await.unwrap();
+    send(&mut transport, &part).await;
     let update = Message::Update {
         doc: "beside".into(),
         update: update_setting("k", "arrived"),
     };
-    transport.send(update.encode().unwrap()).await.unwrap();
+    send(&mut transport, &update).await;
     wait_until(LIMIT, "the update beside an unfinished transfer", || {
         a.open_doc("beside").unwrap().to_json()["m"]["k"] == "arrived"
     })
@@ -512,20 +500,20 @@ async fn a_feature_peer_cannot_stall_or_overflow_the_agent() {
         docs: (0..513).map(|i| format!("d{i}")).collect(),
         last: true,
     };
-    transport.send(page.encode().unwrap()).await.unwrap();
+    send(&mut transport, &page).await;
     let (code, message) = refusal(&read_all(&mut transport).await).expect("a Refuse frame");
     assert_eq!(code, RefuseCode::ProtocolViolation, "{message}");
 
     // A piece over 1 MiB.
     let mut transport = open(&mut raw, &a).await.unwrap();
-    transport.send(featured.encode().unwrap()).await.unwrap();
+    send(&mut transport, &featured).await;
     let part = Message::Part {
         doc: "big".into(),
         kind: 4,
         total: 4 << 20,
         data: vec![0; (1 << 20) + 1],
     };
-    transport.send(part.encode().unwrap()).await.unwrap();
+    send(&mut transport, &part).await;
     let (code, message) = refusal(&read_all(&mut transport).await).expect("a Refuse frame");
     assert_eq!(code, RefuseCode::ProtocolViolation, "{message}");
     assert!(!a.list_docs().unwrap().contains(&"never".to_string()));

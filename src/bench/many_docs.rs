@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde_json::{json, Value};
 
-use super::{proc_usage, trust_each_other, wait_for_every, AgentProc, BenchConfig, BenchError};
+use super::{proc_usage, trusted_pair, wait_for_every, AgentProc, BenchConfig, BenchError};
 use crate::client::Client;
 
 /// Requests in flight while creating documents.
@@ -70,10 +70,7 @@ fn rss_sampler(
 pub(super) async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     let exe = std::env::current_exe()?;
     let root = tempfile::tempdir()?;
-    let (da, db) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&da)?;
-    std::fs::create_dir_all(&db)?;
-    trust_each_other(&[&da, &db])?;
+    let (da, db) = trusted_pair(root.path(), "a", "b")?;
     let n = config.docs;
 
     // Create N documents of one key, pipelined through IPC.
@@ -214,10 +211,7 @@ async fn large_doc(exe: &Path, root: &Path, size_mb: usize) -> Result<Value, Ben
     if size_mb == 0 {
         return Ok(json!({ "first_sync_s": null, "rss_mb": null }));
     }
-    let (dd, de) = (root.join("d"), root.join("e"));
-    std::fs::create_dir_all(&dd)?;
-    std::fs::create_dir_all(&de)?;
-    trust_each_other(&[&dd, &de])?;
+    let (dd, de) = trusted_pair(root, "d", "e")?;
     let d = AgentProc::start(exe, &dd, "/ip4/127.0.0.1/tcp/0", &[])?;
     let cd = Client::connect(&d.socket).await?;
     let piece = "x".repeat(4 << 20);

@@ -145,6 +145,15 @@ impl AgentProc {
     }
 }
 
+/// Makes data dirs `root/a` and `root/b` whose agents trust each other (before they start).
+fn trusted_pair(root: &Path, a: &str, b: &str) -> Result<(PathBuf, PathBuf), BenchError> {
+    let (da, db) = (root.join(a), root.join(b));
+    std::fs::create_dir_all(&da)?;
+    std::fs::create_dir_all(&db)?;
+    trust_each_other(&[&da, &db])?;
+    Ok((da, db))
+}
+
 /// Makes the agents in `dirs` trust each other (before they start).
 fn trust_each_other(dirs: &[&Path]) -> Result<(), BenchError> {
     let ids: Vec<_> = dirs
@@ -295,10 +304,7 @@ async fn pipelined_sets(
 pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     let exe = std::env::current_exe()?;
     let root = tempfile::tempdir()?;
-    let (da, db) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&da)?;
-    std::fs::create_dir_all(&db)?;
-    trust_each_other(&[&da, &db])?;
+    let (da, db) = trusted_pair(root.path(), "a", "b")?;
     let a = AgentProc::start(&exe, &da, "/ip4/127.0.0.1/tcp/0", &[])?;
     let b = AgentProc::start(&exe, &db, "/ip4/127.0.0.1/tcp/0", &[&a.addr])?;
     let ca = Arc::new(Client::connect(&a.socket).await?);
@@ -383,10 +389,7 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     let caught_up = wait_for("the catch-up", || same_sv(&ca, &cb, "offline")).await?;
 
     // First sync of a 10 MB document to a new device.
-    let (dd, de) = (root.path().join("d"), root.path().join("e"));
-    std::fs::create_dir_all(&dd)?;
-    std::fs::create_dir_all(&de)?;
-    trust_each_other(&[&dd, &de])?;
+    let (dd, de) = trusted_pair(root.path(), "d", "e")?;
     let d = AgentProc::start(&exe, &dd, "/ip4/127.0.0.1/tcp/0", &[])?;
     let cd = Client::connect(&d.socket).await?;
     let chunk = "x".repeat(64 * 1024);
