@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use yrs::{Any, Map, Out, ReadTxn, Transact};
+use yrs::{Any, Map, Out, ReadTxn};
 
 use crate::docs::{DocError, DocRegistry, DELETED_MAP as MAP};
 
@@ -109,10 +109,4 @@ fn deleted_at<T: ReadTxn>(_txn: &T, value: &Out) -> Option<f64> {
         },
         _ => None,
     }
-}
-
-/// Whether the tombstones document `doc` marks `name` deleted (for tests and tools).
-pub fn is_tombstoned(doc: &yrs::Doc, name: &str) -> bool {
-    let map = doc.get_or_insert_map(MAP);
-    map.contains_key(&doc.transact(), name)
 }

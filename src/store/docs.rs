@@ -462,12 +462,6 @@ impl DocStore {
         Ok(())
     }
 
-    /// Forgets every checkpoint this device holds of `peer`'s feed.
-    pub fn clear_checkpoint(&self, peer: &[u8]) -> Result<(), StoreError> {
-        self.checkpoints.remove(peer)?;
-        Ok(())
-    }
-
     /// Makes every write so far durable (one fsync for all of them).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
