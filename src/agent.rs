@@ -9,6 +9,7 @@ use libp2p::{Multiaddr, PeerId};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::apps::AppRegistry;
 use crate::discovery::{Announcement, DiscoveryConfig, InterfaceReport};
 use crate::docs::{DocError, DocHandle, DocRegistry};
 use crate::identity::{self, IdentityError};
@@ -16,9 +17,10 @@ use crate::net::{
     self, ConnectTarget, Neighborhood, NetCommand, NetError, Network, NetworkDeps, RedialPolicy,
 };
 use crate::pairing::{self, HostEvent, LocalDevice, PairError, Paired, PairingCode};
+use crate::presence::PresenceHub;
 use crate::status::{PeerStatus, PeerTable};
 use crate::store::writer::{self, CompactionPolicy};
-use crate::store::{self as store, DocStore, StoreError, TrustStore, TrustedDevice};
+use crate::store::{self as store, AppStore, DocStore, StoreError, TrustStore, TrustedDevice};
 use crate::sync::session::SessionCtx;
 
 /// How to start an agent.
@@ -104,6 +106,10 @@ pub struct AgentStatus {
     pub docs_loaded: usize,
     pub cache_bytes: usize,
     pub cache_budget_bytes: usize,
+    /// Where the y-websocket endpoint listens (`None`: not serving).
+    pub ws_endpoint: Option<String>,
+    /// Clients present (awareness states) over all documents, local and from other devices.
+    pub present: usize,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -112,6 +118,9 @@ struct Inner {
     device_name: String,
     data_dir: PathBuf,
     registry: Arc<DocRegistry>,
+    presence: Arc<PresenceHub>,
+    apps: Arc<AppRegistry>,
+    ws_endpoint: RwLock<Option<std::net::SocketAddr>>,
     /// `None` once shut down, so the database can be reopened while handles remain.
     trust: RwLock<Option<TrustStore>>,
     peers: Arc<PeerTable>,
@@ -163,9 +172,13 @@ impl Agent {
         }
         let peers = Arc::new(PeerTable::default());
         let listen_addrs = Arc::new(RwLock::new(Vec::new()));
+        let presence = Arc::new(PresenceHub::default());
+        tokio::spawn(PresenceHub::expire_forever(Arc::downgrade(&presence)));
+        let apps = Arc::new(AppRegistry::load(AppStore::open(&db)?)?);
         let ctx = Arc::new(SessionCtx {
             registry: registry.clone(),
             peers: peers.clone(),
+            presence: presence.clone(),
         });
         let swarm = net::build_swarm(keypair)?;
         let control = swarm.behaviour().stream.new_control();
@@ -211,6 +224,9 @@ impl Agent {
                 device_name: config.device_name,
                 data_dir: config.data_dir,
                 registry,
+                presence,
+                apps,
+                ws_endpoint: RwLock::new(None),
                 trust: RwLock::new(Some(trust)),
                 peers,
                 listen_addrs,
@@ -348,6 +364,8 @@ impl AgentHandle {
             docs_loaded: self.inner.registry.cache_usage().0,
             cache_bytes: self.inner.registry.cache_usage().1,
             cache_budget_bytes: self.inner.registry.cache_budget(),
+            ws_endpoint: self.ws_endpoint().map(|a| format!("ws://{a}")),
+            present: self.inner.presence.present(),
             // Pending work is shown for loaded documents only: status never loads documents.
             peers: self.inner.peers.snapshot(&trusted, |doc| {
                 use yrs::{ReadTxn, Transact};
@@ -357,6 +375,33 @@ impl AgentHandle {
                     .map(|live| live.yrs().transact().state_vector())
             }),
         })
+    }
+
+    /// Presence (Yjs awareness) of every document: local apps' and other devices'.
+    pub fn presence(&self) -> &Arc<PresenceHub> {
+        &self.inner.presence
+    }
+
+    /// The apps allowed to use the y-websocket endpoint, and their tokens.
+    pub fn apps(&self) -> &Arc<AppRegistry> {
+        &self.inner.apps
+    }
+
+    /// Where the y-websocket endpoint listens, once [`crate::bridge::serve`] started it.
+    pub fn ws_endpoint(&self) -> Option<std::net::SocketAddr> {
+        *self
+            .inner
+            .ws_endpoint
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_ws_endpoint(&self, addr: Option<std::net::SocketAddr>) {
+        *self
+            .inner
+            .ws_endpoint
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = addr;
     }
 
     /// Opens a pairing code for `expiry` (advertised over mDNS while open). The receiver reports

@@ -204,9 +204,74 @@ impl Client {
             index: None,
             delete: 0,
             insert: text.into(),
+            offsets: None,
         })
         .await
         .map(drop)
+    }
+
+    /// Scopes this connection to an app's token (its documents only, read-only if it is).
+    pub async fn app_auth(&self, token: &str) -> Result<Value, ClientError> {
+        self.request(RequestBody::AppAuth {
+            token: token.into(),
+        })
+        .await
+    }
+
+    /// Creates an app for the y-websocket endpoint; returns `(app, token)`.
+    pub async fn app_add(
+        &self,
+        name: &str,
+        origins: &[&str],
+        prefixes: &[&str],
+        read_only: bool,
+    ) -> Result<(Value, String), ClientError> {
+        let answer = self
+            .request(RequestBody::AppAdd {
+                name: name.into(),
+                origins: origins.iter().map(|s| s.to_string()).collect(),
+                prefixes: prefixes.iter().map(|s| s.to_string()).collect(),
+                read_only,
+            })
+            .await?;
+        let token = answer["token"].as_str().unwrap_or_default().to_string();
+        Ok((answer["app"].clone(), token))
+    }
+
+    /// Revokes an app's token; returns whether the app existed.
+    pub async fn app_remove(&self, name: &str) -> Result<bool, ClientError> {
+        let answer = self
+            .request(RequestBody::AppRemove { name: name.into() })
+            .await?;
+        Ok(answer["removed"] == true)
+    }
+
+    /// Sets this connection's presence in `doc` (`Value::Null` to leave); returns its client id.
+    /// The agent keeps it alive while the connection is open.
+    pub async fn awareness_set(&self, doc: &str, state: Value) -> Result<u64, ClientError> {
+        let answer = self
+            .request(RequestBody::AwarenessSet {
+                doc: doc.into(),
+                state,
+            })
+            .await?;
+        Ok(answer["client"].as_u64().unwrap_or_default())
+    }
+
+    /// Who is present in `doc`: `[{"client", "clock", "state"}]`.
+    pub async fn awareness_get(&self, doc: &str) -> Result<Value, ClientError> {
+        Ok(self
+            .request(RequestBody::AwarenessGet { doc: doc.into() })
+            .await?["states"]
+            .clone())
+    }
+
+    /// Subscribes to presence changes in `doc` (`Event::Awareness`); returns the subscription id.
+    pub async fn awareness_subscribe(&self, doc: &str) -> Result<u64, ClientError> {
+        let answer = self
+            .request(RequestBody::AwarenessSubscribe { doc: doc.into() })
+            .await?;
+        Ok(answer["subscription"].as_u64().unwrap_or_default())
     }
 
     /// Applies a Yjs update (v1); returns once durable.
@@ -233,7 +298,10 @@ impl Client {
     /// Subscribes to a document's changes; events arrive on [`Client::take_events`].
     pub async fn subscribe(&self, doc: &str) -> Result<u64, ClientError> {
         let value = self
-            .request(RequestBody::DocSubscribe { doc: doc.into() })
+            .request(RequestBody::DocSubscribe {
+                doc: doc.into(),
+                state_vector: None,
+            })
             .await?;
         value["subscription"]
             .as_u64()

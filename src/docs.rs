@@ -64,6 +64,9 @@ pub struct DocUpdate {
     pub state: Arc<StateVector>,
     /// The document was deleted (on this device or another one); `update` is empty.
     pub deleted: bool,
+    /// The local client (an IPC or y-websocket connection) that made the change, so it can
+    /// tell its own changes from others'; 0 when none did.
+    pub client: u64,
 }
 
 /// The outcome of applying an update.
@@ -386,7 +389,7 @@ impl DocRegistry {
         match self.open(DELETED_DOC) {
             Ok(tombstones) => {
                 let map = tombstones.doc.get_or_insert_map(DELETED_MAP);
-                let (_, _durable) = self.transact(&tombstones, |txn| {
+                let (_, _durable) = self.transact(&tombstones, 0, |txn| {
                     map.remove(txn, name);
                 });
             }
@@ -411,6 +414,7 @@ impl DocRegistry {
                 origin: Origin::Local,
                 state: Arc::new(StateVector::default()),
                 deleted: true,
+                client: 0,
             };
             if let Some(events) = lock(&live.events).as_ref() {
                 let _ = events.send(event);
@@ -430,6 +434,17 @@ impl DocRegistry {
         name: &str,
         bytes: &[u8],
         origin: Origin,
+    ) -> Result<Applied, DocError> {
+        self.apply_update_by(name, bytes, origin, 0)
+    }
+
+    /// [`DocRegistry::apply_update`], made by local client `client` (see [`DocUpdate::client`]).
+    pub fn apply_update_by(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        origin: Origin,
+        client: u64,
     ) -> Result<Applied, DocError> {
         let invalid = |reason: String| DocError::InvalidUpdate {
             doc: name.to_string(),
@@ -476,7 +491,7 @@ impl DocRegistry {
             });
         }
         if let Some((delta, state)) = delta {
-            self.publish(&live, delta, origin, state);
+            self.publish(&live, delta, origin, state, client);
             self.refresh_tombstones(&live);
         }
         // Store what was received: it may hold not-yet-integrable parts the delta lacks.
@@ -499,6 +514,7 @@ impl DocRegistry {
     pub fn transact<R>(
         &self,
         live: &LiveDoc,
+        client: u64,
         f: impl FnOnce(&mut TransactionMut<'_>) -> R,
     ) -> (
         R,
@@ -511,7 +527,13 @@ impl DocRegistry {
         }
         self.undelete_for_local_write(&live.name);
         let update = Bytes::from(txn.encode_update_v1());
-        self.publish(live, update.clone(), Origin::Local, txn.state_vector());
+        self.publish(
+            live,
+            update.clone(),
+            Origin::Local,
+            txn.state_vector(),
+            client,
+        );
         let ack = self
             .writer
             .append(self.append_op(live, update, Origin::Local));
@@ -619,13 +641,21 @@ impl DocRegistry {
             .insert((map.to_string(), key.to_string()), write);
     }
 
-    fn publish(&self, live: &LiveDoc, update: Bytes, origin: Origin, state: StateVector) {
+    fn publish(
+        &self,
+        live: &LiveDoc,
+        update: Bytes,
+        origin: Origin,
+        state: StateVector,
+        client: u64,
+    ) {
         let event = DocUpdate {
             doc: live.name.clone(),
             update,
             origin,
             state: Arc::new(state),
             deleted: false,
+            client,
         };
         // No receivers is fine: nobody is listening right now.
         if let Some(events) = lock(&live.events).as_ref() {
@@ -657,16 +687,50 @@ impl Durable {
     }
 }
 
+/// The unit of text offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextOffsets {
+    /// UTF-8 bytes (Rust strings, the yrs default).
+    Utf8,
+    /// UTF-16 code units (JavaScript strings).
+    Utf16,
+}
+
+/// The byte offset of UTF-16 offset `units` in `text` (clamped to its end).
+fn utf16_to_byte(text: &str, units: usize) -> usize {
+    let mut seen = 0;
+    for (at, c) in text.char_indices() {
+        if seen >= units {
+            return at;
+        }
+        seen += c.len_utf16();
+    }
+    text.len()
+}
+
 /// A handle on one document of a running agent. Cheap to clone.
 #[derive(Clone)]
 pub struct DocHandle {
     live: Arc<LiveDoc>,
     registry: Arc<DocRegistry>,
+    /// Stamped on the changes made through this handle ([`DocUpdate::client`]).
+    client: u64,
 }
 
 impl DocHandle {
     pub(crate) fn new(live: Arc<LiveDoc>, registry: Arc<DocRegistry>) -> Self {
-        Self { live, registry }
+        Self {
+            live,
+            registry,
+            client: 0,
+        }
+    }
+
+    /// The same document, with changes made through the returned handle marked as made by
+    /// local client `client` (an IPC or y-websocket connection).
+    pub fn for_client(mut self, client: u64) -> Self {
+        self.client = client;
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -690,7 +754,7 @@ impl DocHandle {
         &self,
         f: impl FnOnce(&mut TransactionMut<'_>) -> R,
     ) -> (R, Durable) {
-        let (result, ack) = self.registry.transact(&self.live, f);
+        let (result, ack) = self.registry.transact(&self.live, self.client, f);
         (result, self.durable(ack))
     }
 
@@ -701,9 +765,9 @@ impl DocHandle {
 
     /// Applies a Yjs update now; the [`Durable`] completes once it is on disk.
     pub fn apply_update_deferred(&self, update: &[u8]) -> Result<Durable, DocError> {
-        let applied = self
-            .registry
-            .apply_update(&self.live.name, update, Origin::Local)?;
+        let applied =
+            self.registry
+                .apply_update_by(&self.live.name, update, Origin::Local, self.client)?;
         Ok(self.durable(applied.durable))
     }
 
@@ -796,36 +860,75 @@ impl DocHandle {
         delete: u32,
         insert: &str,
     ) -> (u32, Durable) {
+        self.edit_text_in_deferred(name, index, delete, insert, TextOffsets::Utf8)
+    }
+
+    /// [`DocHandle::edit_text_deferred`] with `index`, `delete` and the returned length in
+    /// `offsets` units (UTF-16 code units are what JavaScript strings index by).
+    pub fn edit_text_in_deferred(
+        &self,
+        name: &str,
+        index: Option<u32>,
+        delete: u32,
+        insert: &str,
+        offsets: TextOffsets,
+    ) -> (u32, Durable) {
         let root = self.live.doc.get_or_insert_text(name);
         self.transact_deferred(|txn| {
-            // Offsets are UTF-8 bytes (the yrs default). An append needs no look at the text;
-            // any other edit snaps both ends to character boundaries so it cannot split one.
-            let len = root.len(txn);
-            let (at, delete) = match index {
-                None if delete == 0 => (len, 0),
-                Some(i) if i >= len && delete == 0 => (len, 0),
-                _ => {
+            let (index, delete) = match (offsets, index) {
+                (TextOffsets::Utf16, Some(i)) => {
                     let current = root.get_string(txn);
-                    let len = current.len();
-                    let mut at = index.map_or(len, |i| (i as usize).min(len));
-                    while !current.is_char_boundary(at) {
-                        at -= 1;
-                    }
-                    let mut end = at.saturating_add(delete as usize).min(len);
-                    while !current.is_char_boundary(end) {
-                        end += 1;
-                    }
-                    (at as u32, (end - at) as u32)
+                    let at = utf16_to_byte(&current, i as usize);
+                    let end = utf16_to_byte(&current, (i as usize).saturating_add(delete as usize));
+                    (Some(at as u32), (end - at) as u32)
                 }
+                (TextOffsets::Utf16, None) => (None, 0),
+                (TextOffsets::Utf8, index) => (index, delete),
             };
-            if delete > 0 {
-                root.remove_range(txn, at, delete);
+            let len = Self::edit_text_in(&root, txn, index, delete, insert);
+            match offsets {
+                TextOffsets::Utf8 => len,
+                TextOffsets::Utf16 => root.get_string(txn).encode_utf16().count() as u32,
             }
-            if !insert.is_empty() {
-                root.insert(txn, at, insert);
-            }
-            root.len(txn)
         })
+    }
+
+    /// Edits `root` at a UTF-8 byte `index` (snapped to character boundaries); returns the new
+    /// length in bytes.
+    fn edit_text_in(
+        root: &yrs::TextRef,
+        txn: &mut TransactionMut<'_>,
+        index: Option<u32>,
+        delete: u32,
+        insert: &str,
+    ) -> u32 {
+        // Offsets are UTF-8 bytes (the yrs default). An append needs no look at the text;
+        // any other edit snaps both ends to character boundaries so it cannot split one.
+        let len = root.len(txn);
+        let (at, delete) = match index {
+            None if delete == 0 => (len, 0),
+            Some(i) if i >= len && delete == 0 => (len, 0),
+            _ => {
+                let current = root.get_string(txn);
+                let len = current.len();
+                let mut at = index.map_or(len, |i| (i as usize).min(len));
+                while !current.is_char_boundary(at) {
+                    at -= 1;
+                }
+                let mut end = at.saturating_add(delete as usize).min(len);
+                while !current.is_char_boundary(end) {
+                    end += 1;
+                }
+                (at as u32, (end - at) as u32)
+            }
+        };
+        if delete > 0 {
+            root.remove_range(txn, at, delete);
+        }
+        if !insert.is_empty() {
+            root.insert(txn, at, insert);
+        }
+        root.len(txn)
     }
 
     /// The root text `name` as a string (empty if absent).

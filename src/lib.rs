@@ -23,10 +23,15 @@
 //! - [`net`]: the libp2p swarm, trust gating, redial.
 //! - [`agent`]: ties it together behind [`AgentHandle`].
 //! - [`ipc`]: the local JSON-lines socket apps use; [`client`]: its async Rust client.
+//! - [`bridge`]: the y-websocket endpoint, so unmodified Yjs apps use the agent as provider;
+//!   [`apps`]: the per-app tokens it (and a scoped IPC connection) requires;
+//!   [`presence`]: awareness (cursors, who is here), shared by apps and devices.
 //! - [`demo`]: the two-agent demonstration run by `devicelink demo`.
 
 pub mod agent;
+pub mod apps;
 pub mod bench;
+pub mod bridge;
 pub mod client;
 pub mod conflict;
 pub mod demo;
@@ -39,6 +44,7 @@ pub mod ipc;
 pub mod lifecycle;
 pub mod net;
 pub mod pairing;
+pub mod presence;
 pub mod status;
 pub mod store;
 pub mod sync;

@@ -57,7 +57,17 @@ enum Command {
         /// (they load again when an app or a peer needs them).
         #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
         doc_cache_mb: u64,
+        /// Serve Yjs apps (y-websocket) on this loopback address. Default: 127.0.0.1:4455, or
+        /// none if that port is taken.
+        #[arg(long, value_name = "ADDR")]
+        ws: Option<std::net::SocketAddr>,
+        /// Do not serve y-websocket clients.
+        #[arg(long, conflicts_with = "ws")]
+        no_ws: bool,
     },
+    /// Manage the apps allowed to use the y-websocket endpoint (tokens).
+    #[command(subcommand)]
+    App(AppCommand),
     /// Link this device with another: without CODE, open a code and wait; with CODE, join the
     /// device showing it.
     Pair {
@@ -183,6 +193,28 @@ enum TrustCommand {
 }
 
 #[derive(Subcommand)]
+enum AppCommand {
+    /// Create an app and print its token (shown only once).
+    Add {
+        name: String,
+        /// A browser origin allowed to connect, like http://localhost:5173 (repeatable).
+        /// Clients that send no Origin (Node, native apps) are allowed.
+        #[arg(long = "origin")]
+        origins: Vec<String>,
+        /// Limit the app to documents whose names start with PREFIX (repeatable).
+        #[arg(long = "docs", value_name = "PREFIX")]
+        prefixes: Vec<String>,
+        /// The app may read and follow documents, not change them.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List apps (never their tokens).
+    List,
+    /// Revoke an app's token; its open connections end at once.
+    Remove { name: String },
+}
+
+#[derive(Subcommand)]
 enum DocCommand {
     /// List documents with their size, last change and the device it came from.
     List,
@@ -274,6 +306,8 @@ async fn run(cli: Cli) -> Result<()> {
             no_mdns,
             mdns_loopback,
             doc_cache_mb,
+            ws,
+            no_ws,
         } => {
             let discovery = if no_mdns {
                 devicelink::discovery::DiscoveryConfig::default()
@@ -285,9 +319,22 @@ async fn run(cli: Cli) -> Result<()> {
                     ..Default::default()
                 }
             };
-            let cache = usize::try_from(doc_cache_mb << 20).unwrap_or(usize::MAX);
-            run_agent(&global, listen, peer, name, discovery, cache).await
+            let mut config = AgentConfig::new(global.data_dir()?);
+            config.doc_cache_bytes = usize::try_from(doc_cache_mb << 20).unwrap_or(usize::MAX);
+            config.listen = listen;
+            config.peers = peer;
+            config.discovery = discovery;
+            if let Some(name) = name {
+                config.device_name = name;
+            }
+            let ws = match (ws, no_ws) {
+                (_, true) => WsChoice::Off,
+                (Some(addr), false) => WsChoice::At(addr),
+                (None, false) => WsChoice::Default,
+            };
+            run_agent(&global, config, ws).await
         }
+        Command::App(command) => app(&global, command).await,
         Command::Pair {
             code,
             peer,
@@ -420,22 +467,16 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn run_agent(
-    global: &Global,
-    listen: Vec<Multiaddr>,
-    peers: Vec<Multiaddr>,
-    name: Option<String>,
-    discovery: devicelink::discovery::DiscoveryConfig,
-    doc_cache_bytes: usize,
-) -> Result<()> {
-    let mut config = AgentConfig::new(global.data_dir()?);
-    config.doc_cache_bytes = doc_cache_bytes;
-    config.listen = listen;
-    config.peers = peers;
-    config.discovery = discovery;
-    if let Some(name) = name {
-        config.device_name = name;
-    }
+/// Where the y-websocket endpoint should listen.
+enum WsChoice {
+    /// The default address, skipped with a warning if it is taken (another agent, another app).
+    Default,
+    /// An address the user asked for: failing to listen there is an error.
+    At(std::net::SocketAddr),
+    Off,
+}
+
+async fn run_agent(global: &Global, config: AgentConfig, ws: WsChoice) -> Result<()> {
     let agent = Agent::start(config).await?;
     let socket = global.socket()?;
     let server = ipc::server::serve(agent.clone(), socket).await;
@@ -450,6 +491,32 @@ async fn run_agent(
     for addr in agent.listen_addrs() {
         println!("listening: {addr}");
     }
+    let endpoint = match ws {
+        WsChoice::Off => None,
+        WsChoice::At(addr) => match devicelink::bridge::serve(agent.clone(), addr).await {
+            Ok(endpoint) => Some(endpoint),
+            Err(e) => {
+                drop(server);
+                agent.shutdown().await?;
+                return Err(e.into());
+            }
+        },
+        WsChoice::Default => {
+            let addr = devicelink::bridge::DEFAULT_ADDR
+                .parse()
+                .context("default endpoint address")?;
+            match devicelink::bridge::serve(agent.clone(), addr).await {
+                Ok(endpoint) => Some(endpoint),
+                Err(e) => {
+                    tracing::warn!("{e}; Yjs apps cannot connect to this agent");
+                    None
+                }
+            }
+        }
+    };
+    if let Some(endpoint) = &endpoint {
+        println!("websocket: ws://{}", endpoint.addr());
+    }
     println!("ipc socket: {}", server.path().display());
     use std::io::Write as _;
     std::io::stdout().flush()?;
@@ -460,6 +527,7 @@ async fn run_agent(
         _ = term.recv() => {}
     }
     eprintln!("stopping: flushing to disk");
+    drop(endpoint);
     drop(server);
     agent.shutdown().await?;
     Ok(())
@@ -515,6 +583,53 @@ async fn trust(global: &Global, command: TrustCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn app(global: &Global, command: AppCommand) -> Result<()> {
+    let body = match command {
+        AppCommand::Add {
+            name,
+            origins,
+            prefixes,
+            read_only,
+        } => RequestBody::AppAdd {
+            name,
+            origins,
+            prefixes,
+            read_only,
+        },
+        AppCommand::List => RequestBody::AppList,
+        AppCommand::Remove { name } => RequestBody::AppRemove { name },
+    };
+    // Through the running agent if there is one (a removal then ends open connections).
+    let result = match global.client().await {
+        Ok(client) => client.request(body).await?,
+        Err(e)
+            if matches!(
+                e.downcast_ref::<ClientError>(),
+                Some(ClientError::NotRunning(_))
+            ) =>
+        {
+            let data_dir = global.data_dir()?;
+            devicelink::identity::create_private_dir(&data_dir)?;
+            let db = store::open_db(&data_dir)?;
+            let apps = devicelink::apps::AppRegistry::load(store::AppStore::open(&db)?)?;
+            devicelink::ipc::scope::app_request(&apps, body)
+                .map_err(|(_, message)| anyhow::anyhow!(message))?
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(token) = result["token"].as_str() {
+        println!(
+            "app {:?} added; its token (shown only now):",
+            result["app"]["name"].as_str().unwrap_or_default()
+        );
+        println!("{token}");
+        let port = devicelink::bridge::DEFAULT_ADDR;
+        eprintln!("connect: new WebsocketProvider('ws://{port}', DOC, ydoc, {{ params: {{ token: '{token}' }} }})");
+        return Ok(());
+    }
+    print_json(&result)
 }
 
 async fn doc(global: &Global, command: DocCommand) -> Result<()> {

@@ -435,6 +435,19 @@ fn vectors() -> Vec<Vector> {
             ),
             Check::Version { accepted: true },
         ),
+        v(
+            "hello_1_4_awareness.bin",
+            hello(
+                1,
+                4,
+                "laptop",
+                &[
+                    "/ip4/10.0.0.2/tcp/4001",
+                    "devicelink-features:feed,parts,awareness",
+                ],
+            ),
+            Check::Version { accepted: true },
+        ),
         // FeedRequest (tag 6)
         v(
             "feed_request_first.bin",
@@ -500,7 +513,35 @@ fn vectors() -> Vec<Vector> {
             },
             Check::None,
         ),
+        // Awareness (tag 10): a y-protocols awareness update, varuint count then per client
+        // varuint id, varuint clock, varstring JSON ("null" = the client left).
+        v(
+            "awareness.bin",
+            Message::Awareness {
+                doc: "notes".into(),
+                update: awareness_update(42, 3, r##"{"user":{"name":"alice","color":"#30bced"}}"##),
+            },
+            Check::None,
+        ),
+        v(
+            "awareness_left.bin",
+            Message::Awareness {
+                doc: "notes".into(),
+                update: awareness_update(42, 4, "null"),
+            },
+            Check::None,
+        ),
     ]
+}
+
+/// One client's awareness entry, as y-protocols encodes an update.
+fn awareness_update(client: u64, clock: u64, json: &str) -> Vec<u8> {
+    let mut out = varint(1);
+    out.extend(varint(client));
+    out.extend(varint(clock));
+    out.extend(varint(json.len() as u64));
+    out.extend(json.as_bytes());
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -508,7 +549,7 @@ fn vectors() -> Vec<Vector> {
 // not compile here until it has a tag, a vector and a line in protocol/README.md.
 // ---------------------------------------------------------------------------------------------
 
-const MESSAGE_TAGS: usize = 10;
+const MESSAGE_TAGS: usize = 11;
 const REFUSE_CODES: usize = 6;
 const DOC_ERROR_CODES: usize = 4;
 
@@ -524,6 +565,7 @@ fn message_tag(msg: &Message) -> u8 {
         Message::FeedPage { .. } => 7,
         Message::FeedMark { .. } => 8,
         Message::Part { .. } => 9,
+        Message::Awareness { .. } => 10,
     }
 }
 
@@ -740,7 +782,8 @@ fn check_tags(name: &str, msg: &Message, body: &[u8]) {
             state_vector: bytes,
         }
         | Message::SyncStep2 { doc, update: bytes }
-        | Message::Update { doc, update: bytes } => {
+        | Message::Update { doc, update: bytes }
+        | Message::Awareness { doc, update: bytes } => {
             let mut expected = vec![message_tag(msg)];
             expected.extend(varint(doc.len() as u64));
             expected.extend(doc.as_bytes());
@@ -865,7 +908,7 @@ fn invalid_vectors() -> Vec<(&'static str, Vec<u8>, Reject)> {
             frame(&hello_body[..hello_body.len() - 3]),
             Reject::Decode,
         ),
-        ("unknown_message_tag.bin", frame(&[0x0a]), Reject::Decode),
+        ("unknown_message_tag.bin", frame(&[0x0b]), Reject::Decode),
         (
             "part_bad_bool.bin",
             frame(&[0x07, 0x01, 0x00, 0x00, 0x02]),

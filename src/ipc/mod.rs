@@ -5,7 +5,9 @@
 //! `id`, and pushes [`Event`]s for subscriptions. Binary payloads (Yjs updates, state vectors)
 //! are base64. protocol/README.md ("Local IPC") is the normative description.
 
+mod awareness;
 pub mod protocol;
+pub mod scope;
 pub mod server;
 
 use std::path::{Path, PathBuf};

@@ -66,7 +66,9 @@ pub enum RequestBody {
         value: serde_json::Value,
     },
     /// Edits root text `name`: inserts `insert` at `index` (default: the end) after deleting
-    /// `delete` characters there (default 0).
+    /// `delete` units there (default 0). `offsets` is the unit of `index`, `delete` and the
+    /// returned `len`: "utf8" bytes (default, Rust and yrs) or "utf16" code units (JavaScript
+    /// string indexes).
     DocText {
         doc: String,
         name: String,
@@ -76,6 +78,8 @@ pub enum RequestBody {
         delete: u32,
         #[serde(default)]
         insert: String,
+        #[serde(default)]
+        offsets: Option<String>,
     },
     /// Applies a Yjs update (v1, base64).
     DocApply {
@@ -92,9 +96,13 @@ pub enum RequestBody {
         #[serde(default)]
         state_vector: String,
     },
-    /// Pushes an `update` event for every change to `doc` until unsubscribed.
+    /// Pushes an `update` event for every change to `doc` until unsubscribed. With the app's
+    /// `state_vector` (v1, base64), the answer's `update` holds what the app lacks (Yjs sync
+    /// step 2), so the app is caught up with no gap before the first event.
     DocSubscribe {
         doc: String,
+        #[serde(default)]
+        state_vector: Option<String>,
     },
     DocUnsubscribe {
         subscription: u64,
@@ -168,6 +176,41 @@ pub enum RequestBody {
     },
     /// Pushes a `conflicts` event (the open conflicts) on every change.
     ConflictSubscribe,
+    /// Creates an app allowed to use the y-websocket endpoint; answers its token (only now).
+    AppAdd {
+        name: String,
+        #[serde(default)]
+        origins: Vec<String>,
+        #[serde(default)]
+        prefixes: Vec<String>,
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// The apps (never their tokens).
+    AppList,
+    /// Revokes an app's token; its open connections end.
+    AppRemove {
+        name: String,
+    },
+    /// Scopes this connection to an app: from now on it may use only the documents the token
+    /// allows (read-only if the token is), and no device, pairing or app management.
+    AppAuth {
+        token: String,
+    },
+    /// Sets this connection's presence in `doc` (any JSON object; `null` to leave). It is kept
+    /// alive while the connection is open and removed when it closes.
+    AwarenessSet {
+        doc: String,
+        state: serde_json::Value,
+    },
+    /// Who is present in `doc` now (apps on this device and on linked devices).
+    AwarenessGet {
+        doc: String,
+    },
+    /// Pushes an `awareness` event on every presence change in `doc` until unsubscribed.
+    AwarenessSubscribe {
+        doc: String,
+    },
 }
 
 /// One response line: `{"id": 7, "ok": true, "result": ...}` or `{"id": 7, "ok": false, "error": {...}}`.
@@ -209,6 +252,8 @@ pub enum ErrorCode {
     /// No such activity or conflict.
     NotFound,
     NoSuchSubscription,
+    /// The connection's app token does not allow this (see `app_auth`).
+    Forbidden,
     Internal,
 }
 
@@ -221,6 +266,16 @@ pub enum Event {
         subscription: u64,
         doc: String,
         update: String,
+        origin: String,
+        /// This connection made the change (an app can skip its own echo).
+        own: bool,
+    },
+    /// Presence in a subscribed document changed: the changed clients, each with its state
+    /// (`null`: left). `origin` is "local" or the device id it came from.
+    Awareness {
+        subscription: u64,
+        doc: String,
+        states: serde_json::Value,
         origin: String,
     },
     /// Progress of a pairing code opened with `pair_start` on this connection.
@@ -317,6 +372,21 @@ mod tests {
                 index: Some(2),
                 delete: 1,
                 insert: "x".into(),
+                offsets: Some("utf16".into()),
+            },
+            RequestBody::DocSubscribe {
+                doc: "d".into(),
+                state_vector: Some("AA==".into()),
+            },
+            RequestBody::AppAdd {
+                name: "notes".into(),
+                origins: vec!["http://localhost:5173".into()],
+                prefixes: vec!["notes/".into()],
+                read_only: true,
+            },
+            RequestBody::AwarenessSet {
+                doc: "d".into(),
+                state: serde_json::json!({"user": {"name": "a"}}),
             },
         ];
         for body in bodies {

@@ -14,6 +14,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 
+use super::awareness::ConnPresence;
 use super::protocol::{ErrorCode, Event, Request, RequestBody, Response, MAX_LINE_LEN};
 use crate::agent::{AgentError, AgentHandle};
 use crate::docs::{DocError, Origin};
@@ -170,15 +171,35 @@ struct Connection {
     agent: AgentHandle,
     subscriptions: HashMap<u64, AbortHandle>,
     next_subscription: u64,
+    /// This connection's local client id: stamped on its changes (`own` in events) and its
+    /// presence.
+    id: u64,
+    /// Set by `app_auth`: the connection is limited to this app's documents.
+    grant: Option<Arc<crate::apps::AppGrant>>,
+    presence: ConnPresence,
 }
 
 impl Connection {
     fn new(agent: AgentHandle) -> Self {
+        let hub = agent.presence().clone();
+        let id = hub.local_id();
         Self {
             agent,
             subscriptions: HashMap::new(),
             next_subscription: 1,
+            id,
+            grant: None,
+            presence: ConnPresence::new(hub, id),
         }
+    }
+
+    /// The document, with changes through it marked as this connection's.
+    fn open(&self, doc: &str) -> Result<crate::DocHandle, (ErrorCode, String)> {
+        Ok(self
+            .agent
+            .open_doc(doc)
+            .map_err(agent_error)?
+            .for_client(self.id))
     }
 
     async fn serve(mut self, stream: UnixStream) {
@@ -191,7 +212,15 @@ impl Connection {
         let (acks, acks_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(answer_when_durable(acks_rx, out.clone()));
         loop {
-            let response = match read_line(&mut reader, &mut buf, MAX_LINE_LEN).await {
+            let revoked = self.grant.as_ref().map(|g| g.revoked.clone());
+            let line = tokio::select! {
+                line = read_line(&mut reader, &mut buf, MAX_LINE_LEN) => line,
+                _ = async { match &revoked { Some(r) => r.cancelled().await, None => std::future::pending().await } } => {
+                    let _ = send(&out, &Response::err(None, ErrorCode::Forbidden, "the app's token was revoked; closing"));
+                    break;
+                }
+            };
+            let response = match line {
                 Ok(Line::Eof) | Err(_) => break,
                 Ok(Line::TooLong) => Response::err(
                     None,
@@ -240,6 +269,9 @@ impl Connection {
         body: RequestBody,
         out: &Arc<mpsc::UnboundedSender<String>>,
     ) -> Result<Reply, (ErrorCode, String)> {
+        if let Some(grant) = &self.grant {
+            super::scope::check(grant, &body)?;
+        }
         let agent = &self.agent;
         Ok(Reply::Now(match body {
             RequestBody::Status => to_value(agent.status().map_err(agent_error)?),
@@ -252,8 +284,10 @@ impl Connection {
                     .then(|| page.last().map(|(name, _)| name.clone()))
                     .flatten();
                 let me = agent.device_id().to_string();
+                let grant = self.grant.clone();
                 let docs: Vec<serde_json::Value> = page
                     .into_iter()
+                    .filter(|(name, _)| grant.as_ref().is_none_or(|g| g.may_read(name)))
                     .map(|(name, meta)| {
                         json!({
                             "name": name,
@@ -281,7 +315,7 @@ impl Connection {
                 value,
             } => {
                 writable(&doc)?;
-                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                let handle = self.open(&doc)?;
                 let durable =
                     handle.set_map_value_deferred(&map, &key, crate::docs::json_to_any(&value));
                 return Ok(Reply::Later(durable, json!({})));
@@ -292,16 +326,31 @@ impl Connection {
                 index,
                 delete,
                 insert,
+                offsets,
             } => {
                 writable(&doc)?;
-                let handle = agent.open_doc(&doc).map_err(agent_error)?;
-                let (len, durable) = handle.edit_text_deferred(&name, index, delete, &insert);
-                return Ok(Reply::Later(durable, json!({ "len": len })));
+                let (offsets, unit) = match offsets.as_deref() {
+                    None | Some("utf8") => (crate::docs::TextOffsets::Utf8, "utf8"),
+                    Some("utf16") => (crate::docs::TextOffsets::Utf16, "utf16"),
+                    Some(other) => {
+                        return Err((
+                            ErrorCode::InvalidArgument,
+                            format!("offsets must be \"utf8\" or \"utf16\", not {other:?}"),
+                        ))
+                    }
+                };
+                let handle = self.open(&doc)?;
+                let (len, durable) =
+                    handle.edit_text_in_deferred(&name, index, delete, &insert, offsets);
+                return Ok(Reply::Later(
+                    durable,
+                    json!({ "len": len, "offsets": unit }),
+                ));
             }
             RequestBody::DocApply { doc, update } => {
                 writable(&doc)?;
                 let bytes = decode_b64(&update, "update")?;
-                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                let handle = self.open(&doc)?;
                 let durable = handle.apply_update_deferred(&bytes).map_err(doc_error)?;
                 return Ok(Reply::Later(durable, json!({})));
             }
@@ -319,13 +368,70 @@ impl Connection {
                 };
                 json!({ "update": B64.encode(update) })
             }
-            RequestBody::DocSubscribe { doc } => {
+            RequestBody::DocSubscribe { doc, state_vector } => {
                 let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                let app_sv = state_vector
+                    .map(|sv| decode_b64(&sv, "state_vector"))
+                    .transpose()?;
                 let subscription = self.next_subscription;
+                // Subscribed before the diff is taken: no change falls between the two.
                 let events = handle.subscribe();
-                let task = tokio::spawn(forward_events(subscription, events, out.clone()));
+                let missing = match app_sv {
+                    Some(sv) => Some(B64.encode(handle.diff(&sv).map_err(doc_error)?)),
+                    None => None,
+                };
+                let task = tokio::spawn(forward_events(subscription, events, out.clone(), self.id));
                 self.add_subscription(task.abort_handle());
-                json!({ "subscription": subscription, "state_vector": B64.encode(handle.state_vector()) })
+                let mut answer = json!({ "subscription": subscription, "state_vector": B64.encode(handle.state_vector()) });
+                if let Some(missing) = missing {
+                    answer["update"] = json!(missing);
+                }
+                answer
+            }
+            RequestBody::AppAdd { .. } | RequestBody::AppList | RequestBody::AppRemove { .. } => {
+                super::scope::app_request(agent.apps(), body)?
+            }
+            RequestBody::AppAuth { token } => {
+                let grant = agent.apps().authenticate(&token).ok_or((
+                    ErrorCode::Forbidden,
+                    "unknown or revoked app token".to_string(),
+                ))?;
+                if let Some(current) = &self.grant {
+                    if current.name != grant.name {
+                        return Err((
+                            ErrorCode::Forbidden,
+                            format!(
+                                "this connection is scoped to app {:?} already",
+                                current.name
+                            ),
+                        ));
+                    }
+                }
+                let answer = json!({ "app": grant.name, "prefixes": grant.prefixes(), "read_only": grant.read_only });
+                self.grant = Some(grant);
+                answer
+            }
+            RequestBody::AwarenessSet { doc, state } => {
+                crate::store::DocStore::validate_name(&doc).map_err(store_error)?;
+                json!({ "client": self.presence.set(&doc, state)? })
+            }
+            RequestBody::AwarenessGet { doc } => {
+                json!({ "states": crate::presence::to_json(&agent.presence().states(&doc)) })
+            }
+            RequestBody::AwarenessSubscribe { doc } => {
+                let hub = agent.presence().clone();
+                let subscription = self.next_subscription;
+                let events = hub.subscribe();
+                let states = crate::presence::to_json(&hub.states(&doc));
+                let task = tokio::spawn(super::awareness::forward(
+                    subscription,
+                    doc,
+                    events,
+                    hub,
+                    out.clone(),
+                ));
+                self.add_subscription(task.abort_handle());
+                json!({ "subscription": subscription, "states": states })
             }
             RequestBody::DocUnsubscribe { subscription } => {
                 match self.subscriptions.remove(&subscription) {
@@ -540,6 +646,7 @@ async fn forward_events(
     subscription: u64,
     mut events: broadcast::Receiver<crate::DocUpdate>,
     out: Arc<mpsc::UnboundedSender<String>>,
+    own_id: u64,
 ) {
     loop {
         let event = match events.recv().await {
@@ -555,6 +662,7 @@ async fn forward_events(
                     Origin::Local => "local".to_string(),
                     Origin::Peer(peer) => peer.to_string(),
                 },
+                own: update.client == own_id,
             },
             Err(broadcast::error::RecvError::Lagged(missed)) => Event::Lagged {
                 subscription,
@@ -588,7 +696,10 @@ async fn answer_when_durable(
     }
 }
 
-fn send(out: &mpsc::UnboundedSender<String>, value: &impl serde::Serialize) -> Result<(), ()> {
+pub(super) fn send(
+    out: &mpsc::UnboundedSender<String>,
+    value: &impl serde::Serialize,
+) -> Result<(), ()> {
     let line = serde_json::to_string(value).map_err(|_| ())?;
     out.send(line).map_err(|_| ())
 }

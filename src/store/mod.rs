@@ -2,11 +2,13 @@
 //!
 //! One sled database per data dir holds:
 //! - the document logs and snapshots ([`DocStore`]),
-//! - the trust store of paired devices ([`TrustStore`]).
+//! - the trust store of paired devices ([`TrustStore`]),
+//! - the apps allowed to use the y-websocket endpoint ([`AppStore`]).
 //!
 //! [`writer`] owns the single write path for document updates: it batches appends and
 //! makes them durable with one flush per batch (group commit) before acknowledging them.
 
+mod apps;
 mod docs;
 mod record;
 mod trust;
@@ -14,6 +16,7 @@ pub(crate) mod writer;
 
 use std::path::{Path, PathBuf};
 
+pub use apps::{AppRecord, AppStore};
 pub(crate) use docs::now_ms;
 pub use docs::{DocMeta, DocStore, StoredDoc};
 pub use trust::{TrustStore, TrustedDevice};
@@ -35,6 +38,8 @@ pub enum StoreError {
     },
     #[error("trust store entry {key} is corrupt: {reason}")]
     CorruptTrust { key: String, reason: String },
+    #[error("app record {name:?} cannot be encoded: {reason}")]
+    CorruptApp { name: String, reason: String },
     #[error("invalid document name {name:?}: {reason}")]
     InvalidDocName { name: String, reason: &'static str },
     #[error("the agent's store is closed")]

@@ -34,6 +34,8 @@ pub const FEATURES_PREFIX: &str = "devicelink-features:";
 pub const FEATURE_FEED: &str = "feed";
 /// Feature: messages larger than a frame sent as `Part`s.
 pub const FEATURE_PARTS: &str = "parts";
+/// Feature: presence (Yjs awareness) relayed between devices (`Awareness`).
+pub const FEATURE_AWARENESS: &str = "awareness";
 /// Most update bytes in one `Part` (1 MiB): big transfers interleave with other documents.
 pub const PART_LEN: usize = 1 << 20;
 /// Most names in one `FeedPage`.
@@ -62,6 +64,7 @@ impl Hello {
                     match name {
                         FEATURE_FEED => features.feed = true,
                         FEATURE_PARTS => features.parts = true,
+                        FEATURE_AWARENESS => features.awareness = true,
                         _ => {}
                     }
                 }
@@ -85,6 +88,7 @@ impl Hello {
 pub struct Features {
     pub feed: bool,
     pub parts: bool,
+    pub awareness: bool,
 }
 
 impl Features {
@@ -92,6 +96,7 @@ impl Features {
     pub const ALL: Features = Features {
         feed: true,
         parts: true,
+        awareness: true,
     };
 
     /// The `listen_addrs` entry announcing these features.
@@ -103,6 +108,9 @@ impl Features {
         if self.parts {
             names.push(FEATURE_PARTS);
         }
+        if self.awareness {
+            names.push(FEATURE_AWARENESS);
+        }
         format!("{FEATURES_PREFIX}{}", names.join(","))
     }
 
@@ -111,6 +119,7 @@ impl Features {
         Features {
             feed: self.feed && other.feed,
             parts: self.parts && other.parts,
+            awareness: self.awareness && other.awareness,
         }
     }
 }
@@ -228,6 +237,13 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// 10 (feature `awareness`): presence in `doc` changed; `update` is a y-protocols awareness
+    /// update (the changed clients only). Ephemeral: never stored, never answered.
+    Awareness {
+        doc: String,
+        #[serde(with = "serde_bytes")]
+        update: Vec<u8>,
+    },
 }
 
 /// A frame that is not a valid message.
@@ -270,7 +286,8 @@ impl Message {
             | Message::SyncStep2 { doc, .. }
             | Message::Update { doc, .. }
             | Message::DocError { doc, .. }
-            | Message::Part { doc, .. } => Some(doc),
+            | Message::Part { doc, .. }
+            | Message::Awareness { doc, .. } => Some(doc),
             Message::Hello(_)
             | Message::Refuse(_)
             | Message::FeedRequest { .. }

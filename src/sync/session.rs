@@ -13,6 +13,8 @@
 //!    `feed`, a `FeedMark` every 250 ms tells the peer how far of the feed it has been sent.
 //!    With feature `parts`, an update larger than 1 MiB travels in `Part`s, interleaved with the
 //!    other traffic, so a document of any size syncs and never blocks the others.
+//! 4. With feature `awareness`, presence changes (cursors, who is here) go both ways as
+//!    `Awareness`; they are kept in memory only ([`crate::presence`]) and leave with the session.
 //!
 //! Reading and writing run concurrently (a writer task owns the sink), so two peers sending large
 //! step-2 answers at once never wait on each other.
@@ -33,6 +35,7 @@ use super::message::{
     FEED_PAGE_LEN, MAX_FRAME_LEN, PART_LEN,
 };
 use crate::docs::{DocError, DocRegistry, DocUpdate, Origin};
+use crate::presence::{PresenceEvent, PresenceHub, Source};
 use crate::status::{PeerTable, Traffic};
 use crate::store::StoreError;
 
@@ -84,6 +87,7 @@ pub enum SessionError {
 pub(crate) struct SessionCtx {
     pub registry: Arc<DocRegistry>,
     pub peers: Arc<PeerTable>,
+    pub presence: Arc<PresenceHub>,
 }
 
 enum Outgoing {
@@ -115,6 +119,7 @@ pub(crate) async fn run(
     // Subscribe before reading state vectors or the feed: nothing committed after this point can
     // be missed, and everything before it is covered by the state-vector or feed exchange.
     let bus = ctx.registry.subscribe_all();
+    let presence = features.awareness.then(|| ctx.presence.subscribe());
     let (out_tx, out_rx) = mpsc::unbounded_channel();
     let mut reader = Reader::new(peer, ctx, out_tx.clone(), features);
     if features.feed {
@@ -137,7 +142,7 @@ pub(crate) async fn run(
         bulk: VecDeque::new(),
         traffic: ctx.peers.traffic(peer),
     };
-    let mut writer = tokio::spawn(out.run(out_rx, bus, marks));
+    let mut writer = tokio::spawn(out.run(out_rx, bus, marks, presence));
     let mut writer_done = false;
     let result = tokio::select! {
         r = reader.run(source) => r,
@@ -157,6 +162,8 @@ pub(crate) async fn run(
         }
     }
     writer.abort();
+    // Whoever was present through this peer has left, as far as this device can tell.
+    ctx.presence.remove_source(Source::Peer(peer));
     ended.error = result.as_ref().err().map(|e| e.to_string());
     result
 }
@@ -269,6 +276,7 @@ fn kind(msg: &Message) -> &'static str {
         Message::FeedPage { .. } => "FeedPage",
         Message::FeedMark { .. } => "FeedMark",
         Message::Part { .. } => "Part",
+        Message::Awareness { .. } => "Awareness",
     }
 }
 
@@ -422,6 +430,15 @@ impl<'a> Reader<'a> {
                 if epoch == self.pull.epoch {
                     self.pull.mark = self.pull.mark.max(head);
                     self.record_checkpoint();
+                }
+            }
+            Message::Awareness { doc, update } if self.features.awareness => {
+                if let Err(e) =
+                    self.ctx
+                        .presence
+                        .apply_encoded(&doc, &update, Source::Peer(self.peer))
+                {
+                    tracing::debug!(peer = %self.peer, doc, "presence from peer ignored: {e}");
                 }
             }
             Message::Part {
@@ -803,6 +820,7 @@ impl Writer {
         mut out: mpsc::UnboundedReceiver<Outgoing>,
         mut bus: broadcast::Receiver<DocUpdate>,
         marks: Option<FeedMarks>,
+        mut presence: Option<broadcast::Receiver<PresenceEvent>>,
     ) -> Result<(), SessionError> {
         let mut mark_tick = tokio::time::interval(MARK_EVERY);
         let mut marked = 0;
@@ -849,6 +867,18 @@ impl Writer {
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     };
                     self.push_live(first, &mut bus).await?;
+                }
+                event = recv_presence(&mut presence), if presence.is_some() => {
+                    // Presence is ephemeral: a missed change is renewed within 15 s.
+                    let Ok(event) = event else { continue };
+                    if event.forward && event.source != Source::Peer(self.peer) {
+                        self.feed(&Message::Awareness {
+                            doc: event.doc.to_string(),
+                            update: event.encode(),
+                        })
+                        .await?;
+                        self.sink.flush().await?;
+                    }
                 }
                 _ = std::future::ready(()), if !self.bulk.is_empty() => {
                     let part = self.bulk.front_mut().and_then(InParts::next_part);
@@ -928,5 +958,15 @@ impl Writer {
             self.peers.peer_has(self.peer, &doc, &sv);
         }
         Ok(())
+    }
+}
+
+/// The next presence change (pending forever without a subscription).
+async fn recv_presence(
+    presence: &mut Option<broadcast::Receiver<PresenceEvent>>,
+) -> Result<PresenceEvent, broadcast::error::RecvError> {
+    match presence {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }

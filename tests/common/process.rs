@@ -18,6 +18,8 @@ pub struct AgentProcess {
     pub socket: PathBuf,
     pub device_id: String,
     pub addr: String,
+    /// The y-websocket endpoint (`ws://127.0.0.1:PORT`), empty with `--no-ws`.
+    pub ws: String,
 }
 
 impl Drop for AgentProcess {
@@ -50,6 +52,10 @@ impl AgentProcess {
         for peer in peers {
             cmd.args(["--peer", peer]);
         }
+        // Never the fixed default port: tests run side by side.
+        if !extra.iter().any(|a| *a == "--ws" || *a == "--no-ws") {
+            cmd.args(["--ws", "127.0.0.1:0"]);
+        }
         let mut child = cmd.spawn().expect("spawn agent");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -60,7 +66,7 @@ impl AgentProcess {
                 }
             }
         });
-        let (mut device_id, mut addr) = (String::new(), String::new());
+        let (mut device_id, mut addr, mut ws) = (String::new(), String::new(), String::new());
         let deadline = Instant::now() + LIMIT;
         loop {
             let line = rx
@@ -70,6 +76,8 @@ impl AgentProcess {
                 device_id = id.to_string();
             } else if let Some(a) = line.strip_prefix("listening: ") {
                 addr = a.to_string();
+            } else if let Some(w) = line.strip_prefix("websocket: ") {
+                ws = w.to_string();
             } else if line.starts_with("ipc socket: ") {
                 break;
             }
@@ -80,7 +88,33 @@ impl AgentProcess {
             socket,
             device_id,
             addr,
+            ws,
         }
+    }
+
+    /// Starts two agents in `da` and `db` that trust each other, `b` dialing `a`.
+    pub fn linked_pair(da: &Path, db: &Path) -> (Self, Self) {
+        let id = |dir: &Path| {
+            stdout(&cli(dir, &dir.join("agent.sock"), &["id"]))
+                .trim()
+                .to_string()
+        };
+        let (id_a, id_b) = (id(da), id(db));
+        for (dir, other) in [(da, &id_b), (db, &id_a)] {
+            let out = cli(dir, &dir.join("agent.sock"), &["trust", "add", other]);
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+        let a = Self::start(da, &[]);
+        let b = Self::start(db, &[&a.addr]);
+        (a, b)
+    }
+
+    /// Stops the agent with SIGTERM (a clean shutdown) and waits for it.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
     }
 
     pub async fn client(&self) -> Client {

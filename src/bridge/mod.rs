@@ -1,0 +1,247 @@
+//! The y-websocket endpoint: unmodified Yjs apps use the agent as their provider.
+//!
+//! `new WebsocketProvider('ws://127.0.0.1:4455', 'notes/1', ydoc, { params: { token } })`
+//! connects to document `notes/1` (the URL path, percent-decoded) and syncs with it, and through
+//! the agent with every linked device, live; its awareness (presence) reaches apps on the other
+//! devices too. The endpoint listens on loopback only and admits a connection before the
+//! WebSocket upgrade only if it carries the token of an app (`devicelink app add`), an `Origin`
+//! that app allows (if the client sends one) and a document inside the app's scope; otherwise
+//! it answers HTTP 401 or 403 and upgrades nothing.
+//!
+//! This module owns listening and admission; [`connection`] runs the y-protocols exchange of
+//! one admitted connection.
+
+mod connection;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::agent::AgentHandle;
+use crate::apps::AppGrant;
+
+/// The endpoint's default address (`devicelink agent --ws` changes it, `--no-ws` turns it off).
+pub const DEFAULT_ADDR: &str = "127.0.0.1:4455";
+/// Most connections served at once; further ones wait for a slot.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Largest message accepted from a client (an app's first sync of a large document).
+pub const MAX_MESSAGE_LEN: usize = 256 << 20;
+/// Time a client has to finish the HTTP upgrade.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors starting the endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("the y-websocket endpoint listens on loopback only; {0} is not a loopback address")]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen on {addr} for the y-websocket endpoint: {source} (choose another with --ws ADDR, or --no-ws)")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running endpoint; dropping it stops accepting (open connections end with the agent).
+pub struct WsServer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    agent: AgentHandle,
+}
+
+impl WsServer {
+    /// The address it listens on (with the port picked if 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for WsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.agent.set_ws_endpoint(None);
+    }
+}
+
+/// Listens on `addr` (a loopback address) and serves `agent`'s documents to y-websocket clients.
+pub async fn serve(agent: AgentHandle, addr: SocketAddr) -> Result<WsServer, BridgeError> {
+    if !addr.ip().is_loopback() {
+        return Err(BridgeError::NotLoopback(addr));
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| BridgeError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| BridgeError::Bind { addr, source })?;
+    agent.set_ws_endpoint(Some(addr));
+    let task = tokio::spawn(accept_loop(agent.clone(), listener));
+    tracing::info!("y-websocket endpoint on ws://{addr}");
+    Ok(WsServer { addr, task, agent })
+}
+
+async fn accept_loop(agent: AgentHandle, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    serve_connection(agent, stream).await;
+                    drop(slot);
+                });
+            }
+            Err(e) => {
+                tracing::warn!("y-websocket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// What an admitted client may use.
+struct Admission {
+    doc: String,
+    grant: Arc<AppGrant>,
+}
+
+// The refusal type is tungstenite's (an HTTP response), large by nature.
+#[allow(clippy::result_large_err)]
+async fn serve_connection(agent: AgentHandle, stream: TcpStream) {
+    let mut admitted = None;
+    let check = |request: &Request, response: Response| match admit(&agent, request) {
+        Ok(admission) => {
+            admitted = Some(admission);
+            Ok(response)
+        }
+        Err((status, reason)) => {
+            tracing::info!(path = %request.uri().path(), "y-websocket connection refused ({status}): {reason}");
+            Err(refusal(status, reason))
+        }
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_LEN))
+        .max_frame_size(Some(MAX_MESSAGE_LEN));
+    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
+    let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::debug!("y-websocket handshake failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let Some(Admission { doc, grant }) = admitted else {
+        return;
+    };
+    connection::run(agent, ws, doc, grant).await;
+}
+
+/// Checks token, origin and document of an upgrade request.
+fn admit(agent: &AgentHandle, request: &Request) -> Result<Admission, (StatusCode, String)> {
+    let token = request
+        .uri()
+        .query()
+        .and_then(|q| query_param(q, "token"))
+        .filter(|t| !t.is_empty())
+        .ok_or((
+            StatusCode::UNAUTHORIZED,
+            "missing token: connect with ?token=... (see `devicelink app add`)".to_string(),
+        ))?;
+    let grant = agent.apps().authenticate(&token).ok_or((
+        StatusCode::UNAUTHORIZED,
+        "unknown or revoked token".to_string(),
+    ))?;
+    let origin = match request.headers().get("origin") {
+        Some(value) => Some(value.to_str().map_err(|_| {
+            (
+                StatusCode::FORBIDDEN,
+                "the Origin header is not text".to_string(),
+            )
+        })?),
+        None => None,
+    };
+    if !grant.allows_origin(origin) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!(
+                "origin {} is not allowed for app {:?} (devicelink app add {} --origin URL)",
+                origin.unwrap_or_default(),
+                grant.name,
+                grant.name
+            ),
+        ));
+    }
+    let doc = doc_name(request.uri().path())
+        .map_err(|reason| (StatusCode::BAD_REQUEST, reason.to_string()))?;
+    if doc.starts_with(crate::group::RESERVED_PREFIX) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!("document {doc:?} belongs to the agent"),
+        ));
+    }
+    if !grant.may_read(&doc) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            format!("app {:?} may not open {doc:?}", grant.name),
+        ));
+    }
+    Ok(Admission { doc, grant })
+}
+
+/// The document a request path names: the path without its leading `/`, percent-decoded.
+fn doc_name(path: &str) -> Result<String, String> {
+    let raw = path.strip_prefix('/').unwrap_or(path);
+    let name = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| "the document name is not UTF-8".to_string())?
+        .into_owned();
+    crate::store::DocStore::validate_name(&name).map_err(|e| e.to_string())?;
+    Ok(name)
+}
+
+/// The percent-decoded value of `key` in a query string.
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then(|| {
+            let v = v.replace('+', " ");
+            percent_encoding::percent_decode_str(&v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+fn refusal(status: StatusCode, reason: String) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(reason));
+    *response.status_mut() = status;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_queries_decode() {
+        assert_eq!(doc_name("/notes/1").unwrap(), "notes/1");
+        assert_eq!(doc_name("/caf%C3%A9%20list").unwrap(), "café list");
+        assert!(doc_name("/").is_err());
+        assert!(doc_name("/%FF").is_err());
+        assert_eq!(
+            query_param("a=1&token=dlapp_x%2By&b", "token").as_deref(),
+            Some("dlapp_x+y")
+        );
+        assert_eq!(query_param("a=1", "token"), None);
+    }
+}

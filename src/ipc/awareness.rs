@@ -1,0 +1,144 @@
+//! Presence for one IPC connection: the states it set (`awareness_set`), renewed while it is
+//! open and removed when it closes, and its `awareness` event subscriptions.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use rand::Rng as _;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::AbortHandle;
+
+use super::protocol::{ErrorCode, Event};
+use crate::presence::{self, PresenceHub, Source};
+
+/// One state this connection set: its awareness client id, clock and JSON.
+struct Own {
+    client: u64,
+    clock: u32,
+    state: Value,
+}
+
+/// The presence of one connection.
+pub(super) struct ConnPresence {
+    hub: Arc<PresenceHub>,
+    /// This connection's local id (its [`Source`]).
+    id: u64,
+    own: Arc<Mutex<HashMap<String, Own>>>,
+    renewer: Option<AbortHandle>,
+}
+
+impl ConnPresence {
+    pub(super) fn new(hub: Arc<PresenceHub>, id: u64) -> Self {
+        Self {
+            hub,
+            id,
+            own: Arc::default(),
+            renewer: None,
+        }
+    }
+
+    /// Sets (or, with `null`, removes) this connection's presence in `doc`; answers its client id.
+    pub(super) fn set(&mut self, doc: &str, state: Value) -> Result<u64, (ErrorCode, String)> {
+        let (client, clock) = {
+            let mut own = lock(&self.own);
+            let entry = own.entry(doc.to_string()).or_insert_with(|| Own {
+                // Yjs client ids are 32-bit in JavaScript; keep to that range.
+                client: rand::thread_rng().gen_range(1..u32::MAX as u64),
+                clock: 0,
+                state: Value::Null,
+            });
+            entry.clock = entry.clock.wrapping_add(1);
+            entry.state = state.clone();
+            (entry.client, entry.clock)
+        };
+        let update = presence::single(client, clock, (!state.is_null()).then_some(&state));
+        self.hub
+            .apply(doc, update, Source::Local(self.id))
+            .map_err(|e| (ErrorCode::InvalidArgument, e.to_string()))?;
+        if state.is_null() {
+            lock(&self.own).remove(doc);
+        }
+        self.renew_in_background();
+        Ok(client)
+    }
+
+    /// Keeps the states alive: renewed every half of [`presence::OUTDATED`].
+    fn renew_in_background(&mut self) {
+        if self.renewer.is_some() {
+            return;
+        }
+        let (hub, own, id) = (self.hub.clone(), self.own.clone(), self.id);
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(presence::OUTDATED / 2);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let renewals: Vec<_> = lock(&own)
+                    .iter_mut()
+                    .map(|(doc, s)| {
+                        s.clock = s.clock.wrapping_add(1);
+                        (
+                            doc.clone(),
+                            presence::single(s.client, s.clock, Some(&s.state)),
+                        )
+                    })
+                    .collect();
+                for (doc, update) in renewals {
+                    let _ = hub.apply(&doc, update, Source::Local(id));
+                }
+            }
+        });
+        self.renewer = Some(task.abort_handle());
+    }
+}
+
+impl Drop for ConnPresence {
+    fn drop(&mut self) {
+        if let Some(task) = self.renewer.take() {
+            task.abort();
+        }
+        self.hub.remove_source(Source::Local(self.id));
+    }
+}
+
+/// Forwards presence changes in `doc` as `awareness` events until the connection goes.
+pub(super) async fn forward(
+    subscription: u64,
+    doc: String,
+    mut events: broadcast::Receiver<presence::PresenceEvent>,
+    hub: Arc<PresenceHub>,
+    out: Arc<mpsc::UnboundedSender<String>>,
+) {
+    loop {
+        let (states, origin) = match events.recv().await {
+            Ok(event) if *event.doc == *doc => (
+                presence::to_json(&event.update),
+                match event.source {
+                    Source::Local(_) => "local".to_string(),
+                    Source::Peer(peer) => peer.to_string(),
+                    Source::Expired => "expired".to_string(),
+                },
+            ),
+            Ok(_) => continue,
+            // Missed some: send everyone present now.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                (presence::to_json(&hub.states(&doc)), "local".to_string())
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let event = Event::Awareness {
+            subscription,
+            doc: doc.clone(),
+            states,
+            origin,
+        };
+        if super::server::send(&out, &event).is_err() {
+            return;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,0 +1,449 @@
+//! `PresenceHub`: who is in a document right now (cursors, user names, colours), for every app
+//! of this device and every connected device.
+//!
+//! Presence is Yjs *awareness*: per document, a map from a client id to a JSON state with a
+//! clock, merged by the y-protocols rule (a higher clock wins; at an equal clock a removal wins).
+//! It is ephemeral: kept in memory only, never stored, removed when its client leaves (its
+//! connection closes, its device disconnects) or after [`OUTDATED`] without a renewal.
+//!
+//! Changes go out as [`PresenceEvent`]s to the y-websocket endpoint, IPC subscribers and sync
+//! sessions (which forward them to peers, see protocol/README.md §23).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use tokio::sync::broadcast;
+use yrs::block::ClientID;
+use yrs::sync::awareness::{AwarenessUpdate, AwarenessUpdateEntry};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+
+/// A state not renewed for this long is removed (as y-protocols does).
+pub const OUTDATED: Duration = Duration::from_secs(30);
+/// Largest JSON state of one client.
+pub const MAX_STATE_LEN: usize = 64 * 1024;
+/// Most clients present in one document; further ones are ignored.
+pub const MAX_CLIENTS_PER_DOC: usize = 256;
+/// Most documents with presence at once; presence in further ones is ignored.
+pub const MAX_DOCS: usize = 65_536;
+/// Events buffered per subscriber; a slower one misses some and re-reads [`PresenceHub::states`].
+const EVENT_CAPACITY: usize = 4096;
+/// JSON of a removed state.
+const REMOVED: &str = "null";
+
+/// Where a presence change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// A local client (a y-websocket connection or an IPC connection), by its id.
+    Local(u64),
+    /// Another device, over sync.
+    Peer(PeerId),
+    /// This hub: a state that was not renewed in time.
+    Expired,
+}
+
+/// Changed presence in one document.
+#[derive(Debug, Clone)]
+pub struct PresenceEvent {
+    pub doc: Arc<str>,
+    /// The changed clients only (removed ones with the JSON `null`).
+    pub update: Arc<AwarenessUpdate>,
+    pub source: Source,
+    /// Whether linked devices should hear of it. A removal that only reflects this device's
+    /// view (an expiry, a lost link) stays local: the others judge for themselves.
+    pub forward: bool,
+}
+
+impl PresenceEvent {
+    /// The change as a y-protocols awareness update.
+    pub fn encode(&self) -> Vec<u8> {
+        self.update.encode_v1()
+    }
+}
+
+/// Errors of presence input.
+#[derive(Debug, thiserror::Error)]
+pub enum PresenceError {
+    #[error("malformed awareness update: {0}")]
+    Malformed(String),
+    #[error("awareness state of client {client} is {len} bytes; at most {MAX_STATE_LEN} are kept")]
+    TooLarge { client: u64, len: usize },
+    #[error("awareness state of client {0} is not JSON")]
+    NotJson(u64),
+}
+
+struct Entry {
+    clock: u32,
+    /// `None` once removed (kept a while, so a late older update does not bring it back).
+    json: Option<Arc<str>>,
+    renewed: Instant,
+    source: Source,
+}
+
+/// Presence of every document, shared by the agent's endpoints and sessions.
+pub struct PresenceHub {
+    docs: Mutex<HashMap<Arc<str>, HashMap<u64, Entry>>>,
+    events: broadcast::Sender<PresenceEvent>,
+    next_local: AtomicU64,
+}
+
+impl Default for PresenceHub {
+    fn default() -> Self {
+        Self {
+            docs: Mutex::new(HashMap::new()),
+            events: broadcast::channel(EVENT_CAPACITY).0,
+            next_local: AtomicU64::new(1),
+        }
+    }
+}
+
+impl PresenceHub {
+    /// Every later presence change, in every document.
+    pub fn subscribe(&self) -> broadcast::Receiver<PresenceEvent> {
+        self.events.subscribe()
+    }
+
+    /// A fresh id for a local client ([`Source::Local`]).
+    pub fn local_id(&self) -> u64 {
+        self.next_local.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Decodes a y-protocols awareness update and applies it.
+    pub fn apply_encoded(
+        &self,
+        doc: &str,
+        bytes: &[u8],
+        source: Source,
+    ) -> Result<usize, PresenceError> {
+        let update = AwarenessUpdate::decode_v1(bytes)
+            .map_err(|e| PresenceError::Malformed(e.to_string()))?;
+        self.apply(doc, update, source)
+    }
+
+    /// Applies an awareness update from `source`; returns how many clients changed. Entries
+    /// that are too large or not JSON fail the whole update (nothing is applied).
+    pub fn apply(
+        &self,
+        doc: &str,
+        update: AwarenessUpdate,
+        source: Source,
+    ) -> Result<usize, PresenceError> {
+        for (client, entry) in &update.clients {
+            if entry.json.len() > MAX_STATE_LEN {
+                return Err(PresenceError::TooLarge {
+                    client: client.get(),
+                    len: entry.json.len(),
+                });
+            }
+            if serde_json::from_str::<serde::de::IgnoredAny>(&entry.json).is_err() {
+                return Err(PresenceError::NotJson(client.get()));
+            }
+        }
+        let now = Instant::now();
+        let mut changed = HashMap::new();
+        let name = {
+            let mut docs = lock(&self.docs);
+            let full = docs.len() >= MAX_DOCS;
+            let Some((name, clients)) = doc_entry(&mut docs, doc, full) else {
+                return Ok(0);
+            };
+            for (client, incoming) in update.clients {
+                let removal = &*incoming.json == REMOVED;
+                let accept = match clients.get(&client.get()) {
+                    None => !removal && clients.len() < MAX_CLIENTS_PER_DOC,
+                    Some(current) => {
+                        incoming.clock > current.clock
+                            || (incoming.clock == current.clock
+                                && removal
+                                && current.json.is_some())
+                    }
+                };
+                if !accept {
+                    continue;
+                }
+                clients.insert(
+                    client.get(),
+                    Entry {
+                        clock: incoming.clock,
+                        json: (!removal).then(|| incoming.json.clone()),
+                        renewed: now,
+                        source,
+                    },
+                );
+                changed.insert(client, incoming);
+            }
+            name
+        };
+        let count = changed.len();
+        if count > 0 {
+            self.emit(name, changed, source, true);
+        }
+        Ok(count)
+    }
+
+    /// Everyone present in `doc` now, as one awareness update (empty if nobody).
+    pub fn states(&self, doc: &str) -> AwarenessUpdate {
+        self.snapshot(doc, false)
+    }
+
+    /// [`PresenceHub::states`] plus the recent removals (JSON `null`), for a client that
+    /// (re)joins: a y-protocols client that finds its own earlier state removed raises its clock
+    /// and announces itself again at once, instead of at its next renewal.
+    pub fn states_for_join(&self, doc: &str) -> AwarenessUpdate {
+        self.snapshot(doc, true)
+    }
+
+    fn snapshot(&self, doc: &str, removed: bool) -> AwarenessUpdate {
+        let docs = lock(&self.docs);
+        let clients = docs
+            .get(doc)
+            .map(|clients| {
+                clients
+                    .iter()
+                    .filter_map(|(id, e)| {
+                        let json = match &e.json {
+                            Some(json) => json.clone(),
+                            None if removed => Arc::from(REMOVED),
+                            None => return None,
+                        };
+                        Some((
+                            ClientID::new(*id),
+                            AwarenessUpdateEntry {
+                                clock: e.clock,
+                                json,
+                            },
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        AwarenessUpdate { clients }
+    }
+
+    /// Removes every state `source` set (a client left, a device disconnected).
+    pub fn remove_source(&self, source: Source) {
+        let forward = matches!(source, Source::Local(_));
+        self.remove_where(|e| e.source == source, source, forward);
+    }
+
+    /// Removes states not renewed within [`OUTDATED`], and forgets old removals.
+    pub fn expire(&self) {
+        let now = Instant::now();
+        self.remove_where(
+            |e| now.duration_since(e.renewed) >= OUTDATED,
+            Source::Expired,
+            false,
+        );
+        lock(&self.docs).retain(|_, clients| {
+            clients.retain(|_, e| e.json.is_some() || now.duration_since(e.renewed) < OUTDATED);
+            !clients.is_empty()
+        });
+    }
+
+    /// Runs [`PresenceHub::expire`] every few seconds, until the hub is dropped.
+    pub async fn expire_forever(hub: std::sync::Weak<PresenceHub>) {
+        let mut tick = tokio::time::interval(OUTDATED / 10);
+        loop {
+            tick.tick().await;
+            match hub.upgrade() {
+                Some(hub) => hub.expire(),
+                None => return,
+            }
+        }
+    }
+
+    /// How many clients are present, over all documents.
+    pub fn present(&self) -> usize {
+        lock(&self.docs)
+            .values()
+            .map(|c| c.values().filter(|e| e.json.is_some()).count())
+            .sum()
+    }
+
+    fn remove_where(&self, mut pick: impl FnMut(&Entry) -> bool, source: Source, forward: bool) {
+        let now = Instant::now();
+        let mut removed: Vec<(Arc<str>, HashMap<ClientID, AwarenessUpdateEntry>)> = Vec::new();
+        {
+            let mut docs = lock(&self.docs);
+            for (name, clients) in docs.iter_mut() {
+                let mut gone = HashMap::new();
+                for (id, entry) in clients.iter_mut() {
+                    if entry.json.is_none() || !pick(entry) {
+                        continue;
+                    }
+                    entry.clock = entry.clock.wrapping_add(1);
+                    entry.json = None;
+                    entry.renewed = now;
+                    gone.insert(
+                        ClientID::new(*id),
+                        AwarenessUpdateEntry {
+                            clock: entry.clock,
+                            json: Arc::from(REMOVED),
+                        },
+                    );
+                }
+                if !gone.is_empty() {
+                    removed.push((name.clone(), gone));
+                }
+            }
+        }
+        for (doc, gone) in removed {
+            self.emit(doc, gone, source, forward);
+        }
+    }
+
+    fn emit(
+        &self,
+        doc: Arc<str>,
+        clients: HashMap<ClientID, AwarenessUpdateEntry>,
+        source: Source,
+        forward: bool,
+    ) {
+        let _ = self.events.send(PresenceEvent {
+            doc,
+            update: Arc::new(AwarenessUpdate { clients }),
+            source,
+            forward,
+        });
+    }
+}
+
+/// The clients of `doc`, created unless the hub is `full`.
+fn doc_entry<'a>(
+    docs: &'a mut HashMap<Arc<str>, HashMap<u64, Entry>>,
+    doc: &str,
+    full: bool,
+) -> Option<(Arc<str>, &'a mut HashMap<u64, Entry>)> {
+    let name = match docs.get_key_value(doc) {
+        Some((name, _)) => name.clone(),
+        None if full => return None,
+        None => Arc::from(doc),
+    };
+    let clients = docs.entry(name.clone()).or_default();
+    Some((name, clients))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A one-client awareness update: `state` (JSON, `None` to leave) at `clock`.
+pub fn single(client: u64, clock: u32, state: Option<&serde_json::Value>) -> AwarenessUpdate {
+    let json: Arc<str> = match state {
+        Some(v) => Arc::from(v.to_string()),
+        None => Arc::from(REMOVED),
+    };
+    AwarenessUpdate {
+        clients: HashMap::from([(ClientID::new(client), AwarenessUpdateEntry { clock, json })]),
+    }
+}
+
+/// `[{"client": id, "state": json-or-null}]` for an IPC event.
+pub fn to_json(update: &AwarenessUpdate) -> serde_json::Value {
+    let mut list: Vec<_> = update
+        .clients
+        .iter()
+        .map(|(id, e)| {
+            serde_json::json!({
+                "client": id.get(),
+                "clock": e.clock,
+                "state": serde_json::from_str::<serde_json::Value>(&e.json).unwrap_or(serde_json::Value::Null),
+            })
+        })
+        .collect();
+    list.sort_by_key(|v| v["client"].as_u64());
+    serde_json::Value::Array(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn higher_clocks_win_and_removals_win_ties() {
+        let hub = PresenceHub::default();
+        let mut events = hub.subscribe();
+        let alice = json!({"user": {"name": "alice"}});
+        assert_eq!(
+            hub.apply("d", single(1, 1, Some(&alice)), Source::Local(9))
+                .unwrap(),
+            1
+        );
+        // The same clock again changes nothing (a duplicate, e.g. forwarded twice).
+        assert_eq!(
+            hub.apply("d", single(1, 1, Some(&json!({}))), Source::Local(9))
+                .unwrap(),
+            0
+        );
+        assert_eq!(hub.states("d").clients.len(), 1);
+        assert_eq!(
+            hub.apply("d", single(1, 1, None), Source::Local(9))
+                .unwrap(),
+            1
+        );
+        assert!(hub.states("d").clients.is_empty());
+        // An older state does not come back after a removal.
+        assert_eq!(
+            hub.apply("d", single(1, 0, Some(&alice)), Source::Local(9))
+                .unwrap(),
+            0
+        );
+        assert_eq!(events.try_recv().unwrap().update.clients.len(), 1);
+        assert!(events.try_recv().is_ok());
+        assert!(events.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_leaving_source_takes_its_states_along() {
+        let hub = PresenceHub::default();
+        let peer = PeerId::random();
+        hub.apply("d", single(1, 3, Some(&json!(1))), Source::Local(1))
+            .unwrap();
+        hub.apply("d", single(2, 3, Some(&json!(2))), Source::Peer(peer))
+            .unwrap();
+        let mut events = hub.subscribe();
+        hub.remove_source(Source::Peer(peer));
+        let event = events.try_recv().unwrap();
+        assert!(!event.forward, "a lost link is not news for other devices");
+        assert_eq!(&*event.update.clients[&ClientID::new(2)].json, "null");
+        assert_eq!(event.update.clients[&ClientID::new(2)].clock, 4);
+        assert_eq!(hub.present(), 1);
+        hub.remove_source(Source::Local(1));
+        assert!(events.try_recv().unwrap().forward);
+        assert_eq!(hub.present(), 0);
+    }
+
+    #[test]
+    fn oversized_or_non_json_states_are_refused() {
+        let hub = PresenceHub::default();
+        let big = json!("x".repeat(MAX_STATE_LEN));
+        assert!(matches!(
+            hub.apply("d", single(1, 1, Some(&big)), Source::Local(1)),
+            Err(PresenceError::TooLarge { .. })
+        ));
+        let mut bad = single(1, 1, None);
+        bad.clients.get_mut(&ClientID::new(1)).unwrap().json = Arc::from("{nope");
+        assert!(matches!(
+            hub.apply("d", bad, Source::Local(1)),
+            Err(PresenceError::NotJson(1))
+        ));
+        assert!(matches!(
+            hub.apply_encoded("d", &[5, 1], Source::Local(1)),
+            Err(PresenceError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_document_holds_a_bounded_number_of_clients() {
+        let hub = PresenceHub::default();
+        for client in 0..(MAX_CLIENTS_PER_DOC as u64 + 10) {
+            hub.apply("d", single(client, 1, Some(&json!({}))), Source::Local(1))
+                .unwrap();
+        }
+        assert_eq!(hub.present(), MAX_CLIENTS_PER_DOC);
+    }
+}
