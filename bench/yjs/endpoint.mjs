@@ -7,9 +7,10 @@
 //      TOKEN_A, TOKEN_B  tokens sent as ?token= (empty: none); TOKEN_B defaults to TOKEN_A
 //      DOC       document name (default bench/endpoint)
 //      ROUNDS    measured map-set round trips (default 2000, after 200 warm-up)
-//      CLIENTS   extra idle providers to open on WS_A afterwards (default 0): once all are
-//                synced it prints {"clients_open":N} and waits for a line on stdin (or EOF),
-//                so the caller can measure the server's memory, then closes them.
+//      CLIENTS   extra idle providers to open on WS_A afterwards (default 0): it prints
+//                {"clients_open":0} and waits for a line on stdin, opens them, prints
+//                {"clients_open":N} once all are synced and waits for a line again (or EOF),
+//                so the caller can measure the server's memory before and after; then closes them.
 //      CLIENT_PRESENCE=1  give those extra clients an awareness state too (default: none)
 // Without WS_A it starts the reference y-websocket server (node_modules/y-websocket) on a
 // free 127.0.0.1 port and uses it for both: the baseline.
@@ -160,7 +161,20 @@ const result = {
 }
 
 // --- 3. many idle clients on A, for the caller to measure memory ----------------------------
+const waitLine = () => new Promise((resolve) => {
+  const rl = createInterface({ input: process.stdin })
+  rl.once('line', () => { rl.close(); resolve() })
+  rl.once('close', resolve)
+})
 if (CLIENTS > 0) {
+  // Before: the caller measures the server's memory with only the two clients above.
+  const before = { clients_open: 0 }
+  if (server) {
+    before.server_pid = server.pid
+    result.server_rss_before_mb = rssMb(server.pid)
+  }
+  console.log(JSON.stringify(before))
+  await waitLine()
   const extra = []
   const t0 = Date.now()
   for (let i = 0; i < CLIENTS; i += 50) {
@@ -180,11 +194,7 @@ if (CLIENTS > 0) {
     result.server_rss_mb = rssMb(server.pid)
   }
   console.log(JSON.stringify(line))
-  await new Promise((resolve) => {
-    const rl = createInterface({ input: process.stdin })
-    rl.once('line', () => { rl.close(); resolve() })
-    rl.once('close', resolve)
-  })
+  await waitLine()
   for (const c of extra) c.provider.destroy()
 }
 

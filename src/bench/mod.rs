@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::client::{Client, ClientError};
 use crate::ipc::Event;
 
+mod endpoint;
 mod many_docs;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,8 @@ struct AgentProc {
     child: Child,
     socket: PathBuf,
     addr: String,
+    /// The y-websocket endpoint, `ws://127.0.0.1:PORT`.
+    ws: String,
 }
 
 impl Drop for AgentProc {
@@ -101,7 +104,7 @@ impl AgentProc {
             .arg(dir)
             .arg("--socket")
             .arg(&socket)
-            .args(["agent", "--no-mdns", "--listen", listen])
+            .args(["agent", "--no-mdns", "--listen", listen, "--ws", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .stdin(Stdio::null());
@@ -113,11 +116,14 @@ impl AgentProc {
             .stdout
             .take()
             .ok_or_else(|| BenchError::Spawn("no stdout".into()))?;
-        let mut addr = String::new();
+        let (mut addr, mut ws) = (String::new(), String::new());
         for line in BufReader::new(stdout).lines() {
             let line = line?;
             if let Some(a) = line.strip_prefix("listening: ") {
                 addr = a.to_string();
+            }
+            if let Some(w) = line.strip_prefix("websocket: ") {
+                ws = w.to_string();
             }
             if line.starts_with("ipc socket: ") {
                 break;
@@ -130,6 +136,7 @@ impl AgentProc {
             child,
             socket,
             addr,
+            ws,
         })
     }
 
@@ -439,6 +446,10 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         ],
     );
     drop((a, b, d));
+    let endpoint = match &config.yjs_dir {
+        Some(dir) => endpoint::run(dir, config.latency_samples).await?,
+        None => json!({ "skipped": "run with --yjs DIR (see bench/yjs/README.md)" }),
+    };
     let many = if config.docs > 0 || config.large_doc_mb > 0 {
         many_docs::run(config).await?
     } else {
@@ -448,6 +459,7 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         "devicelink": ours,
         "yjs": yjs,
         "ratio_devicelink_over_yjs": ratios,
+        "y_websocket_endpoint": endpoint,
         "many_docs": many,
     }))
 }

@@ -14,19 +14,12 @@ pub fn node_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node")
 }
 
-/// Why the Node tests cannot run here, if they cannot. With `DEVICELINK_REQUIRE_NODE=1` (set by
+/// Why the Node tests cannot run here, if they cannot. Installs tests/node's packages on
+/// first use (`npm ci`, once per test binary). With `DEVICELINK_REQUIRE_NODE=1` (set by
 /// .ci/run) a missing setup is a failure, not a skip.
 pub fn unavailable() -> Option<String> {
-    let reason = if Command::new("node").arg("--version").output().is_err() {
-        Some("node is not installed".to_string())
-    } else if !node_dir().join("node_modules/y-websocket").exists() {
-        Some(format!(
-            "{}/node_modules is missing: run `npm ci` there",
-            node_dir().display()
-        ))
-    } else {
-        None
-    };
+    static SETUP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let reason = SETUP.get_or_init(setup).clone();
     if let Some(reason) = &reason {
         assert!(
             std::env::var("DEVICELINK_REQUIRE_NODE").is_err(),
@@ -34,6 +27,28 @@ pub fn unavailable() -> Option<String> {
         );
     }
     reason
+}
+
+fn setup() -> Option<String> {
+    if Command::new("node").arg("--version").output().is_err() {
+        return Some("node is not installed".to_string());
+    }
+    if node_dir().join("node_modules/y-websocket-3").exists() {
+        return None;
+    }
+    let installed = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(node_dir())
+        .stdout(Stdio::null())
+        .status();
+    match installed {
+        Ok(status) if status.success() => None,
+        Ok(status) => Some(format!(
+            "`npm ci` in {} failed ({status})",
+            node_dir().display()
+        )),
+        Err(e) => Some(format!("cannot run npm: {e}")),
+    }
 }
 
 /// A running driver.
