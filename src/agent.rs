@@ -577,6 +577,7 @@ impl AgentHandle {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        self.inner.apps.close();
         tracing::info!(device = %self.inner.device_id, "agent stopped");
         Ok(flushed?)
     }
@@ -624,6 +625,8 @@ pub struct DoctorReport {
     pub interfaces: Vec<InterfaceReport>,
     pub nearby: Vec<Announcement>,
     pub peers: Vec<PeerStatus>,
+    /// The y-websocket endpoint for Yjs apps: where it listens and how many apps have tokens.
+    pub yjs_apps: String,
 }
 
 impl AgentHandle {
@@ -643,6 +646,17 @@ impl AgentHandle {
             interfaces,
             nearby: self.nearby(),
             peers: status.peers,
+            yjs_apps: match status.ws_endpoint {
+                Some(endpoint) => format!(
+                    "serving {endpoint}; {} app(s) with a token; {} client(s) present",
+                    self.apps().list().map(|a| a.len()).unwrap_or(0),
+                    status.present
+                ),
+                None => {
+                    "not serving (agent started with --no-ws, or the port was taken: see its log)"
+                        .into()
+                }
+            },
         })
     }
 }

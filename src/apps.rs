@@ -198,6 +198,14 @@ impl AppRegistry {
         Ok(existed)
     }
 
+    /// Releases the database and revokes every grant (the agent stops).
+    pub fn close(&self) {
+        self.store.close();
+        for (_, grant) in write(&self.grants).drain() {
+            grant.revoked.cancel();
+        }
+    }
+
     /// The grant of `token`, if it belongs to an app.
     pub fn authenticate(&self, token: &str) -> Option<Arc<AppGrant>> {
         let grants = self.grants.read().unwrap_or_else(|e| e.into_inner());

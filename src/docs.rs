@@ -435,16 +435,21 @@ impl DocRegistry {
         bytes: &[u8],
         origin: Origin,
     ) -> Result<Applied, DocError> {
-        self.apply_update_by(name, bytes, origin, 0)
+        let acked = origin == Origin::Local;
+        self.apply_update_by(name, bytes, origin, 0, acked)
     }
 
     /// [`DocRegistry::apply_update`], made by local client `client` (see [`DocUpdate::client`]).
+    /// With `acked`, the update is flushed at once and `durable` completes when it is on disk;
+    /// without, it is flushed with the next batch (within the writer's lazy-flush window), for
+    /// senders that keep their data until they see it back (peers, y-websocket clients).
     pub fn apply_update_by(
         &self,
         name: &str,
         bytes: &[u8],
         origin: Origin,
         client: u64,
+        acked: bool,
     ) -> Result<Applied, DocError> {
         let invalid = |reason: String| DocError::InvalidUpdate {
             doc: name.to_string(),
@@ -496,12 +501,11 @@ impl DocRegistry {
         }
         // Store what was received: it may hold not-yet-integrable parts the delta lacks.
         let append = self.append_op(&live, Bytes::copy_from_slice(bytes), origin);
-        let ack = match origin {
-            Origin::Local => Some(self.writer.append(append)),
-            Origin::Peer(_) => {
-                self.writer.append_unacked(append);
-                None
-            }
+        let ack = if acked {
+            Some(self.writer.append(append))
+        } else {
+            self.writer.append_unacked(append);
+            None
         };
         Ok(Applied {
             durable: ack,
@@ -765,10 +769,24 @@ impl DocHandle {
 
     /// Applies a Yjs update now; the [`Durable`] completes once it is on disk.
     pub fn apply_update_deferred(&self, update: &[u8]) -> Result<Durable, DocError> {
-        let applied =
-            self.registry
-                .apply_update_by(&self.live.name, update, Origin::Local, self.client)?;
+        let applied = self.registry.apply_update_by(
+            &self.live.name,
+            update,
+            Origin::Local,
+            self.client,
+            true,
+        )?;
         Ok(self.durable(applied.durable))
+    }
+
+    /// Applies a Yjs update now and stores it with the writer's next batch (flushed within its
+    /// lazy-flush window), without a flush of its own: for a sender that gets no
+    /// acknowledgement and re-sends what the agent lacks when it reconnects (a y-websocket
+    /// client, whose protocol has no acknowledgement).
+    pub fn apply_update_unacked(&self, update: &[u8]) -> Result<(), DocError> {
+        self.registry
+            .apply_update_by(&self.live.name, update, Origin::Local, self.client, false)
+            .map(drop)
     }
 
     fn durable(

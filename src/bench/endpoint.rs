@@ -17,7 +17,7 @@ use crate::client::Client;
 /// Extra clients connected to one agent for the memory figure.
 const CLIENTS: usize = 50;
 /// Interleaved runs of each side.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 /// Runs both sides; returns `{"devicelink": .., "y_websocket": .., "ratio": ..}`.
 pub(super) async fn run(yjs_dir: &Path, rounds: usize) -> Result<Value, BenchError> {
@@ -60,7 +60,9 @@ pub(super) async fn run(yjs_dir: &Path, rounds: usize) -> Result<Value, BenchErr
         "latency_p99": ratio("latency_us", "p99"),
         "presence_p50": ratio("presence_us", "p50"),
     });
-    Ok(json!({ "devicelink": ours, "y_websocket": theirs, "ratio_devicelink_over_y_websocket": ratios }))
+    Ok(
+        json!({ "devicelink": ours, "y_websocket": theirs, "ratio_devicelink_over_y_websocket": ratios }),
+    )
 }
 
 /// Runs endpoint.mjs; with `agent`, reads that process's RSS before and after the extra
@@ -135,7 +137,10 @@ fn medians(runs: Vec<Value>) -> Value {
                 report[key][p] = json!(median);
             }
         }
-        report[key]["p50_each_run"] = json!(runs.iter().map(|r| r[key]["p50"].clone()).collect::<Vec<_>>());
+        report[key]["p50_each_run"] = json!(runs
+            .iter()
+            .map(|r| r[key]["p50"].clone())
+            .collect::<Vec<_>>());
     }
     report["runs"] = json!(runs.len());
     report

@@ -104,7 +104,14 @@ impl AgentProc {
             .arg(dir)
             .arg("--socket")
             .arg(&socket)
-            .args(["agent", "--no-mdns", "--listen", listen, "--ws", "127.0.0.1:0"])
+            .args([
+                "agent",
+                "--no-mdns",
+                "--listen",
+                listen,
+                "--ws",
+                "127.0.0.1:0",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .stdin(Stdio::null());

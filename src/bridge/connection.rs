@@ -3,8 +3,10 @@
 //!
 //! - On connect: `SyncStep1` with the agent's state vector, then the awareness states present.
 //! - `SyncStep1` from the client: answered with `SyncStep2` (what it lacks).
-//! - `SyncStep2` / `Update` from the client: applied as a local change (stored, pushed to the
-//!   other apps and devices), unless the token is read-only (answered once with `Auth` denied).
+//! - `SyncStep2` / `Update` from the client: applied as a local change (pushed to the other
+//!   apps and devices at once, stored with the writer's next batch: the protocol has no
+//!   acknowledgement, and a client re-sends what the agent lacks when it reconnects), unless the
+//!   token is read-only (answered once with `Auth` denied).
 //! - Every change made elsewhere goes to the client as `Update`; its own changes do not come
 //!   back. A client too slow to keep up misses the live stream and gets one catch-up `Update`
 //!   (the diff against what it had) instead of an ever-growing queue.
@@ -188,7 +190,7 @@ impl Connection {
                         }
                         continue;
                     }
-                    if let Err(e) = self.doc.apply_update_deferred(&update) {
+                    if let Err(e) = self.doc.apply_update_unacked(&update) {
                         return Ok(Some(e.to_string()));
                     }
                 }

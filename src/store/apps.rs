@@ -4,6 +4,8 @@
 //! Tree `apps` maps an app name to a postcard-encoded [`AppRecord`]. Tokens are never stored:
 //! only their SHA-256, so a copy of the database does not hand out access.
 
+use std::sync::{Arc, RwLock};
+
 use serde::{Deserialize, Serialize};
 
 use super::StoreError;
@@ -25,24 +27,38 @@ pub struct AppRecord {
     pub created_ms: u64,
 }
 
-/// The app table, persisted in sled.
+/// The app table, persisted in sled. [`AppStore::close`] lets go of the database (the agent
+/// stops; handles may live on), after which every call is [`StoreError::Closed`].
 #[derive(Clone)]
 pub struct AppStore {
-    tree: sled::Tree,
+    tree: Arc<RwLock<Option<sled::Tree>>>,
 }
 
 impl AppStore {
     pub fn open(db: &sled::Db) -> Result<Self, StoreError> {
         Ok(Self {
-            tree: db.open_tree("apps")?,
+            tree: Arc::new(RwLock::new(Some(db.open_tree("apps")?))),
         })
+    }
+
+    /// Releases the database.
+    pub fn close(&self) {
+        self.tree.write().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    fn tree(&self) -> Result<sled::Tree, StoreError> {
+        self.tree
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Closed)
     }
 
     /// Every app, sorted by name. A record that does not decode is skipped with a warning (it
     /// grants nothing; `app remove` still deletes it).
     pub fn list(&self) -> Result<Vec<AppRecord>, StoreError> {
         let mut apps = Vec::new();
-        for entry in self.tree.iter() {
+        for entry in self.tree()?.iter() {
             let (key, value) = entry?;
             match postcard::from_bytes::<AppRecord>(&value) {
                 Ok(app) => apps.push(app),
@@ -61,15 +77,17 @@ impl AppStore {
             name: app.name.clone(),
             reason: e.to_string(),
         })?;
-        self.tree.insert(app.name.as_bytes(), bytes)?;
-        self.tree.flush()?;
+        let tree = self.tree()?;
+        tree.insert(app.name.as_bytes(), bytes)?;
+        tree.flush()?;
         Ok(())
     }
 
     /// Removes an app; returns whether it existed.
     pub fn remove(&self, name: &str) -> Result<bool, StoreError> {
-        let existed = self.tree.remove(name.as_bytes())?.is_some();
-        self.tree.flush()?;
+        let tree = self.tree()?;
+        let existed = tree.remove(name.as_bytes())?.is_some();
+        tree.flush()?;
         Ok(existed)
     }
 }

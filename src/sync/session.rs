@@ -433,6 +433,9 @@ impl<'a> Reader<'a> {
                 }
             }
             Message::Awareness { doc, update } if self.features.awareness => {
+                if crate::store::DocStore::validate_name(&doc).is_err() {
+                    return Ok(()); // presence is best effort: nothing to report
+                }
                 if let Err(e) =
                     self.ctx
                         .presence
