@@ -357,6 +357,10 @@ impl DocRegistry {
 
     /// Whether `name` was deleted (and not written to again since).
     pub fn is_deleted(&self, name: &str) -> bool {
+        // The agent's own documents cannot be deleted, whatever a tombstone says (§22).
+        if name.starts_with(crate::group::RESERVED_PREFIX) {
+            return false;
+        }
         self.tombstones
             .read()
             .unwrap_or_else(|p| p.into_inner())

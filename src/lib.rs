@@ -27,6 +27,7 @@
 //!   [`apps`]: the per-app tokens it (and a scoped IPC connection) requires;
 //!   [`presence`]: awareness (cursors, who is here), shared by apps and devices.
 //! - [`demo`]: the two-agent demonstration run by `devicelink demo`.
+//! - [`conformance`]: session transcripts replayed against another implementation.
 
 pub mod agent;
 pub mod apps;
@@ -34,6 +35,7 @@ pub mod bench;
 pub mod bridge;
 pub mod client;
 pub mod conflict;
+pub mod conformance;
 pub mod demo;
 pub mod discovery;
 pub mod docs;

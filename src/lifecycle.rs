@@ -62,6 +62,10 @@ pub(crate) async fn keep_tombstones(registry: Arc<DocRegistry>) {
     let mut prune = tokio::time::interval(Duration::from_secs(3600));
     loop {
         let names: Vec<String> = doc.read(|txn| map.keys(txn).map(str::to_string).collect());
+        // The agent's own documents are never purged, whatever a tombstone says (§22).
+        let names = names
+            .into_iter()
+            .filter(|n| !n.starts_with(crate::group::RESERVED_PREFIX));
         for name in names {
             match registry.exists(&name) {
                 Ok(true) => match registry.purge(&name).await {

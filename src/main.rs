@@ -68,6 +68,16 @@ enum Command {
     /// Manage the apps allowed to use the y-websocket endpoint (tokens).
     #[command(subcommand)]
     App(AppCommand),
+    /// Check a Device Linking 1.4 implementation at ADDR: replays the protocol's session
+    /// transcripts (protocol/vectors/sessions/) over libp2p and prints a pass/fail table. The
+    /// target must trust the two ids this prints (and should start from a fresh data dir).
+    Conformance {
+        /// The target's multiaddr, e.g. /ip4/127.0.0.1/tcp/4001.
+        addr: Multiaddr,
+        /// The target's device id.
+        #[arg(long)]
+        peer_id: PeerId,
+    },
     /// Link this device with another: without CODE, open a code and wait; with CODE, join the
     /// device showing it.
     Pair {
@@ -335,6 +345,7 @@ async fn run(cli: Cli) -> Result<()> {
             run_agent(&global, config, ws).await
         }
         Command::App(command) => app(&global, command).await,
+        Command::Conformance { addr, peer_id } => conformance(&global, addr, peer_id).await,
         Command::Pair {
             code,
             peer,
@@ -581,6 +592,24 @@ async fn trust(global: &Global, command: TrustCommand) -> Result<()> {
                 println!("{id}  {}  {}", device.name, device.addrs.join(" "));
             }
         }
+    }
+    Ok(())
+}
+
+async fn conformance(global: &Global, addr: Multiaddr, target: PeerId) -> Result<()> {
+    use devicelink::conformance::{self, Identities};
+    let ids = Identities::load_or_create(&global.data_dir()?)?;
+    println!("trust: {} (this side opens the sync stream)", ids.low_id());
+    println!(
+        "trust: {} (the target opens the sync stream)",
+        ids.high_id()
+    );
+    println!("(on a devicelink target: devicelink trust add ID, for both)");
+    let report = conformance::run(&conformance::builtin(), &ids, target, &addr).await;
+    print!("{}", report.table());
+    let failed = report.outcomes.iter().filter(|o| !o.passed).count();
+    if failed > 0 {
+        bail!("{failed} of {} transcripts failed", report.outcomes.len());
     }
     Ok(())
 }

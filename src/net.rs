@@ -349,7 +349,8 @@ impl Network {
                     );
                     tracing::error!(%peer, "refused an old peer: {message}");
                     self.peers.set_error(peer, message.clone());
-                    self.sessions.spawn(refuse(stream, RefuseCode::UnsupportedVersion, message));
+                    let refusal = Refusal { code: RefuseCode::UnsupportedVersion, message };
+                    self.sessions.spawn(refuse(stream, refusal));
                 }
                 Some(event) = discovered.recv() => self.on_discovery(event),
                 command = commands.recv() => match command {
@@ -755,11 +756,8 @@ impl Network {
     fn on_inbound_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
         if !self.trust.is_trusted(&peer) {
             tracing::warn!(%peer, "refused a sync stream from a device that is not trusted");
-            self.sessions.spawn(refuse(
-                stream,
-                RefuseCode::NotTrusted,
-                format!("device {peer} is not trusted by this device; pair it first"),
-            ));
+            self.sessions
+                .spawn(refuse(stream, Refusal::not_trusted(&peer)));
             // The connection itself is dropped after the untrusted grace period.
             return;
         }
@@ -902,9 +900,9 @@ fn log_session_end(peer: PeerId, result: &Result<(), SessionError>) {
 }
 
 /// Sends a refusal on a stream we will not serve, then closes it.
-async fn refuse(stream: libp2p::Stream, code: RefuseCode, message: String) {
+async fn refuse(stream: libp2p::Stream, refusal: Refusal) {
     let mut transport = tokio_util::codec::Framed::new(stream.compat(), codec());
-    if let Ok(frame) = Message::Refuse(Refusal { code, message }).encode() {
+    if let Ok(frame) = Message::Refuse(refusal).encode() {
         let send = async {
             transport.send(frame).await?;
             SinkExt::<bytes::Bytes>::close(&mut transport).await

@@ -519,3 +519,70 @@ async fn a_feature_peer_cannot_stall_or_overflow_the_agent() {
     assert!(!a.list_docs().unwrap().contains(&"never".to_string()));
     assert_still_serving(&a, &b).await;
 }
+
+/// A feature peer that declines every document it listed (answering the agent's `SyncStep1`s
+/// with `DocError`) does not stall the agent's catch-up: each answer counts, more than the pull
+/// window of 64 are asked for, and the catch-up completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declined_documents_do_not_stall_a_catch_up() {
+    let da = tempfile::tempdir().unwrap();
+    let a = start(da.path(), "a").await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let raw_id = keypair.public().to_peer_id();
+    a.trust_add(raw_id, "decliner").unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    send(
+        &mut transport,
+        &Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            device_name: "raw".into(),
+            listen_addrs: vec![devicelink::sync::Features::ALL.entry()],
+        }),
+    )
+    .await;
+    let got = read_until(&mut transport, |m| matches!(m, Message::FeedRequest { .. })).await;
+    assert!(
+        matches!(got.last(), Some(Message::FeedRequest { .. })),
+        "{got:?}"
+    );
+    let listed: Vec<String> = (0..100).map(|i| format!("declined/{i}")).collect();
+    send(
+        &mut transport,
+        &Message::FeedPage {
+            epoch: 9,
+            head: 100,
+            docs: listed.clone(),
+            last: true,
+        },
+    )
+    .await;
+    let mut declined = 0;
+    while declined < listed.len() {
+        let frame = tokio::time::timeout(LIMIT, transport.next())
+            .await
+            .expect("the agent keeps asking")
+            .expect("stream open")
+            .expect("a frame");
+        if let Message::SyncStep1 { doc, .. } = Message::decode(&frame).unwrap() {
+            if doc.starts_with("declined/") {
+                declined += 1;
+                let error = Message::DocError {
+                    doc,
+                    code: devicelink::sync::DocErrorCode::Storage,
+                    message: "this device does not keep it".into(),
+                };
+                send(&mut transport, &error).await;
+            }
+        }
+    }
+    wait_until(LIMIT, "the catch-up completes", || {
+        a.status()
+            .unwrap()
+            .peers
+            .iter()
+            .any(|p| p.device_id == raw_id.to_string() && p.caught_up)
+    })
+    .await;
+    a.shutdown().await.unwrap();
+}

@@ -173,6 +173,14 @@ fn hello(major: u16, minor: u16, name: &str, addrs: &[&str]) -> Message {
     })
 }
 
+/// The device id in examples: the Ed25519 key whose secret is 32 bytes of 1.
+fn example_device() -> devicelink::PeerId {
+    libp2p::identity::Keypair::ed25519_from_bytes([1u8; 32])
+        .expect("a valid key")
+        .public()
+        .to_peer_id()
+}
+
 fn refuse(code: RefuseCode, message: &str) -> Message {
     Message::Refuse(Refusal {
         code,
@@ -250,7 +258,7 @@ fn vectors() -> Vec<Vector> {
         ),
         v(
             "refuse_not_trusted.bin",
-            refuse(RefuseCode::NotTrusted, "not trusted; pair it first"),
+            Message::Refuse(Refusal::not_trusted(&example_device())),
             Check::None,
         ),
         v(
@@ -895,7 +903,7 @@ fn invalid_vectors() -> Vec<(&'static str, Vec<u8>, Reject)> {
     let hello_body = hello(1, 4, "laptop", &["/ip4/10.0.0.2/tcp/4001"])
         .encode()
         .expect("encodes");
-    let refuse_body = refuse(RefuseCode::NotTrusted, "not trusted; pair it first")
+    let refuse_body = Message::Refuse(Refusal::not_trusted(&example_device()))
         .encode()
         .expect("encodes");
     let mut trailing = refuse_body.to_vec();

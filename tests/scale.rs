@@ -341,3 +341,50 @@ async fn a_device_that_lost_its_database_gets_everything_again() {
     b.shutdown().await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// A tombstone naming one of the agent's own documents (which no conforming device writes)
+/// deletes nothing: the activities survive and keep syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tombstone_cannot_delete_the_agents_own_documents() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), "a").await;
+    let b = start(db.path(), "b").await;
+    link(&a, &b);
+    wait_until(Duration::from_secs(20), "session", || {
+        a.is_syncing_with(&b.device_id())
+    })
+    .await;
+    let draft = |title: &str| devicelink::handoff::ActivityDraft {
+        id: None,
+        activity_type: "com.example.notes.edit".into(),
+        title: title.into(),
+        docs: vec![],
+        app_state: json!({}),
+        ttl_secs: None,
+    };
+    a.publish_activity(draft("on a")).await.unwrap();
+    let activities = devicelink::handoff::ACTIVITIES_DOC;
+    let tombstones = b.open_system_doc(devicelink::docs::DELETED_DOC).unwrap();
+    tombstones
+        .set_map_value(
+            "deleted",
+            activities,
+            devicelink::docs::json_to_any(&json!({"at": 1, "by": b.device_id().to_string()})),
+        )
+        .await
+        .unwrap();
+    let on_a = a.open_system_doc(devicelink::docs::DELETED_DOC).unwrap();
+    wait_until(Duration::from_secs(20), "the tombstone reaches a", || {
+        on_a.to_json()["deleted"].get(activities).is_some()
+    })
+    .await;
+    // A change to the activities after the tombstone still arrives, and nothing was purged.
+    b.publish_activity(draft("on b")).await.unwrap();
+    wait_until(Duration::from_secs(20), "b's activity reaches a", || {
+        a.activities().unwrap().iter().any(|x| x.title == "on b")
+    })
+    .await;
+    assert!(a.activities().unwrap().iter().any(|x| x.title == "on a"));
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}

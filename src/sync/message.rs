@@ -124,6 +124,16 @@ impl Features {
     }
 }
 
+impl Refusal {
+    /// The refusal a device that is not trusted gets for its sync stream.
+    pub fn not_trusted(peer: &libp2p::PeerId) -> Self {
+        Self {
+            code: RefuseCode::NotTrusted,
+            message: format!("device {peer} is not trusted by this device; pair it first"),
+        }
+    }
+}
+
 impl Version {
     /// Whether a peer announcing `self` may sync with this build: the same major version and at
     /// least this build's minor. A higher minor is accepted (it must speak this minor's messages
@@ -277,6 +287,23 @@ impl Message {
             ));
         }
         Ok(msg)
+    }
+
+    /// The message's name, as the spec writes it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Refuse(_) => "Refuse",
+            Message::SyncStep1 { .. } => "SyncStep1",
+            Message::SyncStep2 { .. } => "SyncStep2",
+            Message::Update { .. } => "Update",
+            Message::DocError { .. } => "DocError",
+            Message::FeedRequest { .. } => "FeedRequest",
+            Message::FeedPage { .. } => "FeedPage",
+            Message::FeedMark { .. } => "FeedMark",
+            Message::Part { .. } => "Part",
+            Message::Awareness { .. } => "Awareness",
+        }
     }
 
     /// The document a message is about, if any.

@@ -207,6 +207,7 @@ async fn handshake(transport: &mut Transport, local: Hello) -> Result<Hello, Ses
                 message,
             };
             let _ = send(transport, &Message::Refuse(refusal)).await;
+            let _ = SinkExt::<Bytes>::close(transport).await; // FIN after the Refuse (§4.1)
             return Err(SessionError::HelloTimeout(HELLO_TIMEOUT));
         }
         Ok(None) => return Err(SessionError::Closed),
@@ -215,6 +216,7 @@ async fn handshake(transport: &mut Transport, local: Hello) -> Result<Hello, Ses
             let error = map_read_error(e);
             if let Some(refusal) = refusal_for(&error) {
                 let _ = send(transport, &Message::Refuse(refusal)).await;
+                let _ = SinkExt::<Bytes>::close(transport).await; // FIN after the Refuse (§4.1)
             }
             return Err(error);
         }
@@ -239,7 +241,7 @@ async fn handshake(transport: &mut Transport, local: Hello) -> Result<Hello, Ses
         Ok(other) => {
             refuse(Refusal {
                 code: RefuseCode::ProtocolViolation,
-                message: format!("expected Hello first, got {}", kind(&other)),
+                message: format!("expected Hello first, got {}", other.kind()),
             })
             .await
         }
@@ -261,22 +263,6 @@ fn map_read_error(e: std::io::Error) -> SessionError {
         SessionError::FrameTooLarge
     } else {
         SessionError::Io(e)
-    }
-}
-
-fn kind(msg: &Message) -> &'static str {
-    match msg {
-        Message::Hello(_) => "Hello",
-        Message::Refuse(_) => "Refuse",
-        Message::SyncStep1 { .. } => "SyncStep1",
-        Message::SyncStep2 { .. } => "SyncStep2",
-        Message::Update { .. } => "Update",
-        Message::DocError { .. } => "DocError",
-        Message::FeedRequest { .. } => "FeedRequest",
-        Message::FeedPage { .. } => "FeedPage",
-        Message::FeedMark { .. } => "FeedMark",
-        Message::Part { .. } => "Part",
-        Message::Awareness { .. } => "Awareness",
     }
 }
 
@@ -404,6 +390,11 @@ impl<'a> Reader<'a> {
                 self.ctx
                     .peers
                     .set_error(self.peer, format!("document {doc:?}: {code:?}: {message}"));
+                // An answer all the same: the catch-up does not wait for this document.
+                if self.pull.asked.remove(&doc) {
+                    self.pull.done += 1;
+                    self.pump();
+                }
             }
             Message::Refuse(r) => {
                 return Err(SessionError::RefusedByPeer {
@@ -457,7 +448,7 @@ impl<'a> Reader<'a> {
             other => {
                 return Err(SessionError::RefusedPeer {
                     code: RefuseCode::ProtocolViolation,
-                    message: format!("{} without announcing its feature", kind(&other)),
+                    message: format!("{} without announcing its feature", other.kind()),
                 })
             }
         }
