@@ -92,6 +92,22 @@ fn transcript(name: &str, description: &str, identity: Identity, steps: Vec<Step
     }
 }
 
+/// A peer announcing `major.minor` gets the target's Hello, then `UnsupportedVersion`.
+fn refused_version(major: u16, minor: u16, description: &str) -> Transcript {
+    transcript(
+        &format!("refuse_version_{major}_{minor}"),
+        description,
+        Identity::TrustedLow,
+        vec![
+            Step::Open { may_fail: false },
+            send(&hello(major, minor), &format!("Hello {major}.{minor}")),
+            expect("Hello"),
+            expect_code("Refuse", "UnsupportedVersion"),
+            expect("End"),
+        ],
+    )
+}
+
 /// Every transcript, as the files should hold them.
 fn transcripts() -> Vec<Transcript> {
     let notes = "conformance/notes";
@@ -184,29 +200,15 @@ fn transcripts() -> Vec<Transcript> {
                 Step::Close,
             ],
         ),
-        transcript(
-            "refuse_version_1_3",
+        refused_version(
+            1,
+            3,
             "A peer announcing 1.3 gets the target's Hello, then Refuse UnsupportedVersion, then the end of the stream.",
-            Identity::TrustedLow,
-            vec![
-                Step::Open { may_fail: false },
-                send(&hello(1, 3), "Hello 1.3"),
-                expect("Hello"),
-                expect_code("Refuse", "UnsupportedVersion"),
-                expect("End"),
-            ],
         ),
-        transcript(
-            "refuse_version_2_0",
+        refused_version(
+            2,
+            0,
             "A peer announcing 2.0 (another major) is refused with UnsupportedVersion.",
-            Identity::TrustedLow,
-            vec![
-                Step::Open { may_fail: false },
-                send(&hello(2, 0), "Hello 2.0"),
-                expect("Hello"),
-                expect_code("Refuse", "UnsupportedVersion"),
-                expect("End"),
-            ],
         ),
         transcript(
             "refuse_not_trusted",
