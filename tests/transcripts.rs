@@ -88,8 +88,25 @@ fn transcript(name: &str, description: &str, identity: Identity, steps: Vec<Step
         name: name.into(),
         description: description.into(),
         identity,
+        feature: None,
         steps,
     }
+}
+
+/// A transcript of optional feature `feature`.
+fn featured(feature: &str, mut t: Transcript) -> Transcript {
+    t.feature = Some(feature.into());
+    t
+}
+
+/// Hello 1.4 announcing every optional feature.
+fn hello_with_features() -> Step {
+    let msg = Message::Hello(Hello {
+        version: Version { major: 1, minor: 4 },
+        device_name: "conformance".into(),
+        listen_addrs: vec!["devicelink-features:feed,parts,awareness".into()],
+    });
+    send(&msg, "Hello 1.4 announcing feed, parts and awareness")
 }
 
 /// A peer announcing `major.minor` gets the target's Hello, then `UnsupportedVersion`.
@@ -260,6 +277,58 @@ fn transcripts() -> Vec<Transcript> {
                 expect("End"),
             ],
         ),
+        featured(
+            "feed",
+            transcript(
+                "feature_feed",
+                "Both Hellos announce `feed`: the target asks for this side's changes with FeedRequest instead of a SyncStep1 per document, and answers this side's FeedRequest with FeedPages (the last one marked). Skipped against a target without `feed`.",
+                Identity::TrustedLow,
+                vec![
+                    Step::Open { may_fail: false },
+                    hello_with_features(),
+                    expect("Hello"),
+                    expect("FeedRequest"),
+                    send(
+                        &Message::FeedPage { epoch: 1, head: 0, docs: vec![], last: true },
+                        "FeedPage: nothing changed here (epoch 1, head 0, last)",
+                    ),
+                    send(
+                        &Message::FeedRequest { epoch: 0, after: 0 },
+                        "FeedRequest: everything (no checkpoint of the target's feed)",
+                    ),
+                    expect("FeedPage"),
+                    Step::Close,
+                ],
+            ),
+        ),
+        featured(
+            "parts",
+            transcript(
+                "feature_parts",
+                "Both Hellos announce `parts`: an Update sent as two Parts is reassembled and applied (a SyncStep1 then gets it back). Skipped against a target without `parts`.",
+                Identity::TrustedLow,
+                {
+                    let update = map_update(5, "m", "sent", "in two parts");
+                    let half = update.len() / 2;
+                    let part = |data: &[u8]| Message::Part {
+                        doc: "conformance/parts".into(),
+                        kind: 4,
+                        total: update.len() as u64,
+                        data: data.to_vec(),
+                    };
+                    vec![
+                        Step::Open { may_fail: false },
+                        hello_with_features(),
+                        expect("Hello"),
+                        send(&part(&update[..half]), "Part 1 of 2 of an Update of conformance/parts (client 5)"),
+                        send(&part(&update[half..]), "Part 2 of 2"),
+                        send(&step1("conformance/parts"), "SyncStep1 conformance/parts"),
+                        expect_doc("SyncStep2", "conformance/parts", Some(json!({"m": {"sent": "in two parts"}}))),
+                        Step::Close,
+                    ]
+                },
+            ),
+        ),
     ]
 }
 
@@ -315,7 +384,16 @@ async fn transcripts_replay_against_the_agent() {
     )
     .await;
     assert!(report.passed(), "\n{}", report.table());
-    assert_eq!(report.outcomes.len(), 10);
+    assert_eq!(report.outcomes.len(), 12);
+    // The agent announces every optional feature: nothing may be skipped.
+    assert!(
+        report
+            .outcomes
+            .iter()
+            .all(|o| !o.detail.starts_with("skipped")),
+        "\n{}",
+        report.table()
+    );
     // What the sessions wrote is really stored.
     let notes = agent.open_doc("conformance/notes").unwrap();
     assert_eq!(notes.to_json()["m"]["k"], "from the runner");
@@ -352,7 +430,7 @@ fn the_conformance_command_passes_against_an_agent() {
     let out = run(&target);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert!(
-        stdout(&out).contains("10 of 10 passed: conforms"),
+        stdout(&out).contains("12 of 12 passed: conforms"),
         "{}",
         stdout(&out)
     );

@@ -32,6 +32,10 @@ pub struct Transcript {
     pub description: String,
     /// Which identity plays this side.
     pub identity: Identity,
+    /// An optional feature (§6.4) the transcript exercises: against a target whose `Hello` does
+    /// not announce it, the transcript is skipped (and passes), since the feature is optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feature: Option<String>,
     pub steps: Vec<Step>,
 }
 
@@ -99,6 +103,8 @@ pub fn builtin() -> Vec<Transcript> {
         include_str!("../../protocol/vectors/sessions/malformed_frame.json"),
         include_str!("../../protocol/vectors/sessions/frame_too_large.json"),
         include_str!("../../protocol/vectors/sessions/second_hello.json"),
+        include_str!("../../protocol/vectors/sessions/feature_feed.json"),
+        include_str!("../../protocol/vectors/sessions/feature_parts.json"),
     ]
     .iter()
     .filter_map(|text| match serde_json::from_str(text) {
@@ -293,7 +299,14 @@ pub async fn replay(
             }
             Step::Expect(expect) => {
                 let s = stream.as_mut().ok_or_else(|| at("no stream open".into()))?;
-                await_match(s, expect).await.map_err(at)?;
+                let got = await_match(s, expect).await.map_err(at)?;
+                if let (Some(feature), Some(Message::Hello(hello))) = (&t.feature, &got) {
+                    if !announces(hello, feature) {
+                        return Ok(format!(
+                            "skipped: the target does not announce feature `{feature}` (optional)"
+                        ));
+                    }
+                }
             }
             Step::Close => {
                 if let Some(mut s) = stream.take() {
@@ -305,15 +318,24 @@ pub async fn replay(
     Ok(format!("{} steps", t.steps.len()))
 }
 
-/// Reads until `expect` is met.
-async fn await_match(stream: &mut Stream, expect: &Expect) -> Result<(), String> {
+/// Whether `hello` announces optional feature `name`.
+fn announces(hello: &crate::sync::Hello, name: &str) -> bool {
+    hello.listen_addrs.iter().any(|entry| {
+        entry
+            .strip_prefix(crate::sync::message::FEATURES_PREFIX)
+            .is_some_and(|list| list.split(',').any(|n| n == name))
+    })
+}
+
+/// Reads until `expect` is met; returns the message that met it (none for an end).
+async fn await_match(stream: &mut Stream, expect: &Expect) -> Result<Option<Message>, String> {
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
     let mut seen = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let frame = match stream.read(left).await {
             Read::Frame(frame) => frame,
-            Read::End if expect.kind == "End" || expect.kind == "RefusalOrEnd" => return Ok(()),
+            Read::End if expect.kind == "End" || expect.kind == "RefusalOrEnd" => return Ok(None),
             Read::End => {
                 return Err(format!(
                     "the stream ended waiting for {}; got {seen:?}",
@@ -336,7 +358,7 @@ async fn await_match(stream: &mut Stream, expect: &Expect) -> Result<(), String>
                     Some(code) if format!("{:?}", r.code) != *code => {
                         Err(format!("refused with {:?}, not {code}", r.code))
                     }
-                    _ => Ok(()),
+                    _ => Ok(None),
                 }
             }
             ("RefusalOrEnd", m) if m.doc().is_some() => {
@@ -353,7 +375,7 @@ async fn await_match(stream: &mut Stream, expect: &Expect) -> Result<(), String>
             _ => {}
         }
         if kind == expect.kind && matches(expect, &msg)? {
-            return Ok(());
+            return Ok(Some(msg));
         }
         seen.push(match msg.doc() {
             Some(doc) => format!("{kind}({doc})"),
