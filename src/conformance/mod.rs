@@ -301,7 +301,7 @@ pub async fn replay(
                 let s = stream.as_mut().ok_or_else(|| at("no stream open".into()))?;
                 let got = await_match(s, expect).await.map_err(at)?;
                 if let (Some(feature), Some(Message::Hello(hello))) = (&t.feature, &got) {
-                    if !announces(hello, feature) {
+                    if !hello.announces(feature) {
                         return Ok(format!(
                             "skipped: the target does not announce feature `{feature}` (optional)"
                         ));
@@ -316,15 +316,6 @@ pub async fn replay(
         }
     }
     Ok(format!("{} steps", t.steps.len()))
-}
-
-/// Whether `hello` announces optional feature `name`.
-fn announces(hello: &crate::sync::Hello, name: &str) -> bool {
-    hello.listen_addrs.iter().any(|entry| {
-        entry
-            .strip_prefix(crate::sync::message::FEATURES_PREFIX)
-            .is_some_and(|list| list.split(',').any(|n| n == name))
-    })
 }
 
 /// Reads until `expect` is met; returns the message that met it (none for an end).

@@ -95,10 +95,12 @@ impl ConnPresence {
 
 impl Drop for ConnPresence {
     fn drop(&mut self) {
+        // The renewer starts with the first `awareness_set`: without it, nothing to remove
+        // (and no walk over every document's presence when a plain connection closes).
         if let Some(task) = self.renewer.take() {
             task.abort();
+            self.hub.remove_source(Source::Local(self.id));
         }
-        self.hub.remove_source(Source::Local(self.id));
     }
 }
 

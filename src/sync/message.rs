@@ -57,20 +57,20 @@ impl std::fmt::Display for Version {
 impl Hello {
     /// The optional features the sender announced (empty for a peer without any).
     pub fn features(&self) -> Features {
-        let mut features = Features::default();
-        for entry in &self.listen_addrs {
-            if let Some(list) = entry.strip_prefix(FEATURES_PREFIX) {
-                for name in list.split(',') {
-                    match name {
-                        FEATURE_FEED => features.feed = true,
-                        FEATURE_PARTS => features.parts = true,
-                        FEATURE_AWARENESS => features.awareness = true,
-                        _ => {}
-                    }
-                }
-            }
+        Features {
+            feed: self.announces(FEATURE_FEED),
+            parts: self.announces(FEATURE_PARTS),
+            awareness: self.announces(FEATURE_AWARENESS),
         }
-        features
+    }
+
+    /// Whether the sender announced optional feature `name` (known to this build or not).
+    pub fn announces(&self, name: &str) -> bool {
+        self.listen_addrs.iter().any(|entry| {
+            entry
+                .strip_prefix(FEATURES_PREFIX)
+                .is_some_and(|list| list.split(',').any(|n| n == name))
+        })
     }
 
     /// The listen addresses without the feature entry.
