@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub discovery: DiscoveryConfig,
     /// Memory budget of loaded documents, in bytes: idle documents beyond it leave memory.
     pub doc_cache_bytes: usize,
+    /// Whether a new identity may replace a missing or damaged one next to existing data.
+    pub new_identity: identity::NewIdentity,
 }
 
 impl AgentConfig {
@@ -54,6 +56,7 @@ impl AgentConfig {
             compaction: CompactionPolicy::default(),
             discovery: DiscoveryConfig::default(),
             doc_cache_bytes: crate::docs::DEFAULT_CACHE_BYTES,
+            new_identity: identity::NewIdentity::IfFresh,
         }
     }
 }
@@ -128,7 +131,53 @@ struct Inner {
     commands: mpsc::UnboundedSender<NetCommand>,
     neighborhood: Arc<Neighborhood>,
     control: tokio::sync::Mutex<libp2p_stream::Control>,
+    failure: Arc<Failure>,
     threads: Mutex<Option<Tasks>>,
+}
+
+/// Why the agent can no longer work, once one of its long-running tasks ended unexpectedly.
+#[derive(Default)]
+struct Failure {
+    failed: tokio_util::sync::CancellationToken,
+    reason: Mutex<Option<String>>,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+impl Failure {
+    fn set(&self, reason: String) {
+        tracing::error!("{reason}; the agent cannot go on");
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(reason);
+        self.failed.cancel();
+    }
+}
+
+/// Runs one of the agent's long-running tasks. A panic, or an end that is not a shutdown, is
+/// recorded as the agent's failure (see [`AgentHandle::failed`]) instead of leaving the agent
+/// half alive: answering locally while its network is gone.
+async fn supervised(
+    name: &'static str,
+    task: impl std::future::Future<Output = ()>,
+    failure: Arc<Failure>,
+) {
+    use futures::FutureExt as _;
+    let ended = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+    if failure.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    match ended {
+        Ok(()) => failure.set(format!("the {name} task stopped")),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            failure.set(format!("the {name} task panicked: {message}"));
+        }
+    }
 }
 
 /// What `shutdown` stops and waits for.
@@ -151,7 +200,7 @@ impl Agent {
     /// Opens the data dir (creating identity and database on first start), starts listening and
     /// dialing, and returns once the listen addresses are known. Must run inside a tokio runtime.
     pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
-        let keypair = identity::load_or_create(&config.data_dir)?;
+        let keypair = identity::load(&config.data_dir, config.new_identity)?;
         let device_id = keypair.public().to_peer_id();
         let db = store::open_db(&config.data_dir)?;
         let doc_store = DocStore::open(&db)?;
@@ -204,19 +253,28 @@ impl Agent {
             let _ = registry.writer().shutdown().await;
             return Err(e.into());
         }
-        let net_task = tokio::spawn(network.run(command_rx));
-        let group_task = tokio::spawn({
-            let registry = registry.clone();
-            let (trust, commands) = (trust.clone(), commands.clone());
-            async move {
-                tokio::join!(
-                    reconcile_group(registry.clone(), trust, device_id, commands),
-                    record_conflicts(registry.clone(), conflicts_rx),
-                    crate::lifecycle::keep_tombstones(registry.clone()),
-                    prune_activities(registry),
-                );
-            }
-        });
+        let failure = Arc::new(Failure::default());
+        let net_task = tokio::spawn(supervised(
+            "network",
+            network.run(command_rx),
+            failure.clone(),
+        ));
+        let group_task = tokio::spawn(supervised(
+            "device group",
+            {
+                let registry = registry.clone();
+                let (trust, commands) = (trust.clone(), commands.clone());
+                async move {
+                    tokio::join!(
+                        reconcile_group(registry.clone(), trust, device_id, commands),
+                        record_conflicts(registry.clone(), conflicts_rx),
+                        crate::lifecycle::keep_tombstones(registry.clone()),
+                        prune_activities(registry),
+                    );
+                }
+            },
+            failure.clone(),
+        ));
         tracing::info!(device = %device_id, "agent started");
         Ok(AgentHandle {
             inner: Arc::new(Inner {
@@ -233,6 +291,7 @@ impl Agent {
                 commands,
                 neighborhood,
                 control: tokio::sync::Mutex::new(control),
+                failure,
                 threads: Mutex::new(Some(Tasks {
                     net: net_task,
                     group: group_task,
@@ -346,6 +405,19 @@ impl AgentHandle {
             .commands
             .send(command)
             .map_err(|_| AgentError::Stopped)
+    }
+
+    /// Resolves if the agent can no longer work (one of its tasks panicked or stopped), with the
+    /// reason. The binary exits with an error then, rather than staying half alive.
+    pub async fn failed(&self) -> String {
+        self.inner.failure.failed.cancelled().await;
+        self.inner
+            .failure
+            .reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Devices, connections, and per-peer sync progress.
@@ -561,6 +633,10 @@ impl AgentHandle {
         let Some(tasks) = threads else {
             return Ok(());
         };
+        self.inner
+            .failure
+            .stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         tasks.group.abort();
         let _ = tasks.group.await;
         let (done, done_rx) = oneshot::channel();
@@ -898,7 +974,7 @@ impl AgentHandle {
             return Err(HandoffError::AlreadyHere(id.to_string()));
         }
         // 1. Never hand over a document older than the one the user left.
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = tokio::time::Instant::now() + timeout.min(crate::handoff::MAX_TIMEOUT);
         for needed in &activity.docs {
             let doc = self
                 .open_doc(&needed.doc)

@@ -279,6 +279,18 @@ impl Client {
         self.request(RequestBody::DocApply {
             doc: doc.into(),
             update: B64.encode(update),
+            encoding: None,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Applies a Yjs v2 update (`Y.encodeStateAsUpdateV2`); returns once durable.
+    pub async fn doc_apply_v2(&self, doc: &str, update: &[u8]) -> Result<(), ClientError> {
+        self.request(RequestBody::DocApply {
+            doc: doc.into(),
+            update: B64.encode(update),
+            encoding: Some("v2".into()),
         })
         .await
         .map(drop)

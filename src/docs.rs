@@ -1008,11 +1008,36 @@ impl DocHandle {
 }
 
 /// Decodes a Yjs v1 update from outside (peer, app, disk). yrs panics on some malformed input
-/// rather than returning an error; that is turned into an error here.
+/// rather than returning an error; that is turned into an error here. Bytes left after the
+/// update are an error too: they are what a Yjs v2 update (or any other data) looks like when read
+/// as v1, which would otherwise be "applied" as an empty update and silently lost.
 pub(crate) fn decode_update(bytes: &[u8]) -> Result<Update, String> {
-    std::panic::catch_unwind(|| Update::decode_v1(bytes))
-        .map_err(|_| "malformed update (rejected by the decoder)".to_string())?
-        .map_err(|e| e.to_string())
+    use yrs::updates::decoder::{Decoder, DecoderV1};
+    let decoded = std::panic::catch_unwind(|| {
+        let mut decoder = DecoderV1::from(bytes);
+        let update = Update::decode(&mut decoder)?;
+        let rest = decoder.read_to_end()?.len();
+        Ok::<_, yrs::encoding::read::Error>((update, rest))
+    })
+    .map_err(|_| "malformed update (rejected by the decoder)".to_string())?
+    .map_err(|e| e.to_string())?;
+    match decoded {
+        (update, 0) => Ok(update),
+        (_, rest) => Err(format!(
+            "not a Yjs v1 update: {rest} of {} bytes left after the end (a v2 update must be sent as v2)",
+            bytes.len()
+        )),
+    }
+}
+
+/// Decodes a Yjs v2 update (`Y.encodeStateAsUpdateV2`) and re-encodes it as v1, the encoding the
+/// agent stores and sends.
+pub(crate) fn v2_to_v1(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    use yrs::updates::encoder::Encode;
+    let update = std::panic::catch_unwind(|| Update::decode_v2(bytes))
+        .map_err(|_| "malformed v2 update (rejected by the decoder)".to_string())?
+        .map_err(|e| format!("not a Yjs v2 update: {e}"))?;
+    Ok(update.encode_v1())
 }
 
 /// Decodes a Yjs v1 state vector from outside, like [`decode_update`].

@@ -32,6 +32,8 @@ pub const HANDOFF_PROTOCOL: StreamProtocol = StreamProtocol::new("/devicelink/ha
 const MAP: &str = "activities";
 /// Largest app state, as JSON text.
 pub const MAX_APP_STATE: usize = 16 * 1024;
+/// The longest a handoff may wait for documents and the holder's grant.
+pub const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// A document an activity needs, at the state it was in when published.

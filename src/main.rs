@@ -64,6 +64,10 @@ enum Command {
         /// Do not serve y-websocket clients.
         #[arg(long, conflicts_with = "ws")]
         no_ws: bool,
+        /// Start over as a new device when identity.key is missing or damaged next to existing
+        /// data (documents are kept; your other devices must pair this one again).
+        #[arg(long)]
+        new_identity: bool,
     },
     /// Manage the apps allowed to use the y-websocket endpoint (tokens).
     #[command(subcommand)]
@@ -87,7 +91,8 @@ enum Command {
         #[arg(long, requires = "code")]
         peer: Option<Multiaddr>,
         /// How long a new code stays valid, in seconds.
-        #[arg(long, default_value_t = 300, conflicts_with = "code")]
+        #[arg(long, default_value_t = 300, conflicts_with = "code",
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
         expires: u64,
     },
     /// Remove a device from your devices, on every device.
@@ -103,8 +108,8 @@ enum Command {
     /// state is printed (JSON).
     Handoff {
         activity_id: String,
-        /// Give up after this many seconds.
-        #[arg(long, default_value_t = 10)]
+        /// Give up after this many seconds (at most an hour).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
     },
     /// Concurrent writes to the same map key (open ones), or resolve one.
@@ -318,6 +323,7 @@ async fn run(cli: Cli) -> Result<()> {
             doc_cache_mb,
             ws,
             no_ws,
+            new_identity,
         } => {
             let discovery = if no_mdns {
                 devicelink::discovery::DiscoveryConfig::default()
@@ -334,6 +340,9 @@ async fn run(cli: Cli) -> Result<()> {
             config.listen = listen;
             config.peers = peer;
             config.discovery = discovery;
+            if new_identity {
+                config.new_identity = devicelink::identity::NewIdentity::Allow;
+            }
             if let Some(name) = name {
                 config.device_name = name;
             }
@@ -533,15 +542,22 @@ async fn run_agent(global: &Global, config: AgentConfig, ws: WsChoice) -> Result
     std::io::stdout().flush()?;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let failure = tokio::select! {
+        _ = tokio::signal::ctrl_c() => None,
+        _ = term.recv() => None,
+        reason = agent.failed() => Some(reason),
+    };
+    if let Some(reason) = &failure {
+        eprintln!("error: {reason}; stopping (acknowledged changes are on disk)");
     }
     eprintln!("stopping: flushing to disk");
     drop(endpoint);
     drop(server);
     agent.shutdown().await?;
-    Ok(())
+    match failure {
+        Some(reason) => Err(anyhow::anyhow!("the agent failed: {reason}")),
+        None => Ok(()),
+    }
 }
 
 async fn trust(global: &Global, command: TrustCommand) -> Result<()> {

@@ -377,8 +377,17 @@ impl Network {
                     }
                     self.drop_untrusted_after_grace();
                     self.maintain_connections();
+                    self.restart_ended_sessions();
                 }
-                Some(_) = self.sessions.join_next(), if !self.sessions.is_empty() => {}
+                Some(ended) = self.sessions.join_next(), if !self.sessions.is_empty() => {
+                    if let Err(e) = ended {
+                        if e.is_panic() {
+                            // One session or pairing task: reported; a sync session is
+                            // reopened on the next tick (`restart_ended_sessions`).
+                            tracing::error!("a network task panicked: {e}");
+                        }
+                    }
+                }
             }
         };
         self.sessions.shutdown().await;
@@ -658,7 +667,10 @@ impl Network {
                 if let Some(reply) = self.pending_connects.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
-                self.on_connected(peer_id, &endpoint, num_established.get())
+                // The one place connection state is recorded (with `ConnectionClosed`), whatever
+                // the peer's trust: `status`, `peers`, `doctor` and sessions all read it.
+                self.peers.connected(peer_id, num_established.get());
+                self.on_connected(peer_id, &endpoint)
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
@@ -698,7 +710,7 @@ impl Network {
         }
     }
 
-    fn on_connected(&mut self, peer: PeerId, endpoint: &ConnectedPoint, connections: u32) {
+    fn on_connected(&mut self, peer: PeerId, endpoint: &ConnectedPoint) {
         match endpoint {
             ConnectedPoint::Dialer { address, .. } => {
                 for sp in self.static_peers.iter_mut().filter(|s| &s.addr == address) {
@@ -735,17 +747,34 @@ impl Network {
         }
         self.untrusted.remove(&peer);
         tracing::info!(%peer, "connected");
-        self.peers.connected(peer, connections);
         self.backoffs.remove(&peer);
         self.start_session_if_opener(peer);
+    }
+
+    /// Reopens the sync session with connected trusted peers whose opener task ended while the
+    /// peer stayed connected (it only ends by itself on a disconnect, so this catches a panic).
+    fn restart_ended_sessions(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        let ended: Vec<PeerId> = self
+            .session_of
+            .iter()
+            .filter(|(peer, handle)| {
+                local < **peer
+                    && handle.is_finished()
+                    && self.swarm.is_connected(peer)
+                    && self.trust.is_trusted(peer)
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in ended {
+            self.start_session_if_opener(peer);
+        }
     }
 
     /// Of two devices, the one with the smaller id opens the sync stream.
     fn start_session_if_opener(&mut self, peer: PeerId) {
         let opener = *self.swarm.local_peer_id() < peer;
         if opener && self.session_of.get(&peer).is_none_or(|h| h.is_finished()) {
-            self.peers
-                .connected(peer, self.swarm.is_connected(&peer) as u32);
             let control = self.swarm.behaviour().stream.new_control();
             let task = open_sessions(peer, control, self.session_ctx());
             let handle = self.sessions.spawn(task);

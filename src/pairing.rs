@@ -31,6 +31,8 @@ use crate::sync::message::{codec, Version, PROTOCOL_VERSION};
 pub const PAIR_PROTOCOL: StreamProtocol = StreamProtocol::new("/devicelink/pair/1.4.0");
 /// How long a code stays valid by default.
 pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(5 * 60);
+/// The longest a code may stay valid (longer requests are refused, not wrapped around).
+pub const MAX_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Wrong codes a host accepts before it burns its code.
 pub const MAX_ATTEMPTS: u32 = 3;
 /// How long either side waits for the other's next message.
@@ -251,7 +253,7 @@ impl PairingHost {
         let code = PairingCode::generate();
         *self.lock() = Some(OpenCode {
             code: code.clone(),
-            expires_at: Instant::now() + expiry,
+            expires_at: Instant::now() + expiry.min(MAX_EXPIRY),
             attempts_left: MAX_ATTEMPTS,
             in_progress: false,
             expired: false,

@@ -81,10 +81,12 @@ pub enum RequestBody {
         #[serde(default)]
         offsets: Option<String>,
     },
-    /// Applies a Yjs update (v1, base64).
+    /// Applies a Yjs update (base64): v1 unless `encoding` is `"v2"`.
     DocApply {
         doc: String,
         update: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        encoding: Option<String>,
     },
     /// The state vector (v1, base64).
     DocStateVector {

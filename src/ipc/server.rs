@@ -29,6 +29,10 @@ pub enum IpcError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "refusing to put the socket in {path}: {reason}; choose a folder of your own with --socket"
+    )]
+    UnsafeDir { path: PathBuf, reason: String },
     #[error("another agent is already serving {0}")]
     InUse(PathBuf),
     #[error("cannot listen on {path}: {source}")]
@@ -59,15 +63,8 @@ impl Drop for IpcServer {
 
 /// Binds `path` (folder 0700, socket 0600) and serves `agent` on it.
 pub async fn serve(agent: AgentHandle, path: PathBuf) -> Result<IpcServer, IpcError> {
-    if let Some(dir) = path.parent() {
-        crate::identity::create_private_dir(dir).map_err(|source| IpcError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        set_mode(dir, 0o700).map_err(|source| IpcError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        socket_dir(dir)?;
     }
     if path.exists() {
         // A live agent answers; a stale socket from a killed agent does not.
@@ -86,6 +83,48 @@ pub async fn serve(agent: AgentHandle, path: PathBuf) -> Result<IpcServer, IpcEr
     })?;
     let task = tokio::spawn(accept_loop(agent, listener));
     Ok(IpcServer { path, task })
+}
+
+/// Makes sure the socket's folder is safe to listen in. A folder the agent creates gets mode
+/// 0700. An existing folder is never changed (it may be /tmp, or the user's own): it is refused if
+/// another user owns it, or if others may write to it without the sticky bit (they could replace
+/// the socket). The socket itself is 0600 either way.
+fn socket_dir(dir: &Path) -> Result<(), IpcError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |reason: String| IpcError::UnsafeDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let io = |source| IpcError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::identity::create_private_dir(dir).map_err(io)?;
+            set_mode(dir, 0o700).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+        Ok(meta) if !meta.is_dir() => Err(refuse("it is not a folder".into())),
+        Ok(meta) => {
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            let mode = meta.mode();
+            if meta.uid() != me && meta.uid() != 0 {
+                return Err(refuse(format!(
+                    "it belongs to user {}, not to you (uid {me})",
+                    meta.uid()
+                )));
+            }
+            if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+                return Err(refuse(format!(
+                    "others may write to it (mode {:o}) and it has no sticky bit",
+                    mode & 0o7777
+                )));
+            }
+            Ok(())
+        }
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
@@ -347,9 +386,26 @@ impl Connection {
                     json!({ "len": len, "offsets": unit }),
                 ));
             }
-            RequestBody::DocApply { doc, update } => {
+            RequestBody::DocApply {
+                doc,
+                update,
+                encoding,
+            } => {
                 writable(&doc)?;
-                let bytes = decode_b64(&update, "update")?;
+                let mut bytes = decode_b64(&update, "update")?;
+                match encoding.as_deref() {
+                    None | Some("v1") => {}
+                    Some("v2") => {
+                        bytes = crate::docs::v2_to_v1(&bytes)
+                            .map_err(|e| (ErrorCode::InvalidArgument, e))?;
+                    }
+                    Some(other) => {
+                        return Err((
+                            ErrorCode::InvalidArgument,
+                            format!("unknown encoding {other:?}: \"v1\" (the default) or \"v2\""),
+                        ))
+                    }
+                }
                 let handle = self.open(&doc)?;
                 let durable = handle.apply_update_deferred(&bytes).map_err(doc_error)?;
                 return Ok(Reply::Later(durable, json!({})));
@@ -465,9 +521,14 @@ impl Connection {
                 json!(list)
             }
             RequestBody::PairStart { expiry_secs } => {
-                let expiry = expiry_secs
-                    .map(std::time::Duration::from_secs)
-                    .unwrap_or(crate::pairing::DEFAULT_EXPIRY);
+                let expiry = match expiry_secs {
+                    None => crate::pairing::DEFAULT_EXPIRY,
+                    Some(secs) => std::time::Duration::from_secs(bounded_secs(
+                        secs,
+                        "expiry_secs",
+                        crate::pairing::MAX_EXPIRY.as_secs(),
+                    )?),
+                };
                 let (code, mut events) = agent.pair_open(expiry).await.map_err(agent_error)?;
                 let out = out.clone();
                 tokio::spawn(async move {
@@ -565,7 +626,11 @@ impl Connection {
                 activity_id,
                 timeout_secs,
             } => {
-                let timeout = std::time::Duration::from_secs(timeout_secs.unwrap_or(10));
+                let timeout = std::time::Duration::from_secs(bounded_secs(
+                    timeout_secs.unwrap_or(10),
+                    "timeout_secs",
+                    crate::handoff::MAX_TIMEOUT.as_secs(),
+                )?);
                 to_value(
                     agent
                         .handoff(&activity_id, timeout)
@@ -728,6 +793,18 @@ fn writable(doc: &str) -> Result<(), (ErrorCode, String)> {
 
 fn to_value(value: impl serde::Serialize) -> serde_json::Value {
     serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
+}
+
+/// A number of seconds from an app: 1 to `max`, else a clear error (never an overflow later).
+fn bounded_secs(secs: u64, what: &str, max: u64) -> Result<u64, (ErrorCode, String)> {
+    if (1..=max).contains(&secs) {
+        Ok(secs)
+    } else {
+        Err((
+            ErrorCode::InvalidArgument,
+            format!("{what} must be between 1 and {max} seconds, not {secs}"),
+        ))
+    }
 }
 
 fn decode_b64(text: &str, what: &str) -> Result<Vec<u8>, (ErrorCode, String)> {

@@ -1,0 +1,261 @@
+//! The hardening review (issue 12), one test per finding: each reproduces what went wrong against
+//! real agents (processes or in-process), real sockets and real sled files, and checks the fix.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::process::{cli, stderr, stdout, AgentProcess};
+use common::*;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// A raw IPC connection: JSON lines out, JSON lines in.
+struct RawIpc {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl RawIpc {
+    async fn connect(socket: &Path) -> Self {
+        let (read, write) = UnixStream::connect(socket)
+            .await
+            .expect("connect to the agent")
+            .into_split();
+        Self {
+            lines: BufReader::new(read).lines(),
+            write,
+        }
+    }
+
+    async fn send(&mut self, request: Value) {
+        let mut line = request.to_string().into_bytes();
+        line.push(b'\n');
+        self.write.write_all(&line).await.expect("send a request");
+    }
+
+    async fn next(&mut self) -> Value {
+        let line = tokio::time::timeout(LIMIT, self.lines.next_line())
+            .await
+            .expect("an answer in time")
+            .expect("read")
+            .expect("the connection stays open");
+        serde_json::from_str(&line).expect("JSON")
+    }
+
+    /// Sends `request` and returns the response to it (events in between are skipped).
+    async fn call(&mut self, mut request: Value) -> Value {
+        request["id"] = json!(1);
+        self.send(request).await;
+        loop {
+            let answer = self.next().await;
+            if answer.get("event").is_none() {
+                return answer;
+            }
+        }
+    }
+}
+
+/// 2. A Yjs v2 update sent as v1 was acknowledged and dropped. Now it is refused with a reason
+/// and nothing changes; sent with `"encoding": "v2"` it is stored and survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yjs_v2_update_is_refused_as_v1_and_stored_as_v2() {
+    // Y.encodeStateAsUpdateV2 of a document whose text "t" holds "hi".
+    const V2_HI: &str = "AAAFk4OO7QgAAAEEBgN0aGkBAgEBAAABAQAA";
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let mut ipc = RawIpc::connect(&agent.socket).await;
+
+    let refused = ipc
+        .call(json!({"op": "doc_apply", "doc": "notes", "update": V2_HI}))
+        .await;
+    assert_eq!(refused["ok"], json!(false), "{refused}");
+    assert_eq!(refused["error"]["code"], "invalid_argument", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("v2"),
+        "the error names the cause: {message}"
+    );
+    let unchanged = ipc.call(json!({"op": "doc_get", "doc": "notes"})).await;
+    assert_eq!(unchanged["result"], json!({}), "{unchanged}");
+
+    let bad = ipc
+        .call(json!({"op": "doc_apply", "doc": "notes", "update": V2_HI, "encoding": "v3"}))
+        .await;
+    assert_eq!(bad["error"]["code"], "invalid_argument", "{bad}");
+
+    let stored = ipc
+        .call(json!({"op": "doc_apply", "doc": "notes", "update": V2_HI, "encoding": "v2"}))
+        .await;
+    assert_eq!(stored["ok"], json!(true), "{stored}");
+    drop(ipc);
+    agent.stop();
+
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let mut ipc = RawIpc::connect(&agent.socket).await;
+    let got = ipc.call(json!({"op": "doc_get", "doc": "notes"})).await;
+    assert_eq!(got["result"], json!({"t": "hi"}), "{got}");
+}
+
+/// Runs the CLI with `args`, killing it if it has not exited within [`LIMIT`].
+fn run_bounded(args: &[&str]) -> std::process::Output {
+    let mut child = std::process::Command::new(common::process::BIN)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run devicelink");
+    let deadline = std::time::Instant::now() + LIMIT;
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("devicelink {args:?} did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+/// Agent flags for a bounded start in `dir` (no mDNS, no endpoint, loopback).
+fn agent_args(dir: &Path) -> Vec<String> {
+    let d = dir.display().to_string();
+    [
+        "--data-dir",
+        &d,
+        "--socket",
+        &format!("{d}/agent.sock"),
+        "agent",
+        "--no-mdns",
+        "--no-ws",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// 7. Huge durations overflowed a time computation and panicked the network task, leaving the
+/// agent half alive. Now they get a clear error and networking goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_durations_are_refused_and_networking_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let out = agent.cli(&["pair", "--expires", "18446744073709551615"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--expires"), "{}", stderr(&out));
+    let out = agent.cli(&["handoff", "x", "--timeout", "18446744073709551615"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--timeout"), "{}", stderr(&out));
+
+    let mut ipc = RawIpc::connect(&agent.socket).await;
+    let refused = ipc
+        .call(json!({"op": "pair_start", "expiry_secs": u64::MAX}))
+        .await;
+    assert_eq!(refused["error"]["code"], "invalid_argument", "{refused}");
+    assert!(refused["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("expiry_secs"));
+    let refused = ipc
+        .call(json!({"op": "handoff", "activity_id": "x", "timeout_secs": u64::MAX}))
+        .await;
+    assert_eq!(refused["error"]["code"], "invalid_argument", "{refused}");
+
+    // The network task is alive: a pairing code opens, and a peer links and syncs.
+    let opened = ipc
+        .call(json!({"op": "pair_start", "expiry_secs": 60}))
+        .await;
+    assert_eq!(opened["ok"], json!(true), "{opened}");
+    let other = tempfile::tempdir().unwrap();
+    let b = AgentProcess::start(other.path(), &[&agent.addr]);
+    for (x, y) in [(&agent, &b), (&b, &agent)] {
+        let out = x.cli(&["trust", "add", &y.device_id]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = agent.cli(&["doc", "set", "n", "m", "k", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(LIMIT, "the edit on b", || {
+        stdout(&b.cli(&["doc", "get", "n"])).contains("\"k\"")
+    })
+    .await;
+}
+
+/// 8. `--socket PATH` turned PATH's folder to 0700, even /tmp. Now an existing folder is never
+/// changed; one others may write to without a sticky bit, or that belongs to another user, is
+/// refused; a folder the agent creates is 0700.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_folder_is_checked_not_chmodded() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start(&dir.path().join("data"), "a").await;
+
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let server = devicelink::ipc::server::serve(agent.clone(), shared.join("a.sock"))
+        .await
+        .expect("a sticky shared folder is fine");
+    assert_eq!(mode(&shared), 0o1777, "the shared folder was changed");
+    assert_eq!(mode(&shared.join("a.sock")) & 0o777, 0o600);
+    drop(server);
+
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let refused = devicelink::ipc::server::serve(agent.clone(), open.join("a.sock")).await;
+    let message = refused.err().expect("refused").to_string();
+    assert!(message.contains("others may write"), "{message}");
+    assert_eq!(mode(&open), 0o777, "the refused folder was changed");
+
+    let created = dir.path().join("new").join("run");
+    let _server = devicelink::ipc::server::serve(agent.clone(), created.join("a.sock"))
+        .await
+        .expect("a new folder");
+    assert_eq!(mode(&created), 0o700);
+}
+
+/// 10. Deleting identity.key started a new device on the old data; an empty key file (a full
+/// disk at first start) broke every later start with a misleading error. Now both are refused
+/// with what to do, and `--new-identity` starts over on purpose.
+#[test]
+fn lost_or_empty_identity_key_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("identity.key");
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let old_id = agent.device_id.clone();
+    agent.stop();
+    let args = agent_args(dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    std::fs::remove_file(&key).unwrap();
+    let out = run_bounded(&args);
+    assert!(!out.status.success(), "started without its identity");
+    let message = stderr(&out);
+    assert!(
+        message.contains("missing") && message.contains("--new-identity"),
+        "{message}"
+    );
+    assert!(!key.exists(), "a new key was written anyway");
+
+    std::fs::write(&key, b"").unwrap();
+    let out = run_bounded(&args);
+    assert!(!out.status.success());
+    let message = stderr(&out);
+    assert!(
+        message.contains("empty") && message.contains("--new-identity"),
+        "{message}"
+    );
+    assert!(!message.contains("rsa"), "{message}");
+
+    let agent = AgentProcess::start_with(dir.path(), &[], &["--no-mdns", "--new-identity"]);
+    assert_ne!(agent.device_id, old_id);
+    assert!(dir.path().join("identity.key.damaged").exists());
+    agent.stop();
+    let again = AgentProcess::start(dir.path(), &[]);
+    assert_ne!(again.device_id, old_id, "the new identity is kept");
+}
