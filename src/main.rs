@@ -863,8 +863,9 @@ async fn pair(
             HostEvent::AttemptFailed {
                 device_id,
                 attempts_left,
+                reason,
             } => {
-                println!("a wrong code was tried by {device_id}; {attempts_left} attempt(s) left");
+                println!("a pairing attempt by {device_id} failed ({reason}); {attempts_left} attempt(s) left");
                 std::io::stdout().flush()?;
             }
             HostEvent::Paired(paired) => {

@@ -35,8 +35,12 @@ pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(5 * 60);
 pub const MAX_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Wrong codes a host accepts before it burns its code.
 pub const MAX_ATTEMPTS: u32 = 3;
-/// How long either side waits for the other's next message.
+/// How long the joiner waits for the host's next message.
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the host, once it has given a joiner its SPAKE2 message, waits for the proof. The
+/// exchange is automatic on both sides, so this is short: a joiner that stalls holds the code
+/// ("busy" for everyone else) and counts as a failed attempt.
+const HOST_STEP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest pairing frame (they are all tiny).
 const MAX_PAIR_FRAME: usize = 64 * 1024;
 
@@ -208,9 +212,13 @@ pub struct Paired {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum HostEvent {
+    /// An attempt failed (wrong code, or the joiner stalled or went away mid-exchange): it
+    /// counts against the code's attempts.
     AttemptFailed {
         device_id: String,
         attempts_left: u32,
+        #[serde(default)]
+        reason: String,
     },
     Paired(Paired),
     Closed {
@@ -225,6 +233,8 @@ struct OpenCode {
     in_progress: bool,
     /// Kept after expiry so a late joiner is told "expired" rather than "no code".
     expired: bool,
+    /// Kept after the last attempt failed, so the joiner is told so rather than "no code".
+    burned: bool,
 }
 
 /// The host side's state: at most one open code.
@@ -248,16 +258,23 @@ impl PairingHost {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Opens a new code (replacing any open one) valid for `expiry`.
+    /// Opens a new code valid for `expiry`. A code still open is closed first, and whoever
+    /// waits on it is told it was replaced.
     pub fn open(&self, expiry: Duration) -> PairingCode {
         let code = PairingCode::generate();
-        *self.lock() = Some(OpenCode {
+        let replaced = self.lock().replace(OpenCode {
             code: code.clone(),
             expires_at: Instant::now() + expiry.min(MAX_EXPIRY),
             attempts_left: MAX_ATTEMPTS,
             in_progress: false,
             expired: false,
+            burned: false,
         });
+        if replaced.is_some_and(|old| !old.expired && !old.burned) {
+            let _ = self.events.send(HostEvent::Closed {
+                reason: "replaced by a newer pairing code (`devicelink pair` ran again)".into(),
+            });
+        }
         code
     }
 
@@ -270,7 +287,7 @@ impl PairingHost {
     pub fn open_slot(&self) -> Option<u16> {
         self.lock()
             .as_ref()
-            .filter(|o| !o.expired && o.expires_at > Instant::now())
+            .filter(|o| !o.expired && !o.burned && o.expires_at > Instant::now())
             .map(|o| o.code.slot)
     }
 
@@ -303,6 +320,9 @@ impl PairingHost {
         if open.code.slot != slot {
             return Err(PairError::NoOpenCode);
         }
+        if open.burned {
+            return Err(PairError::TooManyAttempts);
+        }
         if open.expired || open.expires_at <= Instant::now() {
             return Err(PairError::Expired);
         }
@@ -313,30 +333,35 @@ impl PairingHost {
         Ok(open.code.clone())
     }
 
-    /// Ends an attempt: a wrong code costs one attempt; success consumes the code.
-    fn finish(&self, peer: PeerId, outcome: &Result<Paired, PairError>) {
+    /// Ends an attempt on `code`: success consumes the code; any failure after the exchange
+    /// began (a wrong code, a stall, a joiner that went away) costs one attempt, since each
+    /// exchange lets the joiner test one guess.
+    fn finish(&self, peer: PeerId, code: &PairingCode, outcome: &Result<Paired, PairError>) {
         let mut guard = self.lock();
-        let Some(open) = guard.as_mut() else { return };
+        // The code may have been replaced by a newer one meanwhile: that one is not touched.
+        let Some(open) = guard.as_mut().filter(|o| &o.code == code) else {
+            return;
+        };
+        open.in_progress = false;
         if open.expired {
             return;
         }
-        open.in_progress = false;
         match outcome {
             Ok(paired) => {
                 *guard = None;
                 drop(guard);
                 let _ = self.events.send(HostEvent::Paired(paired.clone()));
             }
-            Err(PairError::WrongCode) => {
+            Err(PairError::Store(_)) => {}
+            Err(e) => {
                 open.attempts_left = open.attempts_left.saturating_sub(1);
                 let attempts_left = open.attempts_left;
-                if attempts_left == 0 {
-                    *guard = None;
-                }
+                open.burned = attempts_left == 0;
                 drop(guard);
                 let _ = self.events.send(HostEvent::AttemptFailed {
                     device_id: peer.to_string(),
                     attempts_left,
+                    reason: e.to_string(),
                 });
                 if attempts_left == 0 {
                     let _ = self.events.send(HostEvent::Closed {
@@ -344,7 +369,6 @@ impl PairingHost {
                     });
                 }
             }
-            Err(_) => {}
         }
     }
 }
@@ -364,8 +388,8 @@ async fn send(t: &mut Transport, msg: &PairMessage) -> Result<(), PairError> {
         .map_err(|e| PairError::Unreachable(e.to_string()))
 }
 
-async fn recv(t: &mut Transport) -> Result<PairMessage, PairError> {
-    let frame = tokio::time::timeout(STEP_TIMEOUT, t.next())
+async fn recv(t: &mut Transport, within: Duration) -> Result<PairMessage, PairError> {
+    let frame = tokio::time::timeout(within, t.next())
         .await
         .map_err(|_| PairError::Unreachable("timed out waiting for the other device".into()))?
         .ok_or_else(|| PairError::Unreachable("the other device closed the connection".into()))?
@@ -445,7 +469,7 @@ pub async fn host(
     save: impl FnOnce(&Paired) -> Result<(), String>,
 ) -> Result<Paired, PairError> {
     let mut t = transport(stream);
-    let (slot, their_spake) = match recv(&mut t).await {
+    let (slot, their_spake) = match recv(&mut t, STEP_TIMEOUT).await {
         Ok(PairMessage::Start {
             version,
             slot,
@@ -476,7 +500,7 @@ pub async fn host(
     if let Err(e) = &outcome {
         fail(&mut t, e).await;
     }
-    state.finish(peer, &outcome);
+    state.finish(peer, &code, &outcome);
     outcome
 }
 
@@ -498,7 +522,7 @@ async fn host_exchange(
         .finish(&their_spake)
         .map_err(|_| PairError::WrongCode)?;
     let keys = derive(&key);
-    match recv(t).await? {
+    match recv(t, HOST_STEP_TIMEOUT).await? {
         PairMessage::Confirm { proof } if proof == keys.joiner_proof => {}
         PairMessage::Confirm { .. } => return Err(PairError::WrongCode),
         other => {
@@ -539,7 +563,7 @@ pub async fn join(
         },
     )
     .await?;
-    let theirs = match recv(&mut t).await? {
+    let theirs = match recv(&mut t, STEP_TIMEOUT).await? {
         PairMessage::Spake { spake } => spake,
         other => {
             return Err(PairError::Protocol(format!(
@@ -558,7 +582,7 @@ pub async fn join(
         },
     )
     .await?;
-    match recv(&mut t).await? {
+    match recv(&mut t, STEP_TIMEOUT).await? {
         PairMessage::Confirm { proof } if proof == keys.host_proof => {}
         PairMessage::Confirm { .. } => {
             let e = PairError::HostNotProven;
@@ -589,7 +613,7 @@ async fn welcome_and_save(
         },
     )
     .await?;
-    let (name, listen_addrs) = match recv(t).await? {
+    let (name, listen_addrs) = match recv(t, STEP_TIMEOUT).await? {
         PairMessage::Welcome { name, listen_addrs } => (name, listen_addrs),
         other => {
             return Err(PairError::Protocol(format!(
@@ -668,15 +692,26 @@ mod tests {
         let host = PairingHost::default();
         let code = host.open(DEFAULT_EXPIRY);
         let peer = PeerId::random();
-        for left in (0..MAX_ATTEMPTS).rev() {
+        let mut events = host.subscribe();
+        let failures = [
+            PairError::WrongCode,
+            PairError::Unreachable("timed out".into()),
+            PairError::WrongCode,
+        ];
+        for (failure, left) in failures.into_iter().zip((0..MAX_ATTEMPTS).rev()) {
             host.begin(code.slot()).unwrap();
-            host.finish(peer, &Err(PairError::WrongCode));
+            host.finish(peer, &code, &Err(failure));
             assert_eq!(host.is_open(), left > 0);
+            assert!(matches!(
+                events.try_recv(),
+                Ok(HostEvent::AttemptFailed { attempts_left, .. }) if attempts_left == left
+            ));
         }
-        assert!(matches!(
-            host.begin(code.slot()),
-            Err(PairError::NoOpenCode)
-        ));
+        assert!(matches!(events.try_recv(), Ok(HostEvent::Closed { .. })));
+        assert!(
+            matches!(host.begin(code.slot()), Err(PairError::TooManyAttempts)),
+            "the joiner is told the code is burned"
+        );
         let code = host.open(DEFAULT_EXPIRY);
         assert!(matches!(
             host.begin(code.slot() ^ 1),
@@ -690,12 +725,26 @@ mod tests {
             listen_addrs: vec![],
             verification: "000 000".into(),
         };
-        host.finish(peer, &Ok(paired));
+        host.finish(peer, &code, &Ok(paired));
         assert!(
             matches!(host.begin(code.slot()), Err(PairError::NoOpenCode)),
             "single use"
         );
         let code = host.open(Duration::ZERO);
         assert!(matches!(host.begin(code.slot()), Err(PairError::Expired)));
+    }
+
+    #[test]
+    fn a_new_code_closes_the_open_one() {
+        let host = PairingHost::default();
+        let first = host.open(DEFAULT_EXPIRY);
+        let mut events = host.subscribe();
+        host.begin(first.slot()).unwrap();
+        let second = host.open(DEFAULT_EXPIRY);
+        assert!(matches!(events.try_recv(), Ok(HostEvent::Closed { reason }) if reason.contains("replaced")));
+        // The first attempt ending later does not touch the new code.
+        host.finish(PeerId::random(), &first, &Err(PairError::WrongCode));
+        assert!(events.try_recv().is_err());
+        assert_eq!(host.open_slot(), Some(second.slot()));
     }
 }

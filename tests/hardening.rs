@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::process::{cli, stderr, stdout, AgentProcess};
+use common::process::{stderr, stdout, AgentProcess};
 use common::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -117,6 +117,17 @@ fn run_bounded(args: &[&str]) -> std::process::Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().expect("output")
+}
+
+/// The first line a child prints (bounded wait).
+fn first_line(out: std::process::ChildStdout) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+        let _ = tx.send(line.trim_end().to_string());
+    });
+    rx.recv_timeout(LIMIT).expect("the command prints a line in time")
 }
 
 /// Agent flags for a bounded start in `dir` (no mDNS, no endpoint, loopback).
@@ -258,4 +269,164 @@ fn lost_or_empty_identity_key_is_refused_with_what_to_do() {
     agent.stop();
     let again = AgentProcess::start(dir.path(), &[]);
     assert_ne!(again.device_id, old_id, "the new identity is kept");
+}
+
+/// 6. A peer that knew the slot started an exchange and never finished it: the host waited 15 s,
+/// counted nothing, and the real device got "busy" for as long as the attacker liked. A burned
+/// code then told the real device "no open pairing code". Now a stall times out fast and costs
+/// an attempt, the host sees each one, and the joiner is told the code was burned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_pairing_attempts_count_and_the_joiner_gets_the_true_reason() {
+    use devicelink::pairing::{HostEvent, PairMessage, PAIR_PROTOCOL};
+    use futures::SinkExt;
+    let (dh, dj) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let host = start(dh.path(), "host").await;
+    let joiner = start(dj.path(), "joiner").await;
+    let (code, mut events) = host.pair_open(Duration::from_secs(120)).await.unwrap();
+
+    let started = std::time::Instant::now();
+    let mut attacker = common::raw_peer::raw_peer_connected_to(&host).await;
+    for left in (0..devicelink::pairing::MAX_ATTEMPTS).rev() {
+        // Start with the right slot and a well-formed SPAKE2 message, then nothing.
+        let (_, spake) = spake2::Spake2::<spake2::Ed25519Group>::start_symmetric(
+            &spake2::Password::new(b"00-000-000"),
+            &spake2::Identity::new(b"attacker"),
+        );
+        let stream = attacker
+            .control
+            .open_stream(host.device_id(), PAIR_PROTOCOL)
+            .await
+            .expect("pair stream");
+        let mut t = tokio_util::codec::Framed::new(
+            tokio_util::compat::FuturesAsyncReadCompatExt::compat(stream),
+            devicelink::sync::message::codec(),
+        );
+        let start = PairMessage::Start {
+            version: devicelink::sync::PROTOCOL_VERSION,
+            slot: code.slot(),
+            spake,
+        };
+        t.send(bytes::Bytes::from(postcard::to_allocvec(&start).unwrap()))
+            .await
+            .unwrap();
+        let event = tokio::time::timeout(LIMIT, events.recv())
+            .await
+            .expect("the host is told about the stalled attempt")
+            .unwrap();
+        match event {
+            HostEvent::AttemptFailed {
+                attempts_left,
+                device_id,
+                reason,
+            } => {
+                assert_eq!(attempts_left, left);
+                assert_eq!(device_id, attacker.id.to_string());
+                assert!(!reason.is_empty());
+            }
+            other => panic!("expected a failed attempt, got {other:?}"),
+        }
+        drop(t);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "three stalls took {:?}: each must time out fast",
+        started.elapsed()
+    );
+    let closed = tokio::time::timeout(LIMIT, events.recv()).await.unwrap();
+    assert!(
+        matches!(&closed, Ok(HostEvent::Closed { reason }) if reason.contains("too many")),
+        "the host is told the code is burned: {closed:?}"
+    );
+    let err = joiner
+        .pair_join(&code, Some(host.listen_addrs()[0].clone()))
+        .await
+        .expect_err("a burned code");
+    assert!(
+        matches!(err, devicelink::pairing::PairError::TooManyAttempts),
+        "the joiner gets the true reason, not {err}"
+    );
+}
+
+/// 12a. A second `devicelink pair` replaced the first code while the first command kept waiting.
+/// Now the first one is told and exits.
+#[test]
+fn a_second_pairing_code_ends_the_first_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let socket = agent.socket.display().to_string();
+    let mut first = std::process::Command::new(common::process::BIN)
+        .args(["--socket", &socket, "pair", "--expires", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    first_line(first.stdout.take().unwrap());
+    let mut second = std::process::Command::new(common::process::BIN)
+        .args(["--socket", &socket, "pair", "--expires", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        if first.try_wait().unwrap().is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = first.kill();
+            let _ = second.kill();
+            panic!("the first pair command is still waiting on a replaced code");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = first.wait_with_output().unwrap();
+    let _ = second.kill();
+    let _ = second.wait();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("replaced"), "{}", stderr(&out));
+}
+
+/// 11. After pairing, the device with the larger id showed its peer as offline while they
+/// synced. Connection state now comes from the swarm's events alone: both sides show it.
+#[test]
+fn both_sides_of_a_fresh_pairing_show_each_other_connected() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = AgentProcess::start(da.path(), &[]);
+    let b = AgentProcess::start(db.path(), &[]);
+    let mut opened = std::process::Command::new(common::process::BIN)
+        .args(["--socket", &a.socket.display().to_string(), "pair", "--expires", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = first_line(opened.stdout.take().unwrap());
+    let code = first.strip_prefix("pairing code: ").expect(&first).to_string();
+    let out = b.cli(&["pair", &code, "--peer", &a.addr]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _ = opened.wait();
+    for (me, other) in [(&a, &b), (&b, &a)] {
+        let deadline = std::time::Instant::now() + LIMIT;
+        loop {
+            let status: Value =
+                serde_json::from_str(&stdout(&me.cli(&["status"]))).unwrap_or_default();
+            let peer = status["peers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["device_id"] == other.device_id.as_str())
+                .cloned()
+                .unwrap_or_default();
+            if peer["connected"] == true && peer["syncing"] == true {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} shows {} as {peer}",
+                me.device_id,
+                other.device_id
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(stdout(&me.cli(&["peers"])).contains("online"));
+    }
 }

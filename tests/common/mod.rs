@@ -3,6 +3,7 @@
 
 pub mod node;
 pub mod process;
+pub mod raw_peer;
 
 use std::future::Future;
 use std::path::Path;
