@@ -95,6 +95,8 @@ pub enum AgentError {
     Thread(std::io::Error),
     #[error("the agent has stopped")]
     Stopped,
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The agent's view of itself and its peers.
@@ -368,13 +370,31 @@ impl AgentHandle {
         Ok(crate::lifecycle::delete(&self.inner.registry, name).await?)
     }
 
-    /// Adds a device to the trust store; the agent starts syncing with it when connected.
+    /// Adds a device to the trust store (lifting an earlier removal: the user asked for it); the
+    /// agent starts syncing with it when connected.
     pub fn trust_add(&self, device: PeerId, name: &str) -> Result<(), AgentError> {
-        self.trust()?.add(device, TrustedDevice::new(name))?;
+        let trust = self.trust()?;
+        trust.unrevoke(&device)?;
+        trust.add(device, TrustedDevice::new(name))?;
         self.notify(NetCommand::TrustChanged)
     }
 
-    /// Removes a device from the trust store and disconnects it.
+    /// What `devicelink trust remove` does: a member of the device group is unpaired (on every
+    /// device; the group would otherwise trust it again), any other device is removed here.
+    /// Returns whether it was trusted or a member.
+    pub async fn forget(&self, device: &PeerId) -> Result<bool, AgentError> {
+        let group = self.open_doc(crate::group::GROUP_DOC)?;
+        let member = crate::group::members(&group)
+            .iter()
+            .any(|m| m.id == *device && !m.removed);
+        if member {
+            return self.unpair(device).await;
+        }
+        self.trust_remove(device)
+    }
+
+    /// Removes a device from this device's trust store and disconnects it (this device only: a
+    /// member of the device group is trusted again from the group; see [`Self::forget`]).
     pub fn trust_remove(&self, device: &PeerId) -> Result<bool, AgentError> {
         let existed = self.trust()?.remove(device)?;
         self.notify(NetCommand::TrustChanged)?;
@@ -583,6 +603,11 @@ impl AgentHandle {
     /// Removes `device` from the group on every device: it is disconnected and refused from now
     /// on. Returns whether it was a member.
     pub async fn unpair(&self, device: &PeerId) -> Result<bool, AgentError> {
+        if *device == self.inner.device_id {
+            return Err(AgentError::Refused(
+                "that is this device's own id: unpair it from one of your other devices".into(),
+            ));
+        }
         let trust = self.trust()?;
         let name = trust.get(device)?.map(|d| d.name);
         let group = self.open_doc(crate::group::GROUP_DOC)?;

@@ -4,7 +4,8 @@
 //! Document `_devicelink/devices`, root map `devices`: device id -> `{name, addrs, removed}`.
 //! It syncs like any document, so only trusted devices can change it. Each agent reconciles its
 //! trust store with it: members are trusted, removed devices are dropped and remembered as
-//! revoked (a tombstone is final: a removed device cannot re-add itself).
+//! revoked. A removed device cannot re-add itself (no member syncs with it); only an explicit new
+//! pairing with a member re-admits it (see [`upsert`]).
 
 use std::sync::Arc;
 
@@ -29,16 +30,18 @@ pub struct Member {
     pub removed: bool,
 }
 
-/// Adds or refreshes members (never resurrects a removed one).
+/// Adds or refreshes members. A removed one is not resurrected, except those in `readmit`: a
+/// device the user has just paired again, explicitly.
 pub async fn upsert(
     doc: &DocHandle,
     members: &[(PeerId, String, Vec<String>)],
+    readmit: &[PeerId],
 ) -> Result<(), DocError> {
     let map = doc.yrs_doc().get_or_insert_map(MAP);
     doc.transact(|txn| {
         for (id, name, addrs) in members {
             let key = id.to_string();
-            if read_member(txn, &map, &key).is_some_and(|m| m.removed) {
+            if !readmit.contains(id) && read_member(txn, &map, &key).is_some_and(|m| m.removed) {
                 continue;
             }
             map.insert(txn, key, entry(name, addrs, false));

@@ -594,14 +594,17 @@ async fn trust(global: &Global, command: TrustCommand) -> Result<()> {
     match command {
         TrustCommand::Add { device, name } => {
             let name = name.unwrap_or_else(|| device.to_string().chars().take(12).collect());
+            trust.unrevoke(&device)?;
             trust.add(device, TrustedDevice::new(name.clone()))?;
             println!("trusted {device} ({name})");
         }
         TrustCommand::Remove { device } => {
-            if !trust.remove(&device)? {
+            if !trust.is_trusted(&device) {
                 bail!("{device} was not trusted");
             }
-            println!("removed {device}");
+            // Remembered as removed, so the device group does not bring it back at the next start.
+            trust.revoke(&device)?;
+            println!("removed {device} on this device (with the agent running, `devicelink unpair {device}` removes it on every device)");
         }
         TrustCommand::List => {
             for (id, device) in trust.list()? {

@@ -94,6 +94,8 @@ pub(crate) enum NetCommand {
     TrustChanged,
     /// A pairing attempt ended: re-advertise and drop leftover untrusted connections.
     PairingEnded,
+    /// A trusted device refused this one as not trusted: stop dialing it for a while.
+    RefusedBy { peer: PeerId, message: String },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -102,6 +104,11 @@ const TICK: Duration = Duration::from_millis(100);
 
 /// How long an untrusted device may stay connected (to pair) when no pairing is open here.
 const UNTRUSTED_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a device that refused this one as not trusted is left alone before another try:
+/// the first pause, doubled on each further refusal up to the last. A trust change here (a new
+/// pairing, a device added) tries at once.
+const REFUSED_PAUSE: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(600));
 
 #[derive(Clone)]
 pub(crate) enum ConnectTarget {
@@ -192,6 +199,13 @@ impl Backoff {
     }
 }
 
+/// A device that refused this one as not trusted: not dialed until `until`.
+#[derive(Debug, Clone, Copy)]
+struct Refused {
+    until: Instant,
+    pause: Duration,
+}
+
 /// An address given with `--peer`, dialed until it answers and redialed when it drops.
 struct StaticPeer {
     addr: Multiaddr,
@@ -217,6 +231,9 @@ pub(crate) struct Network {
     /// (they may only pair in the meantime; sync streams are refused at once).
     untrusted: HashMap<PeerId, Instant>,
     backoffs: HashMap<PeerId, Backoff>,
+    /// Trusted devices that refused this one as not trusted (it was removed from their group),
+    /// and until when they are not dialed again.
+    refused_by: HashMap<PeerId, Refused>,
     sessions: JoinSet<()>,
     session_of: HashMap<PeerId, AbortHandle>,
 }
@@ -248,6 +265,7 @@ impl Network {
                 .collect(),
             untrusted: HashMap::new(),
             backoffs: HashMap::new(),
+            refused_by: HashMap::new(),
             sessions: JoinSet::new(),
             session_of: HashMap::new(),
         }
@@ -362,8 +380,13 @@ impl Network {
                         self.advertise();
                         let _ = reply.send((code, events));
                     }
-                    Some(NetCommand::TrustChanged) => self.enforce_trust(),
+                    Some(NetCommand::TrustChanged) => {
+                        self.refused_by.clear();
+                        self.enforce_trust();
+                    }
+                    Some(NetCommand::RefusedBy { peer, message }) => self.on_refused_by(peer, message),
                     Some(NetCommand::PairingEnded) => {
+                        self.refused_by.clear();
                         self.advertise();
                         self.enforce_trust();
                     }
@@ -466,7 +489,7 @@ impl Network {
                 tracing::debug!(device = %id, name = announcement.name, "found over mDNS");
                 nearby.insert(id, announcement);
                 drop(nearby);
-                if self.trust.is_trusted(&id) {
+                if self.trust.is_trusted(&id) && !self.is_paused(&id) {
                     self.peers.found_via(id, "mdns");
                     if !self.swarm.is_connected(&id) {
                         // The dial names the claimed id: Noise fails unless it is really that device.
@@ -612,8 +635,15 @@ impl Network {
     /// own backoff schedule.
     fn maintain_connections(&mut self) {
         let local = *self.swarm.local_peer_id();
+        let now = Instant::now();
+        // Kept a while after the pause ends, so that a device refusing again pauses longer.
+        self.refused_by.retain(|_, r| r.until + r.pause > now);
         for (peer, addrs) in self.trusted() {
-            if peer == local || addrs.is_empty() || self.swarm.is_connected(&peer) {
+            if peer == local
+                || addrs.is_empty()
+                || self.swarm.is_connected(&peer)
+                || self.is_paused(&peer)
+            {
                 continue;
             }
             let backoff = self
@@ -635,7 +665,7 @@ impl Network {
         for i in 0..self.static_peers.len() {
             let connected = self.static_peers[i]
                 .peer
-                .is_some_and(|p| self.swarm.is_connected(&p));
+                .is_some_and(|p| self.swarm.is_connected(&p) || self.is_paused(&p));
             let static_peer = &mut self.static_peers[i];
             if connected || !static_peer.backoff.due() {
                 continue;
@@ -727,12 +757,26 @@ impl Network {
         }
         if !self.trust.is_trusted(&peer) {
             if self.trust.is_revoked(&peer) {
-                tracing::warn!(%peer, "refusing a device that was removed from this group");
+                // It is told why (so it stops dialing), and may still pair again on purpose: like
+                // any untrusted device it is dropped after the grace unless a pairing is open.
+                tracing::warn!(%peer, "a device removed from this group connected; telling it so");
                 self.peers.set_error(
                     peer,
-                    "removed from the device group; connection refused".into(),
+                    "removed from the device group; sync refused (pair it again to re-admit it)"
+                        .into(),
                 );
-                let _ = self.swarm.disconnect_peer_id(peer);
+                self.untrusted.entry(peer).or_insert_with(Instant::now);
+                if self.neighborhood.pairing_window() {
+                    return; // it may be here to pair again
+                }
+                let mut control = self.swarm.behaviour().stream.new_control();
+                let refusal = Refusal::removed(self.swarm.local_peer_id());
+                self.sessions.spawn(async move {
+                    let open = control.open_stream(peer, SYNC_PROTOCOL);
+                    if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), open).await {
+                        refuse(stream, refusal).await;
+                    }
+                });
                 return;
             }
             // It may only pair: sync streams are refused, and the connection is dropped after a
@@ -749,6 +793,33 @@ impl Network {
         tracing::info!(%peer, "connected");
         self.backoffs.remove(&peer);
         self.start_session_if_opener(peer);
+    }
+
+    /// `peer` refused this device as not trusted (it removed this device from its group): say so
+    /// in status, hang up, and stop dialing it.
+    fn on_refused_by(&mut self, peer: PeerId, message: String) {
+        tracing::warn!(%peer, "refused by a device of the group: {message}; not dialing it for now");
+        self.peers
+            .set_error(peer, format!("this device was refused by {peer}: {message}"));
+        let pause = self
+            .refused_by
+            .get(&peer)
+            .map_or(REFUSED_PAUSE.0, |r| (r.pause * 2).min(REFUSED_PAUSE.1));
+        let until = Instant::now() + pause;
+        self.refused_by.insert(peer, Refused { until, pause });
+        if let Some(handle) = self.session_of.remove(&peer) {
+            handle.abort();
+        }
+        if !self.neighborhood.pairing_window() {
+            // (While a pairing is open here, it may be the device pairing this one again.)
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    fn is_paused(&self, peer: &PeerId) -> bool {
+        self.refused_by
+            .get(peer)
+            .is_some_and(|r| r.until > Instant::now())
     }
 
     /// Reopens the sync session with connected trusted peers whose opener task ended while the
@@ -785,8 +856,12 @@ impl Network {
     fn on_inbound_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
         if !self.trust.is_trusted(&peer) {
             tracing::warn!(%peer, "refused a sync stream from a device that is not trusted");
-            self.sessions
-                .spawn(refuse(stream, Refusal::not_trusted(&peer)));
+            let refusal = if self.trust.is_revoked(&peer) {
+                Refusal::removed(self.swarm.local_peer_id())
+            } else {
+                Refusal::not_trusted(&peer)
+            };
+            self.sessions.spawn(refuse(stream, refusal));
             // The connection itself is dropped after the untrusted grace period.
             return;
         }
@@ -850,6 +925,7 @@ impl Network {
             trust: self.trust.clone(),
             listen_addrs: self.listen_addrs.clone(),
             device_name: self.device_name.clone(),
+            commands: self.commands.clone(),
         }
     }
 }
@@ -861,6 +937,7 @@ struct SessionRunner {
     trust: TrustStore,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     device_name: String,
+    commands: mpsc::UnboundedSender<NetCommand>,
 }
 
 impl SessionRunner {
@@ -885,10 +962,16 @@ impl SessionRunner {
             }
         })
         .await;
-        if let Err(e) = &result {
-            if !matches!(e, SessionError::Closed) {
-                self.ctx.peers.set_error(peer, e.to_string());
+        match &result {
+            Err(SessionError::RefusedByPeer {
+                code: RefuseCode::NotTrusted,
+                message,
+            }) => {
+                let message = message.clone();
+                let _ = self.commands.send(NetCommand::RefusedBy { peer, message });
             }
+            Err(SessionError::Closed) | Ok(()) => {}
+            Err(e) => self.ctx.peers.set_error(peer, e.to_string()),
         }
         result
     }
@@ -970,7 +1053,8 @@ pub(crate) async fn record_in_group(
         (me.id, me.name.clone(), me.listen_addrs.clone()),
         (peer, paired.name.clone(), paired.listen_addrs.clone()),
     ];
-    if let Err(e) = crate::group::upsert(&doc, &members).await {
+    // The user paired `peer` on purpose: an earlier removal from the group is lifted.
+    if let Err(e) = crate::group::upsert(&doc, &members, &[peer]).await {
         tracing::error!("cannot record the pairing in the device group: {e}");
     }
 }

@@ -305,3 +305,90 @@ fn device_group_spreads_pairings_and_unpair_revokes_everywhere() {
         .unwrap_or_default();
     assert_ne!(c_status["syncing"], true);
 }
+
+/// The last error `agent`'s status shows for `other`.
+fn last_error(agent: &AgentProcess, other: &AgentProcess) -> String {
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&agent.cli(&["status"]))).unwrap_or_default();
+    status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["device_id"] == other.device_id.as_str())
+        .and_then(|p| p["last_error"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Hardening 9: unpair had traps. A removed device kept redialing without a reason in its status;
+/// it could never be paired again; `unpair <own id>` recorded this device as removed; `trust
+/// remove` of a group member came back at restart. Each is checked here.
+#[test]
+fn unpair_can_be_undone_by_pairing_and_has_no_traps() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = AgentProcess::start(dirs[0].path(), &[]);
+    let b = AgentProcess::start(dirs[1].path(), &[]);
+
+    // Unpairing this device itself is refused, and changes nothing.
+    let out = a.cli(&["unpair", &a.device_id]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("own id"), "{}", stderr(&out));
+
+    let host = OpenCode::open(&a, 60);
+    let out = join(&b, &host.code, &a);
+    assert!(out.status.success(), "{}", stderr(&out));
+    drop(host);
+    wait_for("a and b to trust each other", || {
+        trusts(&a, &b) && trusts(&b, &a)
+    });
+
+    // A removes B: B is told why, says so in its status, and stops dialing A.
+    let out = a.cli(&["unpair", &b.device_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("b's status to give the reason", || {
+        let error = last_error(&b, &a);
+        error.contains("removed from the device group") && error.contains(&a.device_id)
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&b.cli(&["status"]))).unwrap_or_default();
+    let a_on_b = status["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["device_id"] == a.device_id.as_str())
+        .cloned()
+        .unwrap_or_default();
+    assert_ne!(a_on_b["connected"], true, "b keeps dialing a: {a_on_b}");
+
+    // An explicit new pairing re-admits B, in either direction, and they sync again.
+    let host = OpenCode::open(&b, 60);
+    let out = join(&a, &host.code, &b);
+    assert!(out.status.success(), "re-pairing: {}", stderr(&out));
+    drop(host);
+    wait_for("a and b to trust each other again", || {
+        trusts(&a, &b) && trusts(&b, &a)
+    });
+    assert!(a.cli(&["doc", "set", "back", "m", "k", "1"]).status.success());
+    wait_for("a's change on b", || doc_value(&b, "back", "k") == 1);
+    assert!(b.cli(&["doc", "set", "back", "m", "j", "2"]).status.success());
+    wait_for("b's change on a", || doc_value(&a, "back", "j") == 2);
+
+    // `trust remove` of a group member removes it from the group too: it stays removed across a
+    // restart instead of being trusted again from the group.
+    let out = a.cli(&["trust", "remove", &b.device_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("b to leave a's trust", || !trusts(&a, &b));
+    let dir_a = a.data_dir.clone();
+    a.stop();
+    let a = AgentProcess::start(&dir_a, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!trusts(&a, &b), "trust remove was undone at restart");
+
+    // And the removed device joining the remover's code works too.
+    let host = OpenCode::open(&a, 60);
+    let out = join(&b, &host.code, &a);
+    assert!(out.status.success(), "re-pairing the other way: {}", stderr(&out));
+    drop(host);
+    assert!(a.cli(&["doc", "set", "back", "m", "k", "3"]).status.success());
+    wait_for("a's later change on b", || doc_value(&b, "back", "k") == 3);
+}

@@ -509,7 +509,7 @@ impl Connection {
             }
             RequestBody::TrustRemove { device } => {
                 let peer = parse_device(&device)?;
-                json!({ "removed": agent.trust_remove(&peer).map_err(agent_error)? })
+                json!({ "removed": agent.forget(&peer).await.map_err(agent_error)? })
             }
             RequestBody::TrustList => {
                 let list: Vec<_> = agent
@@ -829,6 +829,7 @@ fn agent_error(e: AgentError) -> (ErrorCode, String) {
     match e {
         AgentError::Doc(e) => doc_error(e),
         AgentError::Store(e) => store_error(e),
+        AgentError::Refused(message) => (ErrorCode::InvalidArgument, message),
         other => (ErrorCode::Internal, other.to_string()),
     }
 }

@@ -126,6 +126,16 @@ impl Features {
 
 impl Refusal {
     /// The refusal a device that is not trusted gets for its sync stream.
+    /// To a device that `by` removed from its device group (`unpair`).
+    pub fn removed(by: &libp2p::PeerId) -> Self {
+        Self {
+            code: RefuseCode::NotTrusted,
+            message: format!(
+                "this device was removed from the device group by device {by}; pair it again to rejoin"
+            ),
+        }
+    }
+
     pub fn not_trusted(peer: &libp2p::PeerId) -> Self {
         Self {
             code: RefuseCode::NotTrusted,
