@@ -115,7 +115,11 @@ pub struct AgentStatus {
     pub ws_endpoint: Option<String>,
     /// Clients present (awareness states) over all documents, local and from other devices.
     pub present: usize,
+    /// Your devices, then at most [`crate::status::MAX_STRANGERS`] recently seen devices that
+    /// are not (`trusted: false`).
     pub peers: Vec<PeerStatus>,
+    /// How many of `peers` are not your devices.
+    pub others: usize,
 }
 
 struct Inner {
@@ -448,6 +452,17 @@ impl AgentHandle {
             .into_iter()
             .map(|(id, d)| (id, d.name))
             .collect();
+        // Pending work is shown for loaded documents only: status never loads documents.
+        let mut peers = self.inner.peers.snapshot(&trusted, |doc| {
+            use yrs::{ReadTxn, Transact};
+            self.inner
+                .registry
+                .peek(doc)
+                .map(|live| live.yrs().transact().state_vector())
+        });
+        // Your devices first (in id order), then the strangers.
+        peers.sort_by_key(|p| !p.trusted);
+        let others = peers.iter().filter(|p| !p.trusted).count();
         Ok(AgentStatus {
             device_id: self.inner.device_id.to_string(),
             device_name: self.inner.device_name.clone(),
@@ -458,14 +473,8 @@ impl AgentHandle {
             cache_budget_bytes: self.inner.registry.cache_budget(),
             ws_endpoint: self.ws_endpoint().map(|a| format!("ws://{a}")),
             present: self.inner.presence.present(),
-            // Pending work is shown for loaded documents only: status never loads documents.
-            peers: self.inner.peers.snapshot(&trusted, |doc| {
-                use yrs::{ReadTxn, Transact};
-                self.inner
-                    .registry
-                    .peek(doc)
-                    .map(|live| live.yrs().transact().state_vector())
-            }),
+            peers,
+            others,
         })
     }
 

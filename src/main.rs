@@ -496,7 +496,30 @@ enum WsChoice {
     Off,
 }
 
+/// Raises the soft open-file limit to the hard one: a common desktop default of 1,024 is low for
+/// a process holding connections, sockets and database files.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) != 0 {
+                tracing::warn!("cannot raise the open-file limit above {}", limit.rlim_cur);
+            }
+        }
+    }
+}
+
 async fn run_agent(global: &Global, config: AgentConfig, ws: WsChoice) -> Result<()> {
+    raise_open_file_limit();
     let agent = Agent::start(config).await?;
     let socket = global.socket()?;
     let server = ipc::server::serve(agent.clone(), socket).await;

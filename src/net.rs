@@ -28,11 +28,23 @@ use crate::sync::message::{codec, Hello, Message, Refusal, RefuseCode, PROTOCOL_
 use crate::sync::session::{self, SessionCtx, SessionError};
 use crate::sync::SYNC_PROTOCOL;
 
-/// The composed network behaviour: raw protocol streams (sync now; pairing later).
+/// The composed network behaviour: connection limits, then raw protocol streams (sync,
+/// pairing, handoff).
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    pub limits: libp2p::connection_limits::Behaviour,
     pub stream: libp2p_stream::Behaviour,
 }
+
+/// Connections still in their handshake (TCP accepted, Noise not finished), at most; more are
+/// dropped at once, so half-open connections cannot use up this process's file descriptors.
+pub const MAX_PENDING_INCOMING: u32 = 64;
+/// Established connections, at most, in and out (each device needs one; pairing, one more).
+pub const MAX_ESTABLISHED: u32 = 256;
+/// Established connections per device, at most.
+pub const MAX_PER_PEER: u32 = 4;
+/// How long a connection may take to finish its handshake (Noise + Yamux).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -42,17 +54,29 @@ pub enum NetError {
     Listen { addr: Multiaddr, reason: String },
 }
 
-/// Builds a swarm for `keypair`: TCP (nodelay) + Noise + Yamux and the stream behaviour.
+/// Builds a swarm for `keypair`: TCP (nodelay) + Noise + Yamux with a short handshake timeout,
+/// connection limits, and the stream behaviour.
 pub fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, NetError> {
+    use libp2p::Transport as _;
+    let limits = libp2p::connection_limits::ConnectionLimits::default()
+        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+        .with_max_established(Some(MAX_ESTABLISHED))
+        .with_max_established_per_peer(Some(MAX_PER_PEER));
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| {
+            let noise = noise::Config::new(key)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .upgrade(libp2p::core::upgrade::Version::V1)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(HANDSHAKE_TIMEOUT),
+            )
+        })
         .map_err(|e| NetError::Transport(e.to_string()))?
         .with_behaviour(|_| Behaviour {
+            limits: libp2p::connection_limits::Behaviour::new(limits),
             stream: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| NetError::Transport(e.to_string()))?
@@ -95,7 +119,10 @@ pub(crate) enum NetCommand {
     /// A pairing attempt ended: re-advertise and drop leftover untrusted connections.
     PairingEnded,
     /// A trusted device refused this one as not trusted: stop dialing it for a while.
-    RefusedBy { peer: PeerId, message: String },
+    RefusedBy {
+        peer: PeerId,
+        message: String,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -399,6 +426,8 @@ impl Network {
                         self.enforce_trust();
                     }
                     self.drop_untrusted_after_grace();
+                    let trust = &self.trust;
+                    self.peers.forget_strangers(|peer| trust.is_trusted(peer));
                     self.maintain_connections();
                     self.restart_ended_sessions();
                 }
@@ -712,8 +741,10 @@ impl Network {
                 if num_established == 0 {
                     self.untrusted.remove(&peer_id);
                     tracing::info!(peer = %peer_id, "disconnected{}", cause.map(|c| format!(": {c}")).unwrap_or_default());
-                    // Redial soon, then back off.
-                    self.backoffs.insert(peer_id, Backoff::new(self.redial));
+                    // Redial soon, then back off (only devices this one dials: trusted ones).
+                    if self.trust.is_trusted(&peer_id) {
+                        self.backoffs.insert(peer_id, Backoff::new(self.redial));
+                    }
                     for sp in self
                         .static_peers
                         .iter_mut()
@@ -773,7 +804,8 @@ impl Network {
                 let refusal = Refusal::removed(self.swarm.local_peer_id());
                 self.sessions.spawn(async move {
                     let open = control.open_stream(peer, SYNC_PROTOCOL);
-                    if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), open).await {
+                    if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), open).await
+                    {
                         refuse(stream, refusal).await;
                     }
                 });
@@ -799,8 +831,10 @@ impl Network {
     /// in status, hang up, and stop dialing it.
     fn on_refused_by(&mut self, peer: PeerId, message: String) {
         tracing::warn!(%peer, "refused by a device of the group: {message}; not dialing it for now");
-        self.peers
-            .set_error(peer, format!("this device was refused by {peer}: {message}"));
+        self.peers.set_error(
+            peer,
+            format!("this device was refused by {peer}: {message}"),
+        );
         let pause = self
             .refused_by
             .get(&peer)

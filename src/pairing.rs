@@ -741,7 +741,9 @@ mod tests {
         let mut events = host.subscribe();
         host.begin(first.slot()).unwrap();
         let second = host.open(DEFAULT_EXPIRY);
-        assert!(matches!(events.try_recv(), Ok(HostEvent::Closed { reason }) if reason.contains("replaced")));
+        assert!(
+            matches!(events.try_recv(), Ok(HostEvent::Closed { reason }) if reason.contains("replaced"))
+        );
         // The first attempt ending later does not touch the new code.
         host.finish(PeerId::random(), &first, &Err(PairError::WrongCode));
         assert!(events.try_recv().is_err());

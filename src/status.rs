@@ -54,6 +54,12 @@ pub struct PeerStatus {
 /// Most documents listed in [`PeerStatus::pending`].
 pub const MAX_PENDING_SHOWN: usize = 1000;
 
+/// Devices that are not trusted (strangers: devices trying to pair, refused peers, scanners)
+/// are kept for status at most this many, the most recently seen...
+pub const MAX_STRANGERS: usize = 32;
+/// ... and for at most this long after their last connection closed.
+pub const STRANGER_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     let secs = t
         .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -61,8 +67,10 @@ fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok,
     secs.serialize(s)
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PeerState {
+    /// When the peer last connected, disconnected or otherwise changed (for forgetting strangers).
+    seen: std::time::Instant,
     name: Option<String>,
     connections: u32,
     sessions: u32,
@@ -81,6 +89,30 @@ struct PeerState {
     last_error: Option<String>,
     found_via: BTreeSet<String>,
     address: Option<String>,
+}
+
+impl Default for PeerState {
+    fn default() -> Self {
+        Self {
+            seen: std::time::Instant::now(),
+            name: None,
+            connections: 0,
+            sessions: 0,
+            synced_docs: 0,
+            changed_only: false,
+            docs_done: 0,
+            docs_total: 0,
+            caught_up: false,
+            docs_answered: 0,
+            traffic: Arc::default(),
+            doc_errors: BTreeMap::new(),
+            known: HashMap::new(),
+            last_sync: None,
+            last_error: None,
+            found_via: BTreeSet::new(),
+            address: None,
+        }
+    }
 }
 
 /// Bytes of sync frames (with their length prefix) received and sent in one session.
@@ -112,7 +144,30 @@ impl PeerTable {
     }
 
     pub fn connected(&self, peer: PeerId, connections: u32) {
-        self.lock().entry(peer).or_default().connections = connections;
+        let mut peers = self.lock();
+        let state = peers.entry(peer).or_default();
+        state.connections = connections;
+        state.seen = std::time::Instant::now();
+    }
+
+    /// Forgets untrusted devices beyond [`MAX_STRANGERS`] (least recently seen first) and those
+    /// not connected for [`STRANGER_TTL`], so throw-away identities cannot grow the table.
+    pub fn forget_strangers(&self, is_trusted: impl Fn(&PeerId) -> bool) {
+        let mut peers = self.lock();
+        let mut strangers: Vec<(std::time::Instant, PeerId, bool)> = peers
+            .iter()
+            .filter(|(id, _)| !is_trusted(id))
+            .map(|(id, s)| (s.seen, *id, s.connections > 0))
+            .collect();
+        if strangers.is_empty() {
+            return;
+        }
+        strangers.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for (i, (seen, id, connected)) in strangers.into_iter().enumerate() {
+            if i >= MAX_STRANGERS || (!connected && seen.elapsed() > STRANGER_TTL) {
+                peers.remove(&id);
+            }
+        }
     }
 
     pub fn found_via(&self, peer: PeerId, how: &str) {

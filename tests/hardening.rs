@@ -127,7 +127,8 @@ fn first_line(out: std::process::ChildStdout) -> String {
         let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
         let _ = tx.send(line.trim_end().to_string());
     });
-    rx.recv_timeout(LIMIT).expect("the command prints a line in time")
+    rx.recv_timeout(LIMIT)
+        .expect("the command prints a line in time")
 }
 
 /// Agent flags for a bounded start in `dir` (no mDNS, no endpoint, loopback).
@@ -394,13 +395,22 @@ fn both_sides_of_a_fresh_pairing_show_each_other_connected() {
     let a = AgentProcess::start(da.path(), &[]);
     let b = AgentProcess::start(db.path(), &[]);
     let mut opened = std::process::Command::new(common::process::BIN)
-        .args(["--socket", &a.socket.display().to_string(), "pair", "--expires", "60"])
+        .args([
+            "--socket",
+            &a.socket.display().to_string(),
+            "pair",
+            "--expires",
+            "60",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let first = first_line(opened.stdout.take().unwrap());
-    let code = first.strip_prefix("pairing code: ").expect(&first).to_string();
+    let code = first
+        .strip_prefix("pairing code: ")
+        .expect(&first)
+        .to_string();
     let out = b.cli(&["pair", &code, "--peer", &a.addr]);
     assert!(out.status.success(), "{}", stderr(&out));
     let _ = opened.wait();
@@ -429,4 +439,127 @@ fn both_sides_of_a_fresh_pairing_show_each_other_connected() {
         }
         assert!(stdout(&me.cli(&["peers"])).contains("online"));
     }
+}
+
+/// The soft and hard open-file limits of process `pid`.
+fn open_file_limits(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let numbers: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Sets this process's soft open-file limit (children inherit it).
+fn set_soft_open_files(soft: u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain struct in, plain struct out.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = soft.min(limit.rlim_max);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
+/// 5. 1,100 TCP connections that never finish their handshake, against an agent started with a
+/// 1,024 open-file limit, made every local request take seconds. Now the agent raises its
+/// limit, holds at most a bounded number of handshakes, and keeps serving and syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_cannot_exhaust_file_descriptors() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let before = open_file_limits(std::process::id());
+    if before.1 < 4096 {
+        println!(
+            "skipped: the hard open-file limit is {}, too low to hold 1,100 connections",
+            before.1
+        );
+        return;
+    }
+    set_soft_open_files(1024);
+    let (a, b) = AgentProcess::linked_pair(da.path(), db.path());
+    set_soft_open_files(before.0.max(4096));
+    let pid = a.child.id();
+    let (soft, hard) = open_file_limits(pid);
+    assert_eq!(
+        soft, hard,
+        "the agent raised its soft limit to the hard one"
+    );
+
+    let port: u16 = a
+        .addr
+        .rsplit('/')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("tcp port");
+    let mut half_open = Vec::new();
+    for _ in 0..1100 {
+        if let Ok(s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+            half_open.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds = open_fds(pid);
+    assert!(
+        fds < 64 + 300,
+        "the agent holds {fds} descriptors with 1,100 half-open connections"
+    );
+    // Local requests and trusted sync go on.
+    let mut ipc = RawIpc::connect(&a.socket).await;
+    let status = ipc.call(json!({"op": "status"})).await;
+    assert_eq!(status["ok"], json!(true), "{status}");
+    let out = b.cli(&["doc", "set", "n", "m", "k", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(LIMIT, "b's edit on a", || {
+        stdout(&a.cli(&["doc", "get", "n"])).contains("\"k\"")
+    })
+    .await;
+    drop(half_open);
+}
+
+/// 4. Every device that ever connected stayed in the peer table until restart: throw-away
+/// identities grew memory, `status` and `doctor` without any authentication. Now strangers are
+/// bounded (and expire), and `status` lists your devices first with a count of the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throw_away_identities_do_not_grow_the_peer_table() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), "a").await;
+    let b = start(db.path(), "b").await;
+    link(&a, &b);
+    wait_until(LIMIT, "a-b session", || a.is_syncing_with(&b.device_id())).await;
+    for _ in 0..120 {
+        let stranger = common::raw_peer::raw_peer_connected_to(&a).await;
+        drop(stranger);
+    }
+    wait_until(LIMIT, "strangers forgotten beyond the bound", || {
+        a.status().unwrap().peers.len() <= 1 + devicelink::status::MAX_STRANGERS
+    })
+    .await;
+    let status = a.status().unwrap();
+    assert!(
+        status.others <= devicelink::status::MAX_STRANGERS,
+        "{}",
+        status.others
+    );
+    assert!(status.others > 0, "recent strangers are still shown");
+    assert_eq!(
+        status.peers[0].device_id,
+        b.device_id().to_string(),
+        "your devices first"
+    );
+    assert!(status.peers[0].trusted && status.peers[0].connected);
+    let doctor = a.doctor().await.unwrap();
+    assert!(doctor.peers.len() <= 1 + devicelink::status::MAX_STRANGERS);
 }

@@ -368,9 +368,15 @@ fn unpair_can_be_undone_by_pairing_and_has_no_traps() {
     wait_for("a and b to trust each other again", || {
         trusts(&a, &b) && trusts(&b, &a)
     });
-    assert!(a.cli(&["doc", "set", "back", "m", "k", "1"]).status.success());
+    assert!(a
+        .cli(&["doc", "set", "back", "m", "k", "1"])
+        .status
+        .success());
     wait_for("a's change on b", || doc_value(&b, "back", "k") == 1);
-    assert!(b.cli(&["doc", "set", "back", "m", "j", "2"]).status.success());
+    assert!(b
+        .cli(&["doc", "set", "back", "m", "j", "2"])
+        .status
+        .success());
     wait_for("b's change on a", || doc_value(&a, "back", "j") == 2);
 
     // `trust remove` of a group member removes it from the group too: it stays removed across a
@@ -387,8 +393,15 @@ fn unpair_can_be_undone_by_pairing_and_has_no_traps() {
     // And the removed device joining the remover's code works too.
     let host = OpenCode::open(&a, 60);
     let out = join(&b, &host.code, &a);
-    assert!(out.status.success(), "re-pairing the other way: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "re-pairing the other way: {}",
+        stderr(&out)
+    );
     drop(host);
-    assert!(a.cli(&["doc", "set", "back", "m", "k", "3"]).status.success());
+    assert!(a
+        .cli(&["doc", "set", "back", "m", "k", "3"])
+        .status
+        .success());
     wait_for("a's later change on b", || doc_value(&b, "back", "k") == 3);
 }

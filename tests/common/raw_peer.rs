@@ -77,4 +77,3 @@ pub async fn open(peer: &mut RawPeer, agent: &AgentHandle) -> Result<Transport, 
     .map_err(|e| e.to_string())?;
     Ok(Framed::new(stream.compat(), codec()))
 }
-
