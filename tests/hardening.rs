@@ -563,3 +563,152 @@ async fn throw_away_identities_do_not_grow_the_peer_table() {
     let doctor = a.doctor().await.unwrap();
     assert!(doctor.peers.len() <= 1 + devicelink::status::MAX_STRANGERS);
 }
+
+/// Resident memory of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        / 1024
+}
+
+/// A 4 MiB text document `big` on `agent`.
+async fn four_mib_doc(agent: &AgentProcess) {
+    let client = agent.client().await;
+    let chunk = "x".repeat(256 * 1024);
+    for _ in 0..16 {
+        client
+            .doc_text_append("big", "t", &chunk)
+            .await
+            .expect("edit");
+    }
+}
+
+/// 3a. A subscriber that never read made the agent queue every update for it: RSS grew without
+/// bound and the documented `lagged` event never fired. Now its queue is bounded in bytes, the
+/// updates it cannot take are counted, and it gets `lagged` once it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_never_reads_costs_bounded_memory_and_gets_lagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let pid = agent.child.id();
+    let mut slow = RawIpc::connect(&agent.socket).await;
+    let subscribed = slow
+        .call(json!({"op": "doc_subscribe", "doc": "feed"}))
+        .await;
+    assert_eq!(subscribed["ok"], json!(true), "{subscribed}");
+    let before = rss_mib(pid);
+
+    // 2,000 changes of 64 KiB (the value is replaced each time, so the document stays small).
+    let writer = agent.client().await;
+    let value = "v".repeat(64 * 1024);
+    for i in 0..2000 {
+        writer
+            .doc_set("feed", "m", "k", json!(format!("{i}{value}")))
+            .await
+            .expect("write");
+    }
+    let after = rss_mib(pid);
+    println!("agent RSS with a subscriber that does not read: {before} -> {after} MiB");
+    assert!(
+        after < before + 96,
+        "RSS grew from {before} to {after} MiB for 125 MiB of updates"
+    );
+    // The subscriber reads again: it is told what it missed.
+    let mut lagged = None;
+    for _ in 0..4000 {
+        let event = slow.next().await;
+        if event["event"] == "lagged" {
+            lagged = Some(event);
+            break;
+        }
+    }
+    let lagged = lagged.expect("a lagged event");
+    assert!(lagged["missed"].as_u64().unwrap_or(0) > 0, "{lagged}");
+}
+
+/// 3b. 300 pipelined `doc_get`s of a 4 MiB document, never read, cost 1.28 GB. Now the agent
+/// stops reading requests from a connection whose answers are not read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_never_read_cost_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let pid = agent.child.id();
+    four_mib_doc(&agent).await;
+    let before = rss_mib(pid);
+    let mut greedy = RawIpc::connect(&agent.socket).await;
+    let burst: String = (0..300)
+        .map(|i| format!("{{\"id\":{i},\"op\":\"doc_get\",\"doc\":\"big\"}}\n"))
+        .collect();
+    // The agent stops reading, so this write may not finish: it is bounded in time.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(3),
+        greedy.write.write_all(burst.as_bytes()),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_mib(pid);
+    println!("agent RSS with 300 unread doc_get answers: {before} -> {after} MiB");
+    assert!(after < before + 96, "RSS grew from {before} to {after} MiB");
+    // Other connections are served meanwhile.
+    let mut other = RawIpc::connect(&agent.socket).await;
+    assert_eq!(other.call(json!({"op": "status"})).await["ok"], json!(true));
+}
+
+/// 3c. A trusted peer sending 300 tiny "send me everything" requests and never reading cost
+/// +1.23 GB. Now a session queues at most its byte budget of answers (and one answer per
+/// document in flight), deferring the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_asks_and_never_reads_costs_bounded_memory() {
+    use devicelink::sync::{Hello, Message, PROTOCOL_VERSION, SYNC_PROTOCOL};
+    use futures::SinkExt;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let pid = agent.child.id();
+    four_mib_doc(&agent).await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let peer_id = keypair.public().to_peer_id().to_string();
+    let out = agent.cli(&["trust", "add", &peer_id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = rss_mib(pid);
+    let mut raw = common::raw_peer::raw_peer_dialing(
+        keypair,
+        agent.device_id.parse().unwrap(),
+        agent.addr.parse().unwrap(),
+    )
+    .await;
+    let stream = raw
+        .control
+        .open_stream(agent.device_id.parse().unwrap(), SYNC_PROTOCOL)
+        .await
+        .expect("sync stream");
+    let mut t = tokio_util::codec::Framed::new(
+        tokio_util::compat::FuturesAsyncReadCompatExt::compat(stream),
+        devicelink::sync::message::codec(),
+    );
+    let hello = Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        device_name: "greedy".into(),
+        listen_addrs: vec![],
+    });
+    t.send(hello.encode().unwrap()).await.unwrap();
+    let ask = Message::SyncStep1 {
+        doc: "big".into(),
+        state_vector: vec![0],
+    };
+    for _ in 0..300 {
+        let sent =
+            tokio::time::timeout(Duration::from_secs(3), t.send(ask.encode().unwrap())).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_mib(pid);
+    println!("agent RSS with a peer asking 300 times and not reading: {before} -> {after} MiB");
+    assert!(after < before + 96, "RSS grew from {before} to {after} MiB");
+    drop(t);
+}

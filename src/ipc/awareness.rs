@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use rand::Rng as _;
 use serde_json::Value;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
 use super::protocol::{ErrorCode, Event};
@@ -110,7 +110,7 @@ pub(super) async fn forward(
     doc: String,
     mut events: broadcast::Receiver<presence::PresenceEvent>,
     hub: Arc<PresenceHub>,
-    out: Arc<mpsc::UnboundedSender<String>>,
+    out: super::outbox::Outbox,
 ) {
     loop {
         let (states, origin) = match events.recv().await {
@@ -135,7 +135,7 @@ pub(super) async fn forward(
             states,
             origin,
         };
-        if super::server::send(&out, &event).is_err() {
+        if out.event(&event).is_err() {
             return;
         }
     }

@@ -6,6 +6,7 @@
 //! are base64. protocol/README.md ("Local IPC") is the normative description.
 
 mod awareness;
+mod outbox;
 pub mod protocol;
 pub mod scope;
 pub mod server;

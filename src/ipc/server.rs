@@ -15,6 +15,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::{AbortHandle, JoinSet};
 
 use super::awareness::ConnPresence;
+use super::outbox::Outbox;
 use super::protocol::{ErrorCode, Event, Request, RequestBody, Response, MAX_LINE_LEN};
 use crate::agent::{AgentError, AgentHandle};
 use crate::docs::{DocError, Origin};
@@ -243,19 +244,23 @@ impl Connection {
 
     async fn serve(mut self, stream: UnixStream) {
         let (read, write) = stream.into_split();
-        let (out, out_rx) = mpsc::unbounded_channel::<String>();
-        let writer = tokio::spawn(super::write_lines(write, out_rx));
-        let mut reader = BufReader::with_capacity(64 * 1024, read);
+        let (out, writer) = Outbox::new(write);
+        // Small: an idle connection costs little (long lines are assembled in `buf`).
+        let mut reader = BufReader::with_capacity(4 * 1024, read);
         let mut buf = Vec::new();
-        let out = Arc::new(out);
         let (acks, acks_rx) = mpsc::unbounded_channel();
         let acker = tokio::spawn(answer_when_durable(acks_rx, out.clone()));
         loop {
+            // An app that does not read its answers is not read from either (bounded memory).
+            out.wait_for_room().await;
+            if buf.capacity() > 1 << 20 {
+                buf = Vec::new(); // do not keep a large request's buffer for an idle connection
+            }
             let revoked = self.grant.as_ref().map(|g| g.revoked.clone());
             let line = tokio::select! {
                 line = read_line(&mut reader, &mut buf, MAX_LINE_LEN) => line,
                 _ = async { match &revoked { Some(r) => r.cancelled().await, None => std::future::pending().await } } => {
-                    let _ = send(&out, &Response::err(None, ErrorCode::Forbidden, "the app's token was revoked; closing"));
+                    let _ = out.reply(&Response::err(None, ErrorCode::Forbidden, "the app's token was revoked; closing"));
                     break;
                 }
             };
@@ -283,7 +288,7 @@ impl Connection {
                     Err(e) => Response::err(read_id(&line), ErrorCode::BadRequest, e.to_string()),
                 },
             };
-            if send(&out, &response).is_err() {
+            if out.reply(&response).is_err() {
                 break;
             }
         }
@@ -306,7 +311,7 @@ impl Connection {
     async fn execute(
         &mut self,
         body: RequestBody,
-        out: &Arc<mpsc::UnboundedSender<String>>,
+        out: &Outbox,
     ) -> Result<Reply, (ErrorCode, String)> {
         if let Some(grant) = &self.grant {
             super::scope::check(grant, &body)?;
@@ -535,7 +540,7 @@ impl Connection {
                     while let Ok(update) = events.recv().await {
                         let done =
                             !matches!(update, crate::pairing::HostEvent::AttemptFailed { .. });
-                        if send(&out, &Event::Pairing { update }).is_err() || done {
+                        if out.event(&Event::Pairing { update }).is_err() || done {
                             return;
                         }
                     }
@@ -614,7 +619,7 @@ impl Connection {
                                 Err(_) => continue,
                             },
                         };
-                        if send(&out, &event).is_err() {
+                        if out.event(&event).is_err() {
                             return;
                         }
                     }
@@ -685,7 +690,7 @@ impl Connection {
                         let Ok(open) = agent.conflicts(None, false) else {
                             continue;
                         };
-                        if send(&out, &Event::Conflicts { open }).is_err() {
+                        if out.event(&Event::Conflicts { open }).is_err() {
                             return;
                         }
                     }
@@ -707,19 +712,38 @@ impl Connection {
     }
 }
 
+/// Forwards a document's changes as events. While the connection's queue is full, changes are
+/// counted, not queued; once there is room the app gets one `lagged` event with the count (it
+/// re-reads the document or diffs by state vector), then the changes that follow.
 async fn forward_events(
     subscription: u64,
     mut events: broadcast::Receiver<crate::DocUpdate>,
-    out: Arc<mpsc::UnboundedSender<String>>,
+    out: Outbox,
     own_id: u64,
 ) {
+    let mut missed = 0u64;
     loop {
-        let event = match events.recv().await {
-            Ok(update) if update.deleted => Event::Deleted {
+        let received = tokio::select! {
+            received = events.recv() => Some(received),
+            _ = out.wait_for_room(), if missed > 0 => None,
+        };
+        if missed > 0 {
+            match out.event(&Event::Lagged {
+                subscription,
+                missed,
+            }) {
+                Ok(true) => missed = 0,
+                Ok(false) => {}
+                Err(_) => return,
+            }
+        }
+        let event = match received {
+            None => continue,
+            Some(Ok(update)) if update.deleted => Event::Deleted {
                 subscription,
                 doc: update.doc.to_string(),
             },
-            Ok(update) => Event::Update {
+            Some(Ok(update)) => Event::Update {
                 subscription,
                 doc: update.doc.to_string(),
                 update: B64.encode(&update.update),
@@ -729,14 +753,20 @@ async fn forward_events(
                 },
                 own: update.client == own_id,
             },
-            Err(broadcast::error::RecvError::Lagged(missed)) => Event::Lagged {
-                subscription,
-                missed,
-            },
-            Err(broadcast::error::RecvError::Closed) => return,
+            Some(Err(broadcast::error::RecvError::Lagged(n))) => {
+                missed += n;
+                continue;
+            }
+            Some(Err(broadcast::error::RecvError::Closed)) => return,
         };
-        if send(&out, &event).is_err() {
-            return;
+        if missed > 0 {
+            missed += 1; // nothing after a gap until the app has been told about it
+            continue;
+        }
+        match out.event(&event) {
+            Ok(true) => {}
+            Ok(false) => missed += 1,
+            Err(_) => return,
         }
     }
 }
@@ -745,7 +775,7 @@ async fn forward_events(
 /// writes were queued, so waiting for them in request order delays no answer.
 async fn answer_when_durable(
     mut acks: mpsc::UnboundedReceiver<(u64, crate::docs::Durable, serde_json::Value)>,
-    out: Arc<mpsc::UnboundedSender<String>>,
+    out: Outbox,
 ) {
     while let Some((id, durable, result)) = acks.recv().await {
         let response = match durable.wait().await {
@@ -755,18 +785,10 @@ async fn answer_when_durable(
                 Response::err(Some(id), code, message)
             }
         };
-        if send(&out, &response).is_err() {
+        if out.reply(&response).is_err() {
             return;
         }
     }
-}
-
-pub(super) fn send(
-    out: &mpsc::UnboundedSender<String>,
-    value: &impl serde::Serialize,
-) -> Result<(), ()> {
-    let line = serde_json::to_string(value).map_err(|_| ())?;
-    out.send(line).map_err(|_| ())
 }
 
 /// The `id` of a line that is JSON but not a valid request, so the error can be matched.

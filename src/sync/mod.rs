@@ -2,6 +2,7 @@
 //! session that runs them ([`session`]). protocol/README.md is the normative description.
 
 pub mod message;
+pub(crate) mod outbox;
 pub(crate) mod session;
 
 pub use message::{

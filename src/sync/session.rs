@@ -34,6 +34,7 @@ use super::message::{
     codec, DocErrorCode, Features, Hello, Message, MessageError, Refusal, RefuseCode,
     FEED_PAGE_LEN, MAX_FRAME_LEN, PART_LEN,
 };
+use super::outbox::{OutBudget, MAX_DEFERRED};
 use crate::docs::{DocError, DocRegistry, DocUpdate, Origin};
 use crate::presence::{PresenceEvent, PresenceHub, Source};
 use crate::status::{PeerTable, Traffic};
@@ -91,7 +92,8 @@ pub(crate) struct SessionCtx {
 }
 
 enum Outgoing {
-    Msg(Message),
+    /// A message and what it was charged against the session's [`OutBudget`].
+    Msg(Message, usize),
     Close,
 }
 
@@ -120,8 +122,10 @@ pub(crate) async fn run(
     // be missed, and everything before it is covered by the state-vector or feed exchange.
     let bus = ctx.registry.subscribe_all();
     let presence = features.awareness.then(|| ctx.presence.subscribe());
+    // Unbounded as a channel, bounded in bytes by the budget (see `outbox`).
     let (out_tx, out_rx) = mpsc::unbounded_channel();
-    let mut reader = Reader::new(peer, ctx, out_tx.clone(), features);
+    let budget = Arc::new(OutBudget::default());
+    let mut reader = Reader::new(peer, ctx, out_tx.clone(), budget.clone(), features);
     if features.feed {
         let (epoch, after) = ctx.registry.store()?.checkpoint(&peer.to_bytes())?;
         reader.send(Message::FeedRequest { epoch, after });
@@ -141,6 +145,7 @@ pub(crate) async fn run(
         features,
         bulk: VecDeque::new(),
         traffic: ctx.peers.traffic(peer),
+        budget,
     };
     let mut writer = tokio::spawn(out.run(out_rx, bus, marks, presence));
     let mut writer_done = false;
@@ -156,7 +161,7 @@ pub(crate) async fn run(
     };
     if let Err(e) = &result {
         if let (Some(refusal), false) = (refusal_for(e), writer_done) {
-            let _ = out_tx.send(Outgoing::Msg(Message::Refuse(refusal)));
+            let _ = out_tx.send(Outgoing::Msg(Message::Refuse(refusal), 0));
             let _ = out_tx.send(Outgoing::Close);
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut writer).await;
         }
@@ -272,6 +277,11 @@ struct Reader<'a> {
     peer: PeerId,
     ctx: &'a SessionCtx,
     out: mpsc::UnboundedSender<Outgoing>,
+    budget: Arc<OutBudget>,
+    /// `SyncStep1`s not answered yet because the budget is spent, oldest first (one per
+    /// document; the first request's answer covers the later ones).
+    deferred: VecDeque<(String, Vec<u8>)>,
+    deferred_docs: HashSet<String>,
     features: Features,
     /// Documents this side has sent its `SyncStep1` for (without feature `feed`).
     announced: HashSet<String>,
@@ -313,12 +323,16 @@ impl<'a> Reader<'a> {
         peer: PeerId,
         ctx: &'a SessionCtx,
         out: mpsc::UnboundedSender<Outgoing>,
+        budget: Arc<OutBudget>,
         features: Features,
     ) -> Self {
         Self {
             peer,
             ctx,
             out,
+            budget,
+            deferred: VecDeque::new(),
+            deferred_docs: HashSet::new(),
             features,
             announced: HashSet::new(),
             pull: Pull::default(),
@@ -359,18 +373,57 @@ impl<'a> Reader<'a> {
                     let msg = Message::decode(&frame)?;
                     self.handle(msg).await?;
                 }
+                _ = self.budget.wait_for_room(), if !self.deferred.is_empty() => {
+                    self.answer_deferred();
+                }
                 _ = tick.tick() => self.expire_parts(),
             }
         }
     }
 
     fn send(&self, msg: Message) {
-        let _ = self.out.send(Outgoing::Msg(msg));
+        let cost = OutBudget::cost(&msg);
+        self.budget.charge(cost);
+        if self.out.send(Outgoing::Msg(msg, cost)).is_err() {
+            self.budget.release(cost);
+        }
+    }
+
+    /// A `SyncStep1` from the peer: answered now, or deferred while the budget is spent (in
+    /// order), or dropped when an answer for the same document is already queued or deferred.
+    fn request(&mut self, doc: String, state_vector: Vec<u8>) -> Result<(), SessionError> {
+        if self.budget.is_answering(&doc) || self.deferred_docs.contains(&doc) {
+            return Ok(());
+        }
+        if self.deferred.is_empty() && !self.budget.is_full() {
+            self.answer(doc, &state_vector);
+            return Ok(());
+        }
+        if self.deferred.len() >= MAX_DEFERRED {
+            return Err(SessionError::RefusedPeer {
+                code: RefuseCode::ProtocolViolation,
+                message: format!("more than {MAX_DEFERRED} requests outstanding"),
+            });
+        }
+        self.deferred_docs.insert(doc.clone());
+        self.deferred.push_back((doc, state_vector));
+        Ok(())
+    }
+
+    /// Answers deferred requests while the budget allows.
+    fn answer_deferred(&mut self) {
+        while !self.budget.is_full() {
+            let Some((doc, state_vector)) = self.deferred.pop_front() else {
+                return;
+            };
+            self.deferred_docs.remove(&doc);
+            self.answer(doc, &state_vector);
+        }
     }
 
     async fn handle(&mut self, msg: Message) -> Result<(), SessionError> {
         match msg {
-            Message::SyncStep1 { doc, state_vector } => self.answer(doc, &state_vector),
+            Message::SyncStep1 { doc, state_vector } => self.request(doc, state_vector)?,
             Message::SyncStep2 { doc, update } => {
                 if self.apply(&doc, update).await {
                     self.ctx.peers.doc_synced(self.peer, &doc);
@@ -471,6 +524,7 @@ impl<'a> Reader<'a> {
                 return self.doc_error(doc, e.into());
             }
             self.ctx.peers.answered(self.peer);
+            self.budget.start_answer(&doc);
             return self.send(Message::SyncStep2 {
                 doc,
                 update: EMPTY_UPDATE.to_vec(),
@@ -482,6 +536,7 @@ impl<'a> Reader<'a> {
         {
             Ok((update, handle)) => {
                 self.ctx.peers.answered(self.peer);
+                self.budget.start_answer(&doc);
                 self.send(Message::SyncStep2 {
                     doc: doc.clone(),
                     update,
@@ -739,6 +794,7 @@ struct Writer {
     /// piece goes out (no second copy of a large update).
     bulk: VecDeque<InParts>,
     traffic: Arc<Traffic>,
+    budget: Arc<OutBudget>,
 }
 
 /// A large `SyncStep2` or `Update` being sent as `Part`s.
@@ -747,6 +803,8 @@ struct InParts {
     kind: u8,
     update: Vec<u8>,
     sent: usize,
+    /// Charged against the budget; released once every piece is written.
+    cost: usize,
 }
 
 impl InParts {
@@ -770,28 +828,46 @@ impl InParts {
 impl Writer {
     /// Queues `msg` for the stream: at once, or split into parts (feature `parts`), or, if it
     /// cannot be sent to this peer at all, reported and skipped (the session goes on).
-    async fn emit(&mut self, msg: Message) -> Result<(), SessionError> {
-        let (doc, update, kind) = match &msg {
-            Message::SyncStep2 { doc, update } => (doc, update, 3u8),
-            Message::Update { doc, update } => (doc, update, 4u8),
-            _ => return self.feed(&msg).await,
-        };
-        if update.len() <= PART_LEN {
-            return self.feed(&msg).await;
-        }
-        if self.features.parts {
+    /// Writes `msg` (charged `cost`), or queues it for sending in parts; the budget is released
+    /// once it is written.
+    async fn emit(&mut self, msg: Message, cost: usize) -> Result<(), SessionError> {
+        let big_answer = matches!(&msg, Message::SyncStep2 { update, .. } | Message::Update { update, .. }
+            if update.len() > PART_LEN && self.features.parts);
+        if big_answer {
+            let kind = if matches!(msg, Message::SyncStep2 { .. }) {
+                3
+            } else {
+                4
+            };
             if let Message::SyncStep2 { doc, update } | Message::Update { doc, update } = msg {
                 self.bulk.push_back(InParts {
                     doc,
                     kind,
                     update,
                     sent: 0,
+                    cost,
                 });
             }
             return Ok(());
         }
+        let written = self.emit_whole(&msg).await;
+        if let Message::SyncStep2 { doc, .. } = &msg {
+            self.budget.answered(doc);
+        }
+        self.budget.release(cost);
+        written
+    }
+
+    async fn emit_whole(&mut self, msg: &Message) -> Result<(), SessionError> {
+        let (doc, update) = match msg {
+            Message::SyncStep2 { doc, update } | Message::Update { doc, update } => (doc, update),
+            _ => return self.feed(msg).await,
+        };
+        if update.len() <= PART_LEN {
+            return self.feed(msg).await;
+        }
         if update.len() + doc.len() + 16 <= MAX_FRAME_LEN {
-            return self.feed(&msg).await;
+            return self.feed(msg).await;
         }
         let reason = format!(
             "{} bytes to send exceed the {MAX_FRAME_LEN}-byte frame limit of a peer without large-document support (feature `parts`); not sent",
@@ -822,10 +898,10 @@ impl Writer {
             tokio::select! {
                 biased;
                 item = out.recv() => match item {
-                    Some(Outgoing::Msg(msg)) => {
+                    Some(Outgoing::Msg(msg, cost)) => {
                         // Write everything queued, then flush once.
-                        let (mut next, mut close, mut answered) = (Some(msg), false, Vec::new());
-                        while let Some(msg) = next.take() {
+                        let (mut next, mut close, mut answered) = (Some((msg, cost)), false, Vec::new());
+                        while let Some((msg, cost)) = next.take() {
                             if let Message::SyncStep2 { doc, update } = &msg {
                                 if update.len() <= PART_LEN {
                                     if let Ok(decoded) = crate::docs::decode_update(update) {
@@ -833,9 +909,9 @@ impl Writer {
                                     }
                                 }
                             }
-                            self.emit(msg).await?;
+                            self.emit(msg, cost).await?;
                             match out.try_recv() {
-                                Ok(Outgoing::Msg(msg)) => next = Some(msg),
+                                Ok(Outgoing::Msg(msg, cost)) => next = Some((msg, cost)),
                                 Ok(Outgoing::Close) => close = true,
                                 Err(_) => {}
                             }
@@ -882,7 +958,12 @@ impl Writer {
                             self.sink.flush().await?;
                         }
                         None => {
-                            self.bulk.pop_front();
+                            if let Some(done) = self.bulk.pop_front() {
+                                if done.kind == 3 {
+                                    self.budget.answered(&done.doc);
+                                }
+                                self.budget.release(done.cost);
+                            }
                         }
                     }
                 }
@@ -931,7 +1012,7 @@ impl Writer {
                     doc: event.doc.to_string(),
                     update: event.update.to_vec(),
                 };
-                self.emit(frame).await?;
+                self.emit(frame, 0).await?;
                 sent.insert(event.doc, event.state);
             }
             if queued == MAX_UPDATE_BATCH {

@@ -37,10 +37,18 @@ pub async fn raw_peer_connected_to(agent: &AgentHandle) -> RawPeer {
 }
 
 pub async fn raw_peer_with(keypair: libp2p::identity::Keypair, agent: &AgentHandle) -> RawPeer {
+    raw_peer_dialing(keypair, agent.device_id(), agent.listen_addrs()[0].clone()).await
+}
+
+/// A raw peer with `keypair` that has dialed the agent `agent_id` at `addr` (e.g. a process).
+pub async fn raw_peer_dialing(
+    keypair: libp2p::identity::Keypair,
+    agent_id: PeerId,
+    addr: libp2p::Multiaddr,
+) -> RawPeer {
     let id = keypair.public().to_peer_id();
     let mut swarm = devicelink::net::build_swarm(keypair).unwrap();
     let control = swarm.behaviour().stream.new_control();
-    let (agent_id, addr) = (agent.device_id(), agent.listen_addrs()[0].clone());
     let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(agent_id)
         .addresses(vec![addr])
         .build();

@@ -1,0 +1,121 @@
+//! What a session has queued for its peer, bounded in bytes. Answers to the peer's requests
+//! (`SyncStep2`, feed pages) are charged when queued and released once written to the stream.
+//! While the budget is spent, further `SyncStep1` requests are deferred, not answered, so a peer
+//! that asks and never reads costs at most the budget (plus one answer), and the session keeps
+//! reading (applying the peer's changes) so two busy devices never wait on each other. At most
+//! one answer per document is in flight: a repeated request for a document whose answer is
+//! still queued is already covered by it (and by the live updates after it).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+use super::message::Message;
+
+/// Bytes of answers queued for one peer before further requests wait.
+pub(crate) const MAX_QUEUED_BYTES: usize = 16 << 20;
+/// Requests deferred at most; a peer that has more outstanding breaks the protocol.
+pub(crate) const MAX_DEFERRED: usize = 65_536;
+
+#[derive(Default)]
+pub(crate) struct OutBudget {
+    used: AtomicUsize,
+    room: Notify,
+    /// Documents whose `SyncStep2` is queued and not yet written.
+    answering: Mutex<HashSet<String>>,
+}
+
+impl OutBudget {
+    /// What queuing `msg` costs (its payload; small messages a nominal 64 bytes).
+    pub fn cost(msg: &Message) -> usize {
+        match msg {
+            Message::SyncStep2 { doc, update }
+            | Message::Update { doc, update }
+            | Message::Part {
+                doc, data: update, ..
+            } => update.len() + doc.len() + 16,
+            Message::FeedPage { docs, .. } => docs.iter().map(|d| d.len() + 2).sum::<usize>() + 32,
+            _ => 64,
+        }
+    }
+
+    pub fn charge(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::SeqCst);
+    }
+
+    pub fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::SeqCst);
+        self.room.notify_waiters();
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.used.load(Ordering::SeqCst) >= MAX_QUEUED_BYTES
+    }
+
+    /// Resolves once the queued bytes are under the budget.
+    pub async fn wait_for_room(&self) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_full() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn answering(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.answering.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks an answer for `doc` as queued; false if one already is.
+    pub fn start_answer(&self, doc: &str) -> bool {
+        let mut answering = self.answering();
+        if answering.contains(doc) {
+            return false;
+        }
+        answering.insert(doc.to_string())
+    }
+
+    pub fn is_answering(&self, doc: &str) -> bool {
+        self.answering().contains(doc)
+    }
+
+    /// The answer for `doc` has been written.
+    pub fn answered(&self, doc: &str) {
+        self.answering().remove(doc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn budget_fills_and_frees() {
+        let budget = std::sync::Arc::new(OutBudget::default());
+        budget.charge(MAX_QUEUED_BYTES);
+        assert!(budget.is_full());
+        let waiter = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.wait_for_room().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        budget.release(1);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("room")
+            .unwrap();
+        assert!(budget.start_answer("a"));
+        assert!(
+            !budget.start_answer("a"),
+            "one answer per document in flight"
+        );
+        budget.answered("a");
+        assert!(budget.start_answer("a"));
+    }
+}
