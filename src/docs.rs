@@ -1061,6 +1061,8 @@ pub(crate) fn upper_state_vector(update: &Update) -> StateVector {
 
 /// JSON view of a document. Root types this device has not used yet have no declared type;
 /// they are shown as a map if they have keys, else as text if they hold text, else as an array.
+/// Empty roots are left out: whether a root was declared is not stored, so an emptied text would
+/// otherwise read `""` before a restart and `null` after.
 pub fn doc_to_json(doc: &yrs::Doc) -> serde_json::Value {
     let txn = doc.transact();
     let names: Vec<Arc<str>> = txn.root_refs().map(|(name, _)| Arc::from(name)).collect();
@@ -1071,7 +1073,16 @@ pub fn doc_to_json(doc: &yrs::Doc) -> serde_json::Value {
             Some(out) => any_to_json(&yrs::types::ToJson::to_json(&out, &txn)),
             None => continue,
         };
-        out.insert(name.to_string(), value);
+        let empty = match &value {
+            serde_json::Value::Null => true,
+            serde_json::Value::String(s) => s.is_empty(),
+            serde_json::Value::Array(a) => a.is_empty(),
+            serde_json::Value::Object(o) => o.is_empty(),
+            _ => false,
+        };
+        if !empty {
+            out.insert(name.to_string(), value);
+        }
     }
     serde_json::Value::Object(out)
 }
@@ -1102,6 +1113,13 @@ pub fn any_to_json(any: &yrs::Any) -> serde_json::Value {
         yrs::Any::Null | yrs::Any::Undefined => Value::Null,
         yrs::Any::Bool(b) => Value::Bool(*b),
         yrs::Any::Number(yrs::any::Number::Int(n)) => Value::from(*n),
+        // A whole number is shown as an integer whichever way it was encoded (Yjs encodes
+        // integers beyond 2^31 as floats), so it reads the same before and after a reload.
+        yrs::Any::Number(yrs::any::Number::Float(n))
+            if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER as f64 =>
+        {
+            Value::from(*n as i64)
+        }
         yrs::Any::Number(yrs::any::Number::Float(n)) => serde_json::Number::from_f64(*n)
             .map(Value::Number)
             .unwrap_or(Value::Null),
@@ -1117,6 +1135,31 @@ pub fn any_to_json(any: &yrs::Any) -> serde_json::Value {
 }
 
 /// Converts JSON to a yrs `Any` (integers stay integers, other numbers are floats).
+/// The largest integer a Yjs document stores exactly (JavaScript's `Number.MAX_SAFE_INTEGER`):
+/// larger ones are encoded as floats and read back rounded.
+pub const MAX_SAFE_INTEGER: i64 = (1 << 53) - 1;
+
+/// Checks that every number in `value` is stored as sent: integers beyond ±(2^53 - 1) would
+/// silently become rounded floats.
+pub fn check_json_numbers(value: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::Number(n)
+            if (n.is_u64() || n.is_i64())
+                && !n
+                    .as_i64()
+                    .is_some_and(|i| (-MAX_SAFE_INTEGER..=MAX_SAFE_INTEGER).contains(&i)) =>
+        {
+            Err(format!(
+                "the integer {n} is out of range: documents store integers up to ±(2^53 - 1) exactly, like JavaScript (send larger ones as strings)"
+            ))
+        }
+        Value::Array(items) => items.iter().try_for_each(check_json_numbers),
+        Value::Object(map) => map.values().try_for_each(check_json_numbers),
+        _ => Ok(()),
+    }
+}
+
 pub fn json_to_any(value: &serde_json::Value) -> yrs::Any {
     use serde_json::Value;
     match value {

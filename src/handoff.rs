@@ -32,6 +32,13 @@ pub const HANDOFF_PROTOCOL: StreamProtocol = StreamProtocol::new("/devicelink/ha
 const MAP: &str = "activities";
 /// Largest app state, as JSON text.
 pub const MAX_APP_STATE: usize = 16 * 1024;
+/// The longest activity id, in bytes (ids are printable, without spaces).
+pub const MAX_ACTIVITY_ID: usize = 128;
+
+/// Whether `id` is an acceptable activity id (from an app or read from a peer's record).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ACTIVITY_ID && id.chars().all(|c| c.is_ascii_graphic())
+}
 /// The longest a handoff may wait for documents and the holder's grant.
 pub const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -148,6 +155,9 @@ pub fn current(doc: &DocHandle) -> BTreeMap<String, Activity> {
             let Ok(activity) = serde_json::from_str::<Activity>(&json) else {
                 continue;
             };
+            if !valid_id(&activity.id) {
+                continue; // written by a device without the limit: not offered to apps
+            }
             match out.get(&activity.id) {
                 Some(existing) if existing.epoch >= activity.epoch => {}
                 _ => {
@@ -222,6 +232,11 @@ pub fn prepare(
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
     if !valid_type {
         return Err(HandoffError::BadType(draft.activity_type));
+    }
+    if draft.id.as_deref().is_some_and(|id| !valid_id(id)) {
+        return Err(HandoffError::Invalid(format!(
+            "activity_id must be 1 to {MAX_ACTIVITY_ID} printable ASCII characters without spaces"
+        )));
     }
     if draft.title.chars().count() > 200 {
         return Err(HandoffError::Invalid(

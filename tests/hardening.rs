@@ -712,3 +712,61 @@ async fn a_peer_that_asks_and_never_reads_costs_bounded_memory() {
     assert!(after < before + 96, "RSS grew from {before} to {after} MiB");
     drop(t);
 }
+
+/// 12. The smaller findings: an activity id of any length was accepted and replicated; integers
+/// beyond i64 silently became floats (and beyond 2^53 they cannot be stored exactly: refused); an emptied text read `""` before a restart and `null`
+/// after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_numbers_and_emptied_texts_are_stored_as_they_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let mut ipc = RawIpc::connect(&agent.socket).await;
+    let publish = |id: String| {
+        json!({"op": "activity_publish", "activity_id": id, "type": "com.example.edit",
+               "title": "t", "docs": []})
+    };
+    for id in [
+        "x".repeat(10 << 20),
+        "x".repeat(129),
+        String::new(),
+        "a b".into(),
+    ] {
+        let refused = ipc.call(publish(id)).await;
+        assert_eq!(refused["ok"], json!(false), "{refused}");
+        assert!(refused["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("activity_id"));
+    }
+    let ok = ipc.call(publish("draft-42".into())).await;
+    assert_eq!(ok["ok"], json!(true), "{ok}");
+
+    let refused = ipc
+        .call(json!({"op": "doc_set", "doc": "n", "map": "m", "key": "big", "value": u64::MAX}))
+        .await;
+    assert_eq!(refused["error"]["code"], "invalid_argument", "{refused}");
+    const MAX_SAFE: i64 = (1 << 53) - 1;
+    let nested = json!({"op": "doc_set", "doc": "n", "map": "m", "key": "big", "value": {"a": [MAX_SAFE + 1]}});
+    assert_eq!(ipc.call(nested).await["error"]["code"], "invalid_argument");
+    let stored = ipc
+        .call(json!({"op": "doc_set", "doc": "n", "map": "m", "key": "max", "value": MAX_SAFE}))
+        .await;
+    assert_eq!(stored["ok"], json!(true), "{stored}");
+
+    for (index, delete, insert) in [(0, 0, "abc"), (0, 3, "")] {
+        let edit = json!({"op": "doc_text", "doc": "n", "name": "t", "index": index,
+                          "delete": delete, "insert": insert});
+        assert_eq!(ipc.call(edit).await["ok"], json!(true));
+    }
+    let before = ipc.call(json!({"op": "doc_get", "doc": "n"})).await["result"].clone();
+    assert_eq!(before["m"]["max"], json!(MAX_SAFE), "{before}");
+    drop(ipc);
+    agent.stop();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let mut ipc = RawIpc::connect(&agent.socket).await;
+    let after = ipc.call(json!({"op": "doc_get", "doc": "n"})).await["result"].clone();
+    assert_eq!(
+        before, after,
+        "the same document reads the same after a restart"
+    );
+}

@@ -359,6 +359,8 @@ impl Connection {
                 value,
             } => {
                 writable(&doc)?;
+                crate::docs::check_json_numbers(&value)
+                    .map_err(|e| (ErrorCode::InvalidArgument, e))?;
                 let handle = self.open(&doc)?;
                 let durable =
                     handle.set_map_value_deferred(&map, &key, crate::docs::json_to_any(&value));
@@ -653,7 +655,11 @@ impl Connection {
             } => {
                 use crate::conflict::Keep;
                 let keep = match (keep.as_deref(), value) {
-                    (_, Some(value)) => Keep::Value(value),
+                    (_, Some(value)) => {
+                        crate::docs::check_json_numbers(&value)
+                            .map_err(|e| (ErrorCode::InvalidArgument, e))?;
+                        Keep::Value(value)
+                    }
                     (Some("local"), None) => Keep::Local,
                     (Some("remote"), None) => Keep::Remote,
                     (Some("winner"), None) => Keep::Winner,

@@ -1,5 +1,6 @@
 //! What a session has queued for its peer, bounded in bytes. Answers to the peer's requests
-//! (`SyncStep2`, feed pages) are charged when queued and released once written to the stream.
+//! (`SyncStep2`, feed pages) are charged when queued and released once written to the stream
+//! (a large answer at most a quarter of the budget, so at most four are held at once).
 //! While the budget is spent, further `SyncStep1` requests are deferred, not answered, so a peer
 //! that asks and never reads costs at most the budget (plus one answer), and the session keeps
 //! reading (applying the peer's changes) so two busy devices never wait on each other. At most
@@ -16,6 +17,10 @@ use super::message::Message;
 
 /// Bytes of answers queued for one peer before further requests wait.
 pub(crate) const MAX_QUEUED_BYTES: usize = 16 << 20;
+/// The most one message is charged: a large answer (sent in parts) takes a quarter of the budget,
+/// so answers to other documents keep flowing beside it, and at most four large answers are in
+/// memory at once.
+const MAX_CHARGE: usize = MAX_QUEUED_BYTES / 4;
 /// Requests deferred at most; a peer that has more outstanding breaks the protocol.
 pub(crate) const MAX_DEFERRED: usize = 65_536;
 
@@ -28,9 +33,10 @@ pub(crate) struct OutBudget {
 }
 
 impl OutBudget {
-    /// What queuing `msg` costs (its payload; small messages a nominal 64 bytes).
+    /// What queuing `msg` costs: its payload (small messages a nominal 64 bytes), at most
+    /// [`MAX_CHARGE`].
     pub fn cost(msg: &Message) -> usize {
-        match msg {
+        let bytes = match msg {
             Message::SyncStep2 { doc, update }
             | Message::Update { doc, update }
             | Message::Part {
@@ -38,7 +44,8 @@ impl OutBudget {
             } => update.len() + doc.len() + 16,
             Message::FeedPage { docs, .. } => docs.iter().map(|d| d.len() + 2).sum::<usize>() + 32,
             _ => 64,
-        }
+        };
+        bytes.min(MAX_CHARGE)
     }
 
     pub fn charge(&self, bytes: usize) {
