@@ -99,6 +99,15 @@ pub enum AgentError {
     Refused(String),
 }
 
+/// A damaged store as `status` shows it: what was lost, and whether linked devices sent it back.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreDamageStatus {
+    #[serde(flatten)]
+    pub report: store::StoreDamage,
+    /// Linked devices this device has caught up with since (they sent back what they have).
+    pub healed_from: Vec<String>,
+}
+
 /// The agent's view of itself and its peers.
 #[derive(Debug, Clone, Serialize)]
 pub struct AgentStatus {
@@ -120,6 +129,8 @@ pub struct AgentStatus {
     pub peers: Vec<PeerStatus>,
     /// How many of `peers` are not your devices.
     pub others: usize,
+    /// Set when the store came up holding less than it had acknowledged (a damaged disk).
+    pub store_damage: Option<StoreDamageStatus>,
 }
 
 struct Inner {
@@ -138,6 +149,9 @@ struct Inner {
     neighborhood: Arc<Neighborhood>,
     control: tokio::sync::Mutex<libp2p_stream::Control>,
     failure: Arc<Failure>,
+    manifest: Arc<store::Manifest>,
+    /// What the start-up check found missing from the store, if anything.
+    damage: Option<store::StoreDamage>,
     threads: Mutex<Option<Tasks>>,
 }
 
@@ -206,11 +220,30 @@ impl Agent {
     /// Opens the data dir (creating identity and database on first start), starts listening and
     /// dialing, and returns once the listen addresses are known. Must run inside a tokio runtime.
     pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+        let had_identity = config.data_dir.join("identity.key").exists();
         let keypair = identity::load(&config.data_dir, config.new_identity)?;
         let device_id = keypair.public().to_peer_id();
-        let db = store::open_db(&config.data_dir)?;
-        let doc_store = DocStore::open(&db)?;
-        let trust = TrustStore::open(&db)?;
+        // A damaged database is a clear error or a named report, never a panic or a silent
+        // rollback (see `store::manifest`).
+        let dir = &config.data_dir;
+        let (db, doc_store, trust, damage) = store::guard_damaged(dir, || {
+            let db = store::open_db(dir)?;
+            let doc_store = DocStore::open(&db)?;
+            let trust = TrustStore::open(&db)?;
+            let damage = store::manifest::check(dir, &doc_store, &trust, had_identity)?;
+            Ok((db, doc_store, trust, damage))
+        })?;
+        if let Some(damage) = &damage {
+            tracing::error!(
+                missing = ?damage.missing,
+                rolled_back = ?damage.rolled_back,
+                "{}",
+                damage.summary
+            );
+        }
+        let manifest = Arc::new(store::Manifest::from_store(dir, &doc_store, &trust)?);
+        manifest.save(&doc_store, &trust)?;
+        doc_store.attach_manifest(manifest.clone());
         let (writer, writer_thread) =
             writer::spawn(doc_store.clone(), config.compaction).map_err(AgentError::Thread)?;
         let (conflicts_tx, conflicts_rx) = mpsc::unbounded_channel();
@@ -265,6 +298,7 @@ impl Agent {
             network.run(command_rx),
             failure.clone(),
         ));
+        let (trust_for_manifest, manifest_for_task) = (trust.clone(), manifest.clone());
         let group_task = tokio::spawn(supervised(
             "device group",
             {
@@ -275,7 +309,8 @@ impl Agent {
                         reconcile_group(registry.clone(), trust, device_id, commands),
                         record_conflicts(registry.clone(), conflicts_rx),
                         crate::lifecycle::keep_tombstones(registry.clone()),
-                        prune_activities(registry),
+                        prune_activities(registry.clone()),
+                        save_manifest(registry, trust_for_manifest, manifest_for_task),
                     );
                 }
             },
@@ -298,6 +333,8 @@ impl Agent {
                 neighborhood,
                 control: tokio::sync::Mutex::new(control),
                 failure,
+                manifest,
+                damage,
                 threads: Mutex::new(Some(Tasks {
                     net: net_task,
                     group: group_task,
@@ -463,6 +500,14 @@ impl AgentHandle {
         // Your devices first (in id order), then the strangers.
         peers.sort_by_key(|p| !p.trusted);
         let others = peers.iter().filter(|p| !p.trusted).count();
+        let store_damage = self.inner.damage.clone().map(|report| StoreDamageStatus {
+            report,
+            healed_from: peers
+                .iter()
+                .filter(|p| p.trusted && p.caught_up && p.syncing)
+                .map(|p| p.device_id.clone())
+                .collect(),
+        });
         Ok(AgentStatus {
             device_id: self.inner.device_id.to_string(),
             device_name: self.inner.device_name.clone(),
@@ -475,6 +520,7 @@ impl AgentHandle {
             present: self.inner.presence.present(),
             peers,
             others,
+            store_damage,
         })
     }
 
@@ -681,6 +727,11 @@ impl AgentHandle {
         let flushed = self.inner.registry.writer().shutdown().await;
         let writer = tasks.writer;
         let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        if let (Ok(store), Ok(trust)) = (self.inner.registry.store(), self.trust()) {
+            if let Err(e) = self.inner.manifest.save(&store, &trust) {
+                tracing::warn!("{e}");
+            }
+        }
         self.inner.registry.close();
         self.inner
             .trust
@@ -737,6 +788,8 @@ pub struct DoctorReport {
     pub peers: Vec<PeerStatus>,
     /// The y-websocket endpoint for Yjs apps: where it listens and how many apps have tokens.
     pub yjs_apps: String,
+    /// The store: fine, or what a damaged disk lost and whether it was pulled back.
+    pub store: String,
 }
 
 impl AgentHandle {
@@ -747,7 +800,22 @@ impl AgentHandle {
             .await
             .unwrap_or_default();
         let status = self.status()?;
+        let store = match &status.store_damage {
+            None => "fine (it holds everything acknowledged)".to_string(),
+            Some(d) if d.healed_from.is_empty() => format!(
+                "{} Missing: {:?}; rolled back: {:?}. Not yet caught up with a linked device.",
+                d.report.summary, d.report.missing, d.report.rolled_back
+            ),
+            Some(d) => format!(
+                "{} Missing: {:?}; rolled back: {:?}. Caught up since with {} linked device(s), which sent back what they have.",
+                d.report.summary,
+                d.report.missing,
+                d.report.rolled_back,
+                d.healed_from.len()
+            ),
+        };
         Ok(DoctorReport {
+            store,
             device_id: status.device_id,
             listen_addrs: status.listen_addrs,
             mdns: self
@@ -768,6 +836,25 @@ impl AgentHandle {
                 }
             },
         })
+    }
+}
+
+/// Saves the manifest once a second when something changed (see [`store::manifest`]).
+async fn save_manifest(
+    registry: Arc<DocRegistry>,
+    trust: TrustStore,
+    manifest: Arc<store::Manifest>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Ok(store) = registry.store() else { return };
+        let (manifest, trust) = (manifest.clone(), trust.clone());
+        let saved = tokio::task::spawn_blocking(move || manifest.save(&store, &trust)).await;
+        if let Ok(Err(e)) = saved {
+            tracing::warn!("{e}");
+        }
     }
 }
 

@@ -966,6 +966,7 @@ async fn doctor(global: &Global) -> Result<()> {
     println!("listening on {}", r["listen_addrs"]);
     println!("mDNS: {}", r["mdns"].as_str().unwrap_or("?"));
     println!("Yjs apps: {}", r["yjs_apps"].as_str().unwrap_or("?"));
+    println!("store: {}", r["store"].as_str().unwrap_or("?"));
     println!("multicast per interface:");
     for i in r["interfaces"].as_array().cloned().unwrap_or_default() {
         let ok = if i["multicast"] == true {

@@ -770,3 +770,239 @@ async fn ids_numbers_and_emptied_texts_are_stored_as_they_read() {
         "the same document reads the same after a restart"
     );
 }
+
+/// `status` of an agent process, as JSON.
+fn status_of(agent: &AgentProcess) -> Value {
+    serde_json::from_str(&stdout(&agent.cli(&["status"]))).unwrap_or_default()
+}
+
+/// 1a. A database that came back empty or rolled back was served as if nothing happened, and the
+/// device's trust went with it. Now the start-up check names what is missing, restores the linked
+/// devices from the manifest, pulls the documents back from them, and says so.
+#[test]
+fn a_lost_database_is_reported_by_name_and_healed_from_linked_devices() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = AgentProcess::linked_pair(da.path(), db.path());
+    for (doc, value) in [("notes", "\"n1\""), ("todo", "\"t2\""), ("plans", "\"p3\"")] {
+        let out = a.cli(&["doc", "set", doc, "m", "k", value]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !stdout(&b.cli(&["doc", "get", "plans"])).contains("\"k\"") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never got the documents"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (dir_a, b_addr) = (a.data_dir.clone(), b.addr.clone());
+    a.stop();
+    // The database is lost (moved aside, as the error for a damaged one says to do).
+    std::fs::rename(dir_a.join("db"), dir_a.join("db.damaged")).unwrap();
+    let a = AgentProcess::start(&dir_a, &[&b_addr]);
+    let status = status_of(&a);
+    let damage = &status["store_damage"];
+    assert!(damage.is_object(), "no damage reported: {status}");
+    let missing: Vec<&str> = damage["missing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    for doc in ["notes", "todo", "plans"] {
+        assert!(missing.contains(&doc), "{doc} not named: {damage}");
+    }
+    assert_eq!(damage["trust_restored"], json!([b.device_id]), "{damage}");
+    let doctor = stdout(&a.cli(&["doctor"]));
+    assert!(
+        doctor.contains("store:") && doctor.contains("notes"),
+        "{doctor}"
+    );
+    // The linked device sends everything back, and status says who did.
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let got = stdout(&a.cli(&["doc", "get", "plans"]));
+        let healed = status_of(&a)["store_damage"]["healed_from"] == json!([b.device_id]);
+        if got.contains("p3") && healed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not healed: {got} {}",
+            status_of(&a)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(stdout(&a.cli(&["doc", "get", "notes"])).contains("n1"));
+}
+
+/// 1b. Single flipped bytes in the sled file: the agent started and served rolled-back documents
+/// without a word, or crashed with a raw sled panic. Now, for every position tried, it either
+/// refuses to start with a clear error naming the database, or starts and serves what was
+/// acknowledged, or names each document it serves at an older state.
+#[test]
+fn flipped_bytes_in_the_database_never_pass_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let mut expected = Vec::new();
+    for round in 0..4 {
+        for doc in ["alpha", "beta", "gamma"] {
+            let value = format!("\"{doc}-{round}-{}\"", "x".repeat(200));
+            let out = agent.cli(&["doc", "set", doc, "m", "k", &value]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let out = agent.cli(&["doc", "text", doc, "t", "--append", &format!("{round} ")]);
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+    }
+    for doc in ["alpha", "beta", "gamma"] {
+        expected.push((doc, stdout(&agent.cli(&["doc", "get", doc]))));
+    }
+    agent.stop();
+    let pristine = dir.path().join("pristine");
+    copy_dir(dir.path(), &pristine);
+    let len = std::fs::metadata(pristine.join("db").join("db"))
+        .unwrap()
+        .len();
+    let mut rng = Rng::seeded("flipped bytes");
+    let (mut refused, mut intact, mut reported) = (0, 0, 0);
+    for _ in 0..10 {
+        let trial = tempfile::tempdir().unwrap();
+        copy_dir(&pristine, trial.path());
+        let file = trial.path().join("db").join("db");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let at = rng.below(len) as usize;
+        bytes[at] ^= 1 << rng.below(8);
+        std::fs::write(&file, &bytes).unwrap();
+        match try_start(trial.path()) {
+            Err(message) => {
+                assert!(
+                    !message.contains("panicked"),
+                    "a raw panic at byte {at}: {message}"
+                );
+                assert!(
+                    message.contains("db"),
+                    "the error names the database: {message}"
+                );
+                refused += 1;
+            }
+            Ok(agent) => {
+                let status = status_of(&agent);
+                let named = |doc: &str| {
+                    ["missing", "rolled_back"].iter().any(|k| {
+                        status["store_damage"][k]
+                            .as_array()
+                            .is_some_and(|a| a.iter().any(|n| n == doc))
+                    })
+                };
+                let mut all_intact = true;
+                for (doc, want) in &expected {
+                    let got = stdout(&agent.cli(&["doc", "get", doc]));
+                    if &got != want {
+                        all_intact = false;
+                        assert!(
+                            named(doc),
+                            "byte {at}: {doc} is served changed without a report: {got} vs {want}; status {status}"
+                        );
+                    }
+                }
+                if all_intact {
+                    intact += 1;
+                } else {
+                    reported += 1;
+                }
+            }
+        }
+    }
+    println!("flipped bytes: {refused} refused clearly, {intact} intact, {reported} reported");
+
+    // A flipped byte in sled's `conf` file said "created using a sled version earlier than 0.29".
+    let trial = tempfile::tempdir().unwrap();
+    copy_dir(&pristine, trial.path());
+    let conf = trial.path().join("db").join("conf");
+    let mut bytes = std::fs::read(&conf).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(&conf, &bytes).unwrap();
+    match try_start(trial.path()) {
+        Err(message) => assert!(
+            message.contains("damaged") && message.contains("db.damaged"),
+            "a clear error with what to do: {message}"
+        ),
+        Ok(agent) => {
+            for (doc, want) in &expected {
+                assert_eq!(&stdout(&agent.cli(&["doc", "get", doc])), want);
+            }
+        }
+    }
+}
+
+/// Starts an agent on `dir` and returns it once it serves, or its error output if it exits.
+fn try_start(dir: &Path) -> Result<AgentProcess, String> {
+    let mut args = agent_args(dir);
+    args.retain(|a| a != "--no-ws");
+    let mut child = std::process::Command::new(common::process::BIN)
+        .args(&args)
+        .args(["--ws", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut device_id, mut addr) = (String::new(), String::new());
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => {
+                if let Some(id) = line.strip_prefix("device id: ") {
+                    device_id = id.to_string();
+                } else if let Some(a) = line.strip_prefix("listening: ") {
+                    addr = a.to_string();
+                } else if line.starts_with("ipc socket: ") {
+                    return Ok(AgentProcess {
+                        child,
+                        data_dir: dir.to_path_buf(),
+                        socket: dir.join("agent.sock"),
+                        device_id,
+                        addr,
+                        ws: String::new(),
+                    });
+                }
+            }
+            Err(_) => {
+                if child.try_wait().unwrap().is_some() {
+                    let mut err = String::new();
+                    let _ =
+                        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+                    return Err(err);
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "agent neither served nor exited"
+                );
+            }
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            if entry.path() != to {
+                copy_dir(&entry.path(), &target);
+            }
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

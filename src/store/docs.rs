@@ -98,6 +98,8 @@ pub struct DocStore {
     epoch: u64,
     /// How many documents are stored (sled counts a tree by walking it).
     count: Arc<AtomicUsize>,
+    /// What the store acknowledged, kept beside the database (see [`super::manifest`]).
+    manifest: Arc<std::sync::OnceLock<Arc<super::Manifest>>>,
 }
 
 impl DocStore {
@@ -114,6 +116,7 @@ impl DocStore {
             local_writes: db.open_tree("local_writes")?,
             epoch: 0,
             count: Arc::default(),
+            manifest: Arc::default(),
         };
         if meta.get("layout")?.is_none() {
             store.migrate_layout_1()?;
@@ -364,6 +367,22 @@ impl DocStore {
         if self.names.insert(name, encode_meta(meta))?.is_none() {
             self.count.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(manifest) = self.manifest.get() {
+            manifest.changed(name, change);
+        }
+        Ok(())
+    }
+
+    /// From now on, every change and purge is recorded in `manifest` too.
+    pub fn attach_manifest(&self, manifest: Arc<super::Manifest>) {
+        let _ = self.manifest.set(manifest);
+    }
+
+    /// Forgets how far of each peer's feed this device holds, so the next catch-up with each
+    /// peer lists everything it has (after the store lost data).
+    pub(crate) fn forget_checkpoints(&self) -> Result<(), StoreError> {
+        self.checkpoints.clear()?;
+        self.db.flush()?;
         Ok(())
     }
 
@@ -420,6 +439,9 @@ impl DocStore {
         }
         if self.names.remove(name)?.is_some() {
             self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(manifest) = self.manifest.get() {
+            manifest.removed(name);
         }
         Ok(true)
     }

@@ -10,6 +10,7 @@
 
 mod apps;
 mod docs;
+pub mod manifest;
 mod record;
 mod trust;
 pub(crate) mod writer;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 pub use apps::{AppRecord, AppStore};
 pub(crate) use docs::now_ms;
 pub use docs::{DocMeta, DocStore, StoredDoc};
+pub use manifest::{Manifest, StoreDamage};
 pub use trust::{TrustStore, TrustedDevice};
 
 /// Errors of the local store.
@@ -44,6 +46,10 @@ pub enum StoreError {
     InvalidDocName { name: String, reason: &'static str },
     #[error("the agent's store is closed")]
     Closed,
+    #[error("cannot write the manifest {path}: {reason}")]
+    Manifest { path: PathBuf, reason: String },
+    #[error("the database in {path} is damaged ({reason}). Move that folder aside (e.g. to db.damaged) and start the agent again: it reports what is missing, restores your linked devices from manifest.json, and they send the documents back")]
+    Damaged { path: PathBuf, reason: String },
     #[error("the disk did not finish a flush within {0:?}; changes since are not acknowledged (is the disk full or failing?)")]
     Stalled(std::time::Duration),
 }
@@ -65,10 +71,38 @@ pub fn open_db(data_dir: &Path) -> Result<sled::Db, StoreError> {
         .flush_every_ms(None)
         .open()
         .map_err(|source| {
-            if source.to_string().contains("could not acquire lock") {
+            let message = source.to_string();
+            if message.contains("could not acquire lock") {
                 StoreError::Locked(data_dir.to_path_buf())
+            } else if matches!(source, sled::Error::Corruption { .. })
+                || message.contains("sled version")
+                || message.contains("corrupt")
+            {
+                StoreError::Damaged {
+                    path,
+                    reason: message,
+                }
             } else {
                 StoreError::Open { path, source }
             }
         })
+}
+
+/// Runs `open` (which reads the database), turning a panic inside sled (it panics on some
+/// damaged files instead of returning an error) into [`StoreError::Damaged`].
+pub fn guard_damaged<T>(
+    data_dir: &Path,
+    open: impl FnOnce() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)).unwrap_or_else(|panic| {
+        let reason = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "the database library panicked".into());
+        Err(StoreError::Damaged {
+            path: data_dir.join("db"),
+            reason,
+        })
+    })
 }
