@@ -8,6 +8,11 @@ demo:
 test:
     cargo test --release
 
+# One minute under a slow reader, a reconnecting stranger and 1,000 half-open connections,
+# while two linked agents keep syncing (prints RSS and latency figures).
+soak:
+    cargo test --release --test soak -- --ignored --nocapture
+
 # Lints and formatting, as CI expects them.
 check:
     cargo fmt --all -- --check

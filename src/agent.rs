@@ -901,7 +901,38 @@ impl AgentHandle {
         Ok(records
             .into_iter()
             .filter(|c| doc.is_none_or(|d| c.doc == d))
+            .map(|c| self.resolution_as_stored(c))
             .collect())
+    }
+
+    /// A resolved conflict as the document holds it. Two devices that resolved the same conflict
+    /// while apart each wrote a value and a record; Yjs keeps one of each independently, so the
+    /// record kept can name the value that lost. The document is the truth: the resolution shows
+    /// the value it holds (`kept`: winner, other or merged accordingly).
+    fn resolution_as_stored(
+        &self,
+        mut conflict: crate::conflict::Conflict,
+    ) -> crate::conflict::Conflict {
+        let Some(resolution) = conflict.resolution.as_mut() else {
+            return conflict;
+        };
+        let Ok(doc) = self.inner.registry.handle(&conflict.doc) else {
+            return conflict;
+        };
+        let map = conflict.map.first().cloned().unwrap_or_default();
+        let held = doc.to_json()[map.as_str()][conflict.key.as_str()].clone();
+        if held != resolution.value {
+            resolution.kept = if held == conflict.winner_value {
+                "winner"
+            } else if held == conflict.loser_value {
+                "other"
+            } else {
+                "merged"
+            }
+            .to_string();
+            resolution.value = held;
+        }
+        conflict
     }
 
     /// Settles a conflict: writes the kept value (unless it is already the winner) and marks the

@@ -336,7 +336,7 @@ async fn write_loop(
     lines: mpsc::UnboundedReceiver<Vec<u8>>,
     pending: Pending,
 ) {
-    if let Err(e) = crate::ipc::write_lines(write, lines).await {
+    if let Err(e) = crate::ipc::write_lines(write, lines, |_| {}).await {
         tracing::debug!("writing to the agent failed: {e}");
     }
     pending.lock().unwrap_or_else(|p| p.into_inner()).clear();

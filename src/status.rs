@@ -162,7 +162,7 @@ impl PeerTable {
         if strangers.is_empty() {
             return;
         }
-        strangers.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        strangers.sort_unstable_by_key(|s| std::cmp::Reverse(s.0));
         for (i, (seen, id, connected)) in strangers.into_iter().enumerate() {
             if i >= MAX_STRANGERS || (!connected && seen.elapsed() > STRANGER_TTL) {
                 peers.remove(&id);

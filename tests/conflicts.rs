@@ -36,6 +36,33 @@ async fn restart_b(dir: &std::path::Path) -> AgentHandle {
     start(dir, "b").await
 }
 
+/// A and B each set the same key while apart, then meet: one conflict, recorded on both.
+async fn conflict_on_both() -> (
+    AgentHandle,
+    AgentHandle,
+    tempfile::TempDir,
+    tempfile::TempDir,
+) {
+    let (a, da, db) = partitioned().await;
+    a.open_doc("note")
+        .unwrap()
+        .set_map_value("meta", "title", "from a")
+        .await
+        .unwrap();
+    let b = restart_b(db.path()).await;
+    b.open_doc("note")
+        .unwrap()
+        .set_map_value("meta", "title", "from b")
+        .await
+        .unwrap();
+    reconnect(&a, &b).await;
+    wait_until(LIMIT, "one conflict on each side", || {
+        a.conflicts(None, false).unwrap().len() == 1 && b.conflicts(None, false).unwrap().len() == 1
+    })
+    .await;
+    (a, b, da, db)
+}
+
 async fn reconnect(a: &AgentHandle, b: &AgentHandle) {
     b.dial(a.listen_addrs()[0].clone()).unwrap();
     let (doc_a, doc_b) = (a.open_doc("note").unwrap(), b.open_doc("note").unwrap());
@@ -49,24 +76,7 @@ async fn reconnect(a: &AgentHandle, b: &AgentHandle) {
 /// resolving it on one device clears it on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sets_of_one_key_make_one_conflict_resolved_everywhere() {
-    let (a, _da, db) = partitioned().await;
-    a.open_doc("note")
-        .unwrap()
-        .set_map_value("meta", "title", "from a")
-        .await
-        .unwrap();
-    let b = restart_b(db.path()).await;
-    b.open_doc("note")
-        .unwrap()
-        .set_map_value("meta", "title", "from b")
-        .await
-        .unwrap();
-    reconnect(&a, &b).await;
-
-    wait_until(LIMIT, "one conflict on each side", || {
-        a.conflicts(None, false).unwrap().len() == 1 && b.conflicts(None, false).unwrap().len() == 1
-    })
-    .await;
+    let (a, b, _da, _db) = conflict_on_both().await;
     // Settle for a moment: still exactly one on each side.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let (ca, cb) = (
@@ -152,4 +162,57 @@ async fn different_keys_and_text_edits_are_not_conflicts() {
     );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+}
+
+/// Hardening 12: two devices resolved the same conflict while apart (one kept the other value,
+/// one a merged value). After they met, the record said "kept other" while the document held the
+/// merged value. Now the record shows what the document holds, the same on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_resolved_on_two_devices_apart_reads_as_the_document_holds() {
+    let (a, b, _da, db) = conflict_on_both().await;
+    let id = a.conflicts(None, false).unwrap()[0].id.clone();
+    // Apart again, each device resolves it its own way.
+    let (b_id, b_dir) = (b.device_id(), db);
+    b.shutdown().await.unwrap();
+    wait_until(LIMIT, "a to see b leave", || !a.is_syncing_with(&b_id)).await;
+    a.resolve_conflict(&id, Keep::Other).await.unwrap();
+    let b = restart_b(b_dir.path()).await;
+    b.resolve_conflict(&id, Keep::Value(serde_json::json!("merged title")))
+        .await
+        .unwrap();
+    reconnect(&a, &b).await;
+    let settled = |agent: &AgentHandle| {
+        let held = agent.open_doc("note").unwrap().to_json()["meta"]["title"].clone();
+        let record = agent
+            .conflicts(None, true)
+            .unwrap()
+            .into_iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.resolution);
+        (held, record)
+    };
+    wait_until(LIMIT, "the records to settle", || {
+        let (conflicts_a, conflicts_b) = (
+            a.open_system_doc(devicelink::conflict::CONFLICTS_DOC)
+                .unwrap(),
+            b.open_system_doc(devicelink::conflict::CONFLICTS_DOC)
+                .unwrap(),
+        );
+        same_state(&conflicts_a, &conflicts_b)
+    })
+    .await;
+    for agent in [&a, &b] {
+        let (held, resolution) = settled(agent);
+        let resolution = resolution.expect("resolved");
+        assert_eq!(
+            resolution.value, held,
+            "the record names the value the document holds"
+        );
+        let kept = if held == "merged title" {
+            "merged"
+        } else {
+            "other"
+        };
+        assert_eq!(resolution.kept, kept);
+    }
 }

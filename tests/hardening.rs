@@ -58,7 +58,7 @@ impl RawIpc {
     }
 }
 
-/// 2. A Yjs v2 update sent as v1 was acknowledged and dropped. Now it is refused with a reason
+/// Finding 2: A Yjs v2 update sent as v1 was acknowledged and dropped. Now it is refused with a reason
 /// and nothing changes; sent with `"encoding": "v2"` it is stored and survives a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn yjs_v2_update_is_refused_as_v1_and_stored_as_v2() {
@@ -150,7 +150,7 @@ fn agent_args(dir: &Path) -> Vec<String> {
     .collect()
 }
 
-/// 7. Huge durations overflowed a time computation and panicked the network task, leaving the
+/// Finding 7: Huge durations overflowed a time computation and panicked the network task, leaving the
 /// agent half alive. Now they get a clear error and networking goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_durations_are_refused_and_networking_goes_on() {
@@ -196,7 +196,7 @@ async fn huge_durations_are_refused_and_networking_goes_on() {
     .await;
 }
 
-/// 8. `--socket PATH` turned PATH's folder to 0700, even /tmp. Now an existing folder is never
+/// Finding 8: `--socket PATH` turned PATH's folder to 0700, even /tmp. Now an existing folder is never
 /// changed; one others may write to without a sticky bit, or that belongs to another user, is
 /// refused; a folder the agent creates is 0700.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,7 +231,7 @@ async fn socket_folder_is_checked_not_chmodded() {
     assert_eq!(mode(&created), 0o700);
 }
 
-/// 10. Deleting identity.key started a new device on the old data; an empty key file (a full
+/// Finding 10: Deleting identity.key started a new device on the old data; an empty key file (a full
 /// disk at first start) broke every later start with a misleading error. Now both are refused
 /// with what to do, and `--new-identity` starts over on purpose.
 #[test]
@@ -272,7 +272,7 @@ fn lost_or_empty_identity_key_is_refused_with_what_to_do() {
     assert_ne!(again.device_id, old_id, "the new identity is kept");
 }
 
-/// 6. A peer that knew the slot started an exchange and never finished it: the host waited 15 s,
+/// Finding 6: A peer that knew the slot started an exchange and never finished it: the host waited 15 s,
 /// counted nothing, and the real device got "busy" for as long as the attacker liked. A burned
 /// code then told the real device "no open pairing code". Now a stall times out fast and costs
 /// an attempt, the host sees each one, and the joiner is told the code was burned.
@@ -348,7 +348,7 @@ async fn stalled_pairing_attempts_count_and_the_joiner_gets_the_true_reason() {
     );
 }
 
-/// 12a. A second `devicelink pair` replaced the first code while the first command kept waiting.
+/// Finding 12a: A second `devicelink pair` replaced the first code while the first command kept waiting.
 /// Now the first one is told and exits.
 #[test]
 fn a_second_pairing_code_ends_the_first_command() {
@@ -387,7 +387,7 @@ fn a_second_pairing_code_ends_the_first_command() {
     assert!(stderr(&out).contains("replaced"), "{}", stderr(&out));
 }
 
-/// 11. After pairing, the device with the larger id showed its peer as offline while they
+/// Finding 11: After pairing, the device with the larger id showed its peer as offline while they
 /// synced. Connection state now comes from the swarm's events alone: both sides show it.
 #[test]
 fn both_sides_of_a_fresh_pairing_show_each_other_connected() {
@@ -474,7 +474,7 @@ fn set_soft_open_files(soft: u64) {
     }
 }
 
-/// 5. 1,100 TCP connections that never finish their handshake, against an agent started with a
+/// Finding 5: 1,100 TCP connections that never finish their handshake, against an agent started with a
 /// 1,024 open-file limit, made every local request take seconds. Now the agent raises its
 /// limit, holds at most a bounded number of handshakes, and keeps serving and syncing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -529,7 +529,7 @@ async fn half_open_connections_cannot_exhaust_file_descriptors() {
     drop(half_open);
 }
 
-/// 4. Every device that ever connected stayed in the peer table until restart: throw-away
+/// Finding 4: Every device that ever connected stayed in the peer table until restart: throw-away
 /// identities grew memory, `status` and `doctor` without any authentication. Now strangers are
 /// bounded (and expire), and `status` lists your devices first with a count of the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -566,13 +566,7 @@ async fn throw_away_identities_do_not_grow_the_peer_table() {
 
 /// Resident memory of process `pid`, in MiB.
 fn rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
-        .unwrap_or(0)
-        / 1024
+    rss_kib(pid) / 1024
 }
 
 /// A 4 MiB text document `big` on `agent`.
@@ -587,7 +581,7 @@ async fn four_mib_doc(agent: &AgentProcess) {
     }
 }
 
-/// 3a. A subscriber that never read made the agent queue every update for it: RSS grew without
+/// Finding 3a: A subscriber that never read made the agent queue every update for it: RSS grew without
 /// bound and the documented `lagged` event never fired. Now its queue is bounded in bytes, the
 /// updates it cannot take are counted, and it gets `lagged` once it reads again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,7 +624,7 @@ async fn a_subscriber_that_never_reads_costs_bounded_memory_and_gets_lagged() {
     assert!(lagged["missed"].as_u64().unwrap_or(0) > 0, "{lagged}");
 }
 
-/// 3b. 300 pipelined `doc_get`s of a 4 MiB document, never read, cost 1.28 GB. Now the agent
+/// Finding 3b: 300 pipelined `doc_get`s of a 4 MiB document, never read, cost 1.28 GB. Now the agent
 /// stops reading requests from a connection whose answers are not read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_never_read_cost_bounded_memory() {
@@ -658,7 +652,7 @@ async fn pipelined_requests_never_read_cost_bounded_memory() {
     assert_eq!(other.call(json!({"op": "status"})).await["ok"], json!(true));
 }
 
-/// 3c. A trusted peer sending 300 tiny "send me everything" requests and never reading cost
+/// Finding 3c: A trusted peer sending 300 tiny "send me everything" requests and never reading cost
 /// +1.23 GB. Now a session queues at most its byte budget of answers (and one answer per
 /// document in flight), deferring the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -713,7 +707,7 @@ async fn a_peer_that_asks_and_never_reads_costs_bounded_memory() {
     drop(t);
 }
 
-/// 12. The smaller findings: an activity id of any length was accepted and replicated; integers
+/// Finding 12: The smaller findings: an activity id of any length was accepted and replicated; integers
 /// beyond i64 silently became floats (and beyond 2^53 they cannot be stored exactly: refused); an emptied text read `""` before a restart and `null`
 /// after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -776,7 +770,7 @@ fn status_of(agent: &AgentProcess) -> Value {
     serde_json::from_str(&stdout(&agent.cli(&["status"]))).unwrap_or_default()
 }
 
-/// 1a. A database that came back empty or rolled back was served as if nothing happened, and the
+/// Finding 1a: A database that came back empty or rolled back was served as if nothing happened, and the
 /// device's trust went with it. Now the start-up check names what is missing, restores the linked
 /// devices from the manifest, pulls the documents back from them, and says so.
 #[test]
@@ -836,7 +830,7 @@ fn a_lost_database_is_reported_by_name_and_healed_from_linked_devices() {
     assert!(stdout(&a.cli(&["doc", "get", "notes"])).contains("n1"));
 }
 
-/// 1b. Single flipped bytes in the sled file: the agent started and served rolled-back documents
+/// Finding 1b: Single flipped bytes in the sled file: the agent started and served rolled-back documents
 /// without a word, or crashed with a raw sled panic. Now, for every position tried, it either
 /// refuses to start with a clear error naming the database, or starts and serves what was
 /// acknowledged, or names each document it serves at an older state.
@@ -1005,4 +999,43 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// Finding 12e: Each idle IPC connection cost ~77 KB, and 5,000 connections left 397 MB that were not
+/// returned after they closed. Now an idle connection is small and the memory comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_ipc_connections_are_cheap_and_their_memory_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let pid = agent.child.id();
+    let mut probe = RawIpc::connect(&agent.socket).await;
+    assert_eq!(probe.call(json!({"op": "status"})).await["ok"], json!(true));
+    drop(probe);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid);
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        idle.push(UnixStream::connect(&agent.socket).await.unwrap());
+    }
+    // Every connection is accepted and served (a request on the last one is answered).
+    let mut last = RawIpc::connect(&agent.socket).await;
+    assert_eq!(last.call(json!({"op": "status"})).await["ok"], json!(true));
+    let open = rss_kib(pid);
+    let per_connection = open.saturating_sub(before) / 2000;
+    println!(
+        "RSS {before} KiB, with 2,000 idle connections {open} KiB ({per_connection} KiB each)"
+    );
+    assert!(
+        per_connection < 32,
+        "{per_connection} KiB per idle connection"
+    );
+    drop(idle);
+    drop(last);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid);
+    println!("after they closed: {after} KiB");
+    assert!(
+        after < before + (open - before) / 2 + 2048,
+        "memory not returned: {before} -> {open} -> {after} KiB"
+    );
 }

@@ -181,12 +181,7 @@ async fn a_deletion_made_while_a_device_was_offline_does_not_come_back() {
 }
 
 fn rss_mb(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
+    common::rss_kib(pid) as f64 / 1024.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

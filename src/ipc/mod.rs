@@ -36,16 +36,19 @@ pub fn default_socket_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Writes every line received on `lines`, each followed by `\n`, to `write` until the channel
-/// closes; whatever is queued together goes out in one write. Used by both ends of the socket.
+/// closes; whatever is queued together goes out in one write, after which `written` is told its
+/// size. Used by both ends of the socket.
 pub(crate) async fn write_lines<L: AsRef<[u8]>>(
     mut write: impl AsyncWrite + Unpin,
     mut lines: mpsc::UnboundedReceiver<L>,
+    mut written: impl FnMut(usize),
 ) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut buf = Vec::new();
     while let Some(line) = lines.recv().await {
         buf.clear();
         buf.extend_from_slice(line.as_ref());
         buf.push(b'\n');
+        drop(line);
         while buf.len() < 1 << 20 {
             match lines.try_recv() {
                 Ok(line) => {
@@ -55,7 +58,12 @@ pub(crate) async fn write_lines<L: AsRef<[u8]>>(
                 Err(_) => break,
             }
         }
-        write.write_all(&buf).await?;
+        let result = write.write_all(&buf).await;
+        written(buf.len());
+        result?;
+        if buf.capacity() > 1 << 20 {
+            buf = Vec::new(); // do not keep a large message's buffer for an idle connection
+        }
     }
     Ok(())
 }

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, Notify};
 
 /// Bytes queued for one connection before its requests wait and its events are dropped.
@@ -87,35 +87,16 @@ impl Outbox {
     }
 }
 
-/// Writes queued lines, each followed by `\n`, batching what is queued together into one write,
-/// and gives their bytes back to the budget once written.
+/// Writes queued lines (see [`super::write_lines`]), giving their bytes back to the budget once
+/// written.
 async fn write_lines(
-    mut write: impl AsyncWrite + Unpin,
-    mut lines: mpsc::UnboundedReceiver<String>,
+    write: impl AsyncWrite + Unpin,
+    lines: mpsc::UnboundedReceiver<String>,
     budget: Arc<Budget>,
 ) -> std::io::Result<()> {
-    let mut buf = Vec::new();
-    while let Some(line) = lines.recv().await {
-        buf.clear();
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        drop(line);
-        while buf.len() < 1 << 20 {
-            match lines.try_recv() {
-                Ok(line) => {
-                    buf.extend_from_slice(line.as_bytes());
-                    buf.push(b'\n');
-                }
-                Err(_) => break,
-            }
-        }
-        let written = write.write_all(&buf).await;
-        budget.used.fetch_sub(buf.len(), Ordering::SeqCst);
+    super::write_lines(write, lines, |bytes| {
+        budget.used.fetch_sub(bytes, Ordering::SeqCst);
         budget.room.notify_waiters();
-        written?;
-        if buf.capacity() > 1 << 20 {
-            buf = Vec::new(); // do not keep a large answer's buffer for an idle connection
-        }
-    }
-    Ok(())
+    })
+    .await
 }

@@ -146,9 +146,23 @@ async fn accept_loop(agent: AgentHandle, listener: UnixListener) {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(_) = connections.join_next(), if !connections.is_empty() => {
+                if connections.is_empty() {
+                    release_freed_memory();
+                }
+            }
         }
     }
+}
+
+/// Gives memory freed by closed connections back to the system (glibc keeps freed heap memory
+/// for reuse otherwise: thousands of connections that came and went would stay in RSS).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::task::spawn_blocking(|| {
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe { libc::malloc_trim(0) };
+    });
 }
 
 /// One line read from a connection.

@@ -81,6 +81,16 @@ pub fn assert_identical(a: &DocHandle, b: &DocHandle) {
 
 pub const LIMIT: Duration = Duration::from_secs(20);
 
+/// Resident memory of process `pid`, in KiB (0 if it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
 /// Tiny deterministic generator (xorshift64*) for randomized tests; the seed is printed and
 /// `DEVICELINK_SEED` replays a run.
 pub struct Rng(pub u64);
