@@ -42,7 +42,7 @@ pub const MAX_PENDING_INCOMING: u32 = 64;
 /// Established connections, at most, in and out (each device needs one; pairing, one more).
 pub const MAX_ESTABLISHED: u32 = 256;
 /// Established connections per device, at most.
-pub const MAX_PER_PEER: u32 = 4;
+pub const MAX_PER_PEER: u32 = 8;
 /// How long a connection may take to finish its handshake (Noise + Yamux).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -261,6 +261,8 @@ pub(crate) struct Network {
     /// Trusted devices that refused this one as not trusted (it was removed from their group),
     /// and until when they are not dialed again.
     refused_by: HashMap<PeerId, Refused>,
+    /// Which device answered at each address this device dialed (while connected).
+    dialed: HashMap<Multiaddr, PeerId>,
     sessions: JoinSet<()>,
     session_of: HashMap<PeerId, AbortHandle>,
 }
@@ -293,6 +295,7 @@ impl Network {
             untrusted: HashMap::new(),
             backoffs: HashMap::new(),
             refused_by: HashMap::new(),
+            dialed: HashMap::new(),
             sessions: JoinSet::new(),
             session_of: HashMap::new(),
         }
@@ -543,7 +546,14 @@ impl Network {
                 return;
             }
             ConnectTarget::Peer(peer, addrs) => DialOpts::peer_id(peer).addresses(addrs).build(),
-            ConnectTarget::Addr(addr) => DialOpts::unknown_peer_id().address(addr).build(),
+            // Already connected through that address (e.g. a pairing retried): reuse it.
+            ConnectTarget::Addr(addr) => match self.dialed.get(&addr) {
+                Some(peer) if self.swarm.is_connected(peer) => {
+                    let _ = reply.send(Ok(*peer));
+                    return;
+                }
+                _ => DialOpts::unknown_peer_id().address(addr).build(),
+            },
         };
         let id = opts.connection_id();
         match self.swarm.dial(opts) {
@@ -740,6 +750,7 @@ impl Network {
                 self.peers.connected(peer_id, num_established);
                 if num_established == 0 {
                     self.untrusted.remove(&peer_id);
+                    self.dialed.retain(|_, p| *p != peer_id);
                     tracing::info!(peer = %peer_id, "disconnected{}", cause.map(|c| format!(": {c}")).unwrap_or_default());
                     // Redial soon, then back off (only devices this one dials: trusted ones).
                     if self.trust.is_trusted(&peer_id) {
@@ -774,6 +785,7 @@ impl Network {
     fn on_connected(&mut self, peer: PeerId, endpoint: &ConnectedPoint) {
         match endpoint {
             ConnectedPoint::Dialer { address, .. } => {
+                self.dialed.insert(address.clone(), peer);
                 for sp in self.static_peers.iter_mut().filter(|s| &s.addr == address) {
                     sp.peer = Some(peer);
                     sp.backoff = Backoff::new(self.redial);
