@@ -91,9 +91,14 @@ async fn slow_reader_stranger_and_half_open_connections_at_once() {
     let mut latencies = Vec::new();
     let mut peak = start_rss;
     let mut i = 0i64;
+    let filler = "s".repeat(4096);
     while Instant::now() < deadline {
         let sent = Instant::now();
-        client_a.doc_set("soak", "m", "k", json!(i)).await.unwrap();
+        // 4 KiB per change, so the subscriber that never reads passes its 8 MiB queue bound.
+        client_a
+            .doc_set("soak", "m", "k", json!(format!("{i}:{filler}")))
+            .await
+            .unwrap();
         loop {
             let event = tokio::time::timeout(LIMIT, events.recv())
                 .await
