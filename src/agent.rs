@@ -189,14 +189,10 @@ async fn supervised(
     }
     match ended {
         Ok(()) => failure.set(format!("the {name} task stopped")),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            failure.set(format!("the {name} task panicked: {message}"));
-        }
+        Err(panic) => failure.set(format!(
+            "the {name} task panicked: {}",
+            crate::panic_message(&*panic)
+        )),
     }
 }
 

@@ -33,6 +33,7 @@ pub mod agent;
 pub mod apps;
 pub mod bench;
 pub mod bridge;
+pub(crate) mod budget;
 pub mod client;
 pub mod conflict;
 pub mod conformance;
@@ -56,3 +57,12 @@ pub use docs::{DocError, DocHandle, DocUpdate, Origin};
 pub use libp2p::{Multiaddr, PeerId};
 pub use status::PeerStatus;
 pub use yrs;
+
+/// The message of a caught panic (`catch_unwind`'s payload), for reporting it.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

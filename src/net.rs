@@ -226,12 +226,17 @@ impl Backoff {
     }
 }
 
-/// A device that refused this one as not trusted: not dialed until `until`.
+/// A device that refused this one as not trusted: not dialed until `until` (once it refused
+/// [`REFUSALS_BEFORE_PAUSE`] times in a row: a single refusal can be a race while two devices
+/// are being linked).
 #[derive(Debug, Clone, Copy)]
 struct Refused {
+    times: u32,
     until: Instant,
     pause: Duration,
 }
+
+const REFUSALS_BEFORE_PAUSE: u32 = 3;
 
 /// An address given with `--peer`, dialed until it answers and redialed when it drops.
 struct StaticPeer {
@@ -676,7 +681,8 @@ impl Network {
         let local = *self.swarm.local_peer_id();
         let now = Instant::now();
         // Kept a while after the pause ends, so that a device refusing again pauses longer.
-        self.refused_by.retain(|_, r| r.until + r.pause > now);
+        self.refused_by
+            .retain(|_, r| r.until + r.pause.max(REFUSED_PAUSE.1) > now);
         for (peer, addrs) in self.trusted() {
             if peer == local
                 || addrs.is_empty()
@@ -847,12 +853,31 @@ impl Network {
             peer,
             format!("this device was refused by {peer}: {message}"),
         );
-        let pause = self
-            .refused_by
-            .get(&peer)
-            .map_or(REFUSED_PAUSE.0, |r| (r.pause * 2).min(REFUSED_PAUSE.1));
-        let until = Instant::now() + pause;
-        self.refused_by.insert(peer, Refused { until, pause });
+        let now = Instant::now();
+        let refused = match self.refused_by.get(&peer) {
+            None => Refused {
+                times: 1,
+                until: now,
+                pause: Duration::ZERO,
+            },
+            Some(r) if r.times + 1 < REFUSALS_BEFORE_PAUSE => Refused {
+                times: r.times + 1,
+                until: now,
+                pause: Duration::ZERO,
+            },
+            Some(r) => {
+                let pause = (r.pause * 2).clamp(REFUSED_PAUSE.0, REFUSED_PAUSE.1);
+                Refused {
+                    times: r.times + 1,
+                    until: now + pause,
+                    pause,
+                }
+            }
+        };
+        self.refused_by.insert(peer, refused);
+        if refused.pause.is_zero() {
+            return; // not yet: the usual reconnect and backoff go on
+        }
         if let Some(handle) = self.session_of.remove(&peer) {
             handle.abort();
         }

@@ -119,13 +119,14 @@ fn run_bounded(args: &[&str]) -> std::process::Output {
     child.wait_with_output().expect("output")
 }
 
-/// The first line a child prints (bounded wait).
+/// The first line a child prints (bounded wait). The rest of its output is read and dropped, so
+/// the child never writes to a closed pipe.
 fn first_line(out: std::process::ChildStdout) -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
-        let _ = tx.send(line.trim_end().to_string());
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
     });
     rx.recv_timeout(LIMIT)
         .expect("the command prints a line in time")

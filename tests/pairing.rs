@@ -348,17 +348,25 @@ fn unpair_can_be_undone_by_pairing_and_has_no_traps() {
         let error = last_error(&b, &a);
         error.contains("removed from the device group") && error.contains(&a.device_id)
     });
-    std::thread::sleep(Duration::from_millis(1000));
-    let status: serde_json::Value =
-        serde_json::from_str(&stdout(&b.cli(&["status"]))).unwrap_or_default();
-    let a_on_b = status["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["device_id"] == a.device_id.as_str())
-        .cloned()
-        .unwrap_or_default();
-    assert_ne!(a_on_b["connected"], true, "b keeps dialing a: {a_on_b}");
+    let a_on_b = || {
+        let status: serde_json::Value =
+            serde_json::from_str(&stdout(&b.cli(&["status"]))).unwrap_or_default();
+        status["peers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["device_id"] == a.device_id.as_str())
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_for("b to stop dialing a", || a_on_b()["connected"] != true);
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_ne!(
+        a_on_b()["connected"],
+        true,
+        "b keeps dialing a: {}",
+        a_on_b()
+    );
 
     // An explicit new pairing re-admits B, in either direction, and they sync again.
     let host = OpenCode::open(&b, 60);

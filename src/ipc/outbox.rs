@@ -6,26 +6,21 @@
 //! subscription then sends one `lagged` event (with how many it missed) once there is room, so
 //! the app knows to re-read. Memory per slow reader is bounded either way.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::io::AsyncWrite;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
+
+use crate::budget::ByteBudget;
 
 /// Bytes queued for one connection before its requests wait and its events are dropped.
 pub const MAX_QUEUED_BYTES: usize = 8 << 20;
-
-#[derive(Default)]
-struct Budget {
-    used: AtomicUsize,
-    room: Notify,
-}
 
 /// The sending side; cheap to clone (subscription tasks hold one each).
 #[derive(Clone)]
 pub(crate) struct Outbox {
     lines: mpsc::UnboundedSender<String>,
-    budget: Arc<Budget>,
+    budget: Arc<ByteBudget>,
 }
 
 /// The connection's writer is gone (the app closed it).
@@ -38,7 +33,7 @@ impl Outbox {
         write: impl AsyncWrite + Unpin + Send + 'static,
     ) -> (Self, tokio::task::JoinHandle<std::io::Result<()>>) {
         let (lines, rx) = mpsc::unbounded_channel();
-        let budget = Arc::new(Budget::default());
+        let budget = Arc::new(ByteBudget::new(MAX_QUEUED_BYTES));
         let writer = tokio::spawn(write_lines(write, rx, budget.clone()));
         (Self { lines, budget }, writer)
     }
@@ -61,27 +56,19 @@ impl Outbox {
     }
 
     pub fn is_full(&self) -> bool {
-        self.budget.used.load(Ordering::SeqCst) >= MAX_QUEUED_BYTES
+        self.budget.is_full()
     }
 
     /// Resolves once the queue is under the budget.
     pub async fn wait_for_room(&self) {
-        loop {
-            let notified = self.budget.room.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if !self.is_full() {
-                return;
-            }
-            notified.await;
-        }
+        self.budget.wait_for_room().await
     }
 
     fn push(&self, line: String) -> Result<(), Closed> {
         let len = line.len() + 1;
-        self.budget.used.fetch_add(len, Ordering::SeqCst);
+        self.budget.charge(len);
         self.lines.send(line).map_err(|_| {
-            self.budget.used.fetch_sub(len, Ordering::SeqCst);
+            self.budget.release(len);
             Closed
         })
     }
@@ -92,11 +79,7 @@ impl Outbox {
 async fn write_lines(
     write: impl AsyncWrite + Unpin,
     lines: mpsc::UnboundedReceiver<String>,
-    budget: Arc<Budget>,
+    budget: Arc<ByteBudget>,
 ) -> std::io::Result<()> {
-    super::write_lines(write, lines, |bytes| {
-        budget.used.fetch_sub(bytes, Ordering::SeqCst);
-        budget.room.notify_waiters();
-    })
-    .await
+    super::write_lines(write, lines, |bytes| budget.release(bytes)).await
 }

@@ -95,14 +95,9 @@ pub fn guard_damaged<T>(
     open: impl FnOnce() -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)).unwrap_or_else(|panic| {
-        let reason = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "the database library panicked".into());
         Err(StoreError::Damaged {
             path: data_dir.join("db"),
-            reason,
+            reason: crate::panic_message(&*panic),
         })
     })
 }

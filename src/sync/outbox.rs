@@ -8,12 +8,10 @@
 //! still queued is already covered by it (and by the live updates after it).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use tokio::sync::Notify;
-
 use super::message::Message;
+use crate::budget::ByteBudget;
 
 /// Bytes of answers queued for one peer before further requests wait.
 pub(crate) const MAX_QUEUED_BYTES: usize = 16 << 20;
@@ -24,12 +22,19 @@ const MAX_CHARGE: usize = MAX_QUEUED_BYTES / 4;
 /// Requests deferred at most; a peer that has more outstanding breaks the protocol.
 pub(crate) const MAX_DEFERRED: usize = 65_536;
 
-#[derive(Default)]
 pub(crate) struct OutBudget {
-    used: AtomicUsize,
-    room: Notify,
+    bytes: ByteBudget,
     /// Documents whose `SyncStep2` is queued and not yet written.
     answering: Mutex<HashSet<String>>,
+}
+
+impl Default for OutBudget {
+    fn default() -> Self {
+        Self {
+            bytes: ByteBudget::new(MAX_QUEUED_BYTES),
+            answering: Mutex::default(),
+        }
+    }
 }
 
 impl OutBudget {
@@ -49,29 +54,20 @@ impl OutBudget {
     }
 
     pub fn charge(&self, bytes: usize) {
-        self.used.fetch_add(bytes, Ordering::SeqCst);
+        self.bytes.charge(bytes);
     }
 
     pub fn release(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, Ordering::SeqCst);
-        self.room.notify_waiters();
+        self.bytes.release(bytes);
     }
 
     pub fn is_full(&self) -> bool {
-        self.used.load(Ordering::SeqCst) >= MAX_QUEUED_BYTES
+        self.bytes.is_full()
     }
 
     /// Resolves once the queued bytes are under the budget.
     pub async fn wait_for_room(&self) {
-        loop {
-            let notified = self.room.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if !self.is_full() {
-                return;
-            }
-            notified.await;
-        }
+        self.bytes.wait_for_room().await
     }
 
     fn answering(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -101,28 +97,20 @@ impl OutBudget {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn budget_fills_and_frees() {
-        let budget = std::sync::Arc::new(OutBudget::default());
-        budget.charge(MAX_QUEUED_BYTES);
-        assert!(budget.is_full());
-        let waiter = tokio::spawn({
-            let budget = budget.clone();
-            async move { budget.wait_for_room().await }
-        });
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        budget.release(1);
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("room")
-            .unwrap();
+    #[test]
+    fn one_answer_per_document_in_flight() {
+        let budget = OutBudget::default();
         assert!(budget.start_answer("a"));
-        assert!(
-            !budget.start_answer("a"),
-            "one answer per document in flight"
-        );
+        assert!(!budget.start_answer("a"));
         budget.answered("a");
         assert!(budget.start_answer("a"));
+        assert_eq!(
+            OutBudget::cost(&Message::SyncStep2 {
+                doc: "a".into(),
+                update: vec![0; 100 << 20],
+            }),
+            MAX_QUEUED_BYTES / 4,
+            "a large answer counts a quarter of the budget"
+        );
     }
 }
