@@ -916,7 +916,7 @@ impl AgentHandle {
             return conflict;
         };
         let map = conflict.map.first().cloned().unwrap_or_default();
-        let held = doc.to_json()[map.as_str()][conflict.key.as_str()].clone();
+        let held = doc.map_value_json(&map, &conflict.key);
         if held != resolution.value {
             resolution.kept = if held == conflict.winner_value {
                 "winner"

@@ -999,6 +999,18 @@ impl DocHandle {
         doc_to_json(&self.live.doc)
     }
 
+    /// The JSON value under `key` in the root map `map` (null if absent), read without
+    /// converting the rest of the document.
+    pub fn map_value_json(&self, map: &str, key: &str) -> serde_json::Value {
+        use yrs::types::ToJson;
+        use yrs::Map;
+        let txn = self.live.doc.transact();
+        txn.get_map(map)
+            .and_then(|m| m.get(&txn, key))
+            .map(|out| any_to_json(&out.to_json(&txn)))
+            .unwrap_or(serde_json::Value::Null)
+    }
+
     /// Every change to this document from now on, local and remote.
     pub fn subscribe(&self) -> broadcast::Receiver<DocUpdate> {
         lock(&self.live.events)

@@ -849,10 +849,6 @@ impl Network {
     /// in status, hang up, and stop dialing it.
     fn on_refused_by(&mut self, peer: PeerId, message: String) {
         tracing::warn!(%peer, "refused by a device of the group: {message}; not dialing it for now");
-        self.peers.set_error(
-            peer,
-            format!("this device was refused by {peer}: {message}"),
-        );
         let now = Instant::now();
         let refused = match self.refused_by.get(&peer) {
             None => Refused {
@@ -875,9 +871,16 @@ impl Network {
             }
         };
         self.refused_by.insert(peer, refused);
+        let mut error = format!("this device was refused by {peer}: {message}");
         if refused.pause.is_zero() {
+            self.peers.set_error(peer, error);
             return; // not yet: the usual reconnect and backoff go on
         }
+        error.push_str(&format!(
+            " (not dialing it for {} s)",
+            refused.pause.as_secs()
+        ));
+        self.peers.set_error(peer, error);
         if let Some(handle) = self.session_of.remove(&peer) {
             handle.abort();
         }
