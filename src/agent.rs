@@ -42,6 +42,13 @@ pub struct AgentConfig {
     pub doc_cache_bytes: usize,
     /// Whether a new identity may replace a missing or damaged one next to existing data.
     pub new_identity: identity::NewIdentity,
+    /// Relays to reserve on, each ending in `/p2p/ID` (more come from the device group).
+    pub relays: Vec<Multiaddr>,
+    /// Serve as the relay of this device's group (an always-on device with a public address).
+    pub serve_relay: bool,
+    /// Addresses this device is reachable at from outside, when its interfaces do not show
+    /// them (a VPS behind 1:1 NAT): announced to peers and in relay reservations.
+    pub external: Vec<Multiaddr>,
 }
 
 impl AgentConfig {
@@ -57,6 +64,9 @@ impl AgentConfig {
             discovery: DiscoveryConfig::default(),
             doc_cache_bytes: crate::docs::DEFAULT_CACHE_BYTES,
             new_identity: identity::NewIdentity::IfFresh,
+            relays: Vec::new(),
+            serve_relay: false,
+            external: Vec::new(),
         }
     }
 }
@@ -97,6 +107,8 @@ pub enum AgentError {
     Stopped,
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A damaged store as `status` shows it: what was lost, and whether linked devices sent it back.
@@ -131,6 +143,9 @@ pub struct AgentStatus {
     pub others: usize,
     /// Set when the store came up holding less than it had acknowledged (a damaged disk).
     pub store_damage: Option<StoreDamageStatus>,
+    /// Whether devices on other networks can reach this one: public or behind a NAT, relay
+    /// reservations and the relayed addresses they give.
+    pub reach: net::reach::ReachReport,
 }
 
 struct Inner {
@@ -216,6 +231,11 @@ impl Agent {
     /// Opens the data dir (creating identity and database on first start), starts listening and
     /// dialing, and returns once the listen addresses are known. Must run inside a tokio runtime.
     pub async fn start(config: AgentConfig) -> Result<AgentHandle, AgentError> {
+        let relays = config
+            .relays
+            .iter()
+            .map(|addr| net::relay::parse_relay_addr(addr).map_err(AgentError::Config))
+            .collect::<Result<Vec<_>, _>>()?;
         let had_identity = config.data_dir.join("identity.key").exists();
         let keypair = identity::load(&config.data_dir, config.new_identity)?;
         let device_id = keypair.public().to_peer_id();
@@ -264,7 +284,11 @@ impl Agent {
             peers: peers.clone(),
             presence: presence.clone(),
         });
-        let swarm = net::build_swarm(keypair)?;
+        let serve_relay = config.serve_relay.then(|| {
+            let trust = trust.clone();
+            Arc::new(move |peer: &PeerId| trust.is_trusted(peer)) as net::relay::RelayAccess
+        });
+        let swarm = net::build_swarm_with(keypair, net::SwarmOptions { serve_relay })?;
         let control = swarm.behaviour().stream.new_control();
         let neighborhood = Arc::new(Neighborhood::default());
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -281,6 +305,9 @@ impl Agent {
                 neighborhood: neighborhood.clone(),
                 discovery: config.discovery.clone(),
                 commands: commands.clone(),
+                relays,
+                serve_relay: config.serve_relay,
+                external: config.external.clone(),
             },
         );
         if let Err(e) = network.listen(&config.listen).await {
@@ -517,6 +544,7 @@ impl AgentHandle {
             peers,
             others,
             store_damage,
+            reach: self.inner.neighborhood.reach(),
         })
     }
 
@@ -786,6 +814,9 @@ pub struct DoctorReport {
     pub yjs_apps: String,
     /// The store: fine, or what a damaged disk lost and whether it was pulled back.
     pub store: String,
+    /// Reachability: public or behind a NAT (AutoNAT), relay reservations; per peer, the link
+    /// kind and the last hole punch are in `peers`.
+    pub reach: net::reach::ReachReport,
 }
 
 impl AgentHandle {
@@ -812,6 +843,7 @@ impl AgentHandle {
         };
         Ok(DoctorReport {
             store,
+            reach: status.reach.clone(),
             device_id: status.device_id,
             listen_addrs: status.listen_addrs,
             mdns: self

@@ -1,7 +1,9 @@
 //! The device group: which devices belong to this user, replicated between them as a system
 //! document, so pairing one device makes it known to all and `unpair` reaches all.
 //!
-//! Document `_devicelink/devices`, root map `devices`: device id -> `{name, addrs, removed}`.
+//! Document `_devicelink/devices`, root map `devices`: device id -> `{name, addrs, removed,
+//! relay}`. Each device keeps its own `addrs` current (they include its relayed addresses), and
+//! `relay` marks an always-on device serving as the group's relay (`agent --serve-relay`).
 //! It syncs like any document, so only trusted devices can change it. Each agent reconciles its
 //! trust store with it: members are trusted, removed devices are dropped and remembered as
 //! revoked. A removed device cannot re-add itself (no member syncs with it); only an explicit new
@@ -28,6 +30,8 @@ pub struct Member {
     pub name: String,
     pub addrs: Vec<String>,
     pub removed: bool,
+    /// It serves as a relay for the group.
+    pub relay: bool,
 }
 
 /// Adds or refreshes members. A removed one is not resurrected, except those in `readmit`: a
@@ -41,10 +45,12 @@ pub async fn upsert(
     doc.transact(|txn| {
         for (id, name, addrs) in members {
             let key = id.to_string();
-            if !readmit.contains(id) && read_member(txn, &map, &key).is_some_and(|m| m.removed) {
+            let old = read_member(txn, &map, &key);
+            if !readmit.contains(id) && old.as_ref().is_some_and(|m| m.removed) {
                 continue;
             }
-            map.insert(txn, key, entry(name, addrs, false));
+            let relay = old.is_some_and(|m| m.relay);
+            map.insert(txn, key, entry(name, addrs, false, relay));
         }
     })
     .await
@@ -54,12 +60,45 @@ pub async fn upsert(
 pub async fn remove(doc: &DocHandle, id: PeerId, name: &str) -> Result<(), DocError> {
     let map = doc.yrs_doc().get_or_insert_map(MAP);
     doc.transact(|txn| {
-        map.insert(txn, id.to_string(), entry(name, &[], true));
+        map.insert(txn, id.to_string(), entry(name, &[], true, false));
     })
     .await
 }
 
-fn entry(name: &str, addrs: &[String], removed: bool) -> Any {
+/// Keeps this device's own entry current (its addresses, whether it serves as a relay). Does
+/// nothing when the entry says the same already, when this device is not in the group (never
+/// paired) or was removed from it. Returns whether it wrote.
+pub async fn publish_self(
+    doc: &DocHandle,
+    me: PeerId,
+    name: &str,
+    addrs: &[String],
+    relay: bool,
+) -> Result<bool, DocError> {
+    let map = doc.yrs_doc().get_or_insert_map(MAP);
+    let key = me.to_string();
+    let current = doc.read(|txn| read_member(txn, &map, &key));
+    match current {
+        Some(m) if !m.removed && (m.addrs != addrs || m.relay != relay || m.name != name) => {}
+        _ => return Ok(false),
+    }
+    doc.transact(|txn| {
+        map.insert(txn, key, entry(name, addrs, false, relay));
+    })
+    .await?;
+    Ok(true)
+}
+
+/// Members serving as a relay (not removed, not `me`), with their addresses.
+pub fn relays(doc: &DocHandle, me: PeerId) -> Vec<(PeerId, Vec<String>)> {
+    members(doc)
+        .into_iter()
+        .filter(|m| m.relay && !m.removed && m.id != me)
+        .map(|m| (m.id, m.addrs))
+        .collect()
+}
+
+fn entry(name: &str, addrs: &[String], removed: bool, relay: bool) -> Any {
     let mut m = std::collections::HashMap::new();
     m.insert("name".to_string(), Any::from(name));
     m.insert(
@@ -67,6 +106,9 @@ fn entry(name: &str, addrs: &[String], removed: bool) -> Any {
         Any::Array(addrs.iter().map(|a| Any::from(a.as_str())).collect()),
     );
     m.insert("removed".to_string(), Any::Bool(removed));
+    if relay {
+        m.insert("relay".to_string(), Any::Bool(true));
+    }
     Any::Map(Arc::new(m))
 }
 
@@ -94,6 +136,7 @@ fn read_member<T: ReadTxn>(txn: &T, map: &yrs::MapRef, key: &str) -> Option<Memb
         name: text("name"),
         addrs,
         removed: matches!(fields.get("removed"), Some(Any::Bool(true))),
+        relay: matches!(fields.get("relay"), Some(Any::Bool(true))),
     })
 }
 
@@ -132,7 +175,12 @@ pub fn reconcile(doc: &DocHandle, trust: &TrustStore, me: PeerId) -> Reconciled 
                 }
                 out.revoked.push(member.id);
             }
-        } else if !trust.is_trusted(&member.id) && !trust.is_revoked(&member.id) {
+        } else if trust.is_trusted(&member.id) {
+            // Its own current addresses (relayed ones included) are how to reach it.
+            if let Err(e) = trust.add_addrs(&member.id, &member.addrs) {
+                tracing::warn!(device = %member.id, "cannot remember its addresses: {e}");
+            }
+        } else if !trust.is_revoked(&member.id) {
             let mut device = TrustedDevice::new(member.name.clone());
             device.addrs = member.addrs.clone();
             match trust.add(member.id, device) {

@@ -37,8 +37,10 @@ struct Global {
 enum Command {
     /// Run the agent in the foreground (Ctrl-C or SIGTERM stops it after a final flush).
     Agent {
-        /// libp2p listen address (repeatable).
-        #[arg(long, default_value = "/ip4/0.0.0.0/tcp/0")]
+        /// libp2p listen address (repeatable): TCP and QUIC on a free port by default. An
+        /// always-on device wants fixed ports, e.g. /ip4/0.0.0.0/tcp/4001 and
+        /// /ip4/0.0.0.0/udp/4001/quic-v1.
+        #[arg(long, default_values = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"])]
         listen: Vec<Multiaddr>,
         /// Address of another device to dial directly (repeatable).
         #[arg(long)]
@@ -68,6 +70,19 @@ enum Command {
         /// data (documents are kept; your other devices must pair this one again).
         #[arg(long)]
         new_identity: bool,
+        /// Serve as the relay of your devices (an always-on device with a public address): they
+        /// reserve on it and reach each other through it, and it stores and forwards their
+        /// documents like any linked device. Only linked devices may reserve.
+        #[arg(long)]
+        serve_relay: bool,
+        /// Reserve on this relay, so devices on other networks can reach this one: its address
+        /// ending in /p2p/ID (repeatable). Relays your device group knows are used too.
+        #[arg(long, value_name = "ADDR")]
+        relay: Vec<Multiaddr>,
+        /// An address this device is reachable at from outside that its interfaces do not show
+        /// (a VPS behind 1:1 NAT), e.g. /ip4/203.0.113.7/tcp/4001 (repeatable).
+        #[arg(long, value_name = "ADDR")]
+        external: Vec<Multiaddr>,
     },
     /// Manage the apps allowed to use the y-websocket endpoint (tokens).
     #[command(subcommand)]
@@ -90,6 +105,10 @@ enum Command {
         /// Dial the other device at this address instead of finding it over mDNS.
         #[arg(long, requires = "code")]
         peer: Option<Multiaddr>,
+        /// Reach the other device through a relay (it is on another network): the relayed
+        /// address `devicelink pair` printed there (ending in /p2p-circuit/p2p/ID).
+        #[arg(long, requires = "code", conflicts_with = "peer", value_name = "ADDR")]
+        relay: Option<Multiaddr>,
         /// How long a new code stays valid, in seconds.
         #[arg(long, default_value_t = 300, conflicts_with = "code",
               value_parser = clap::value_parser!(u64).range(1..=86_400))]
@@ -324,6 +343,9 @@ async fn run(cli: Cli) -> Result<()> {
             ws,
             no_ws,
             new_identity,
+            serve_relay,
+            relay,
+            external,
         } => {
             let discovery = if no_mdns {
                 devicelink::discovery::DiscoveryConfig::default()
@@ -339,6 +361,9 @@ async fn run(cli: Cli) -> Result<()> {
             config.doc_cache_bytes = usize::try_from(doc_cache_mb << 20).unwrap_or(usize::MAX);
             config.listen = listen;
             config.peers = peer;
+            config.serve_relay = serve_relay;
+            config.relays = relay;
+            config.external = external;
             config.discovery = discovery;
             if new_identity {
                 config.new_identity = devicelink::identity::NewIdentity::Allow;
@@ -358,8 +383,18 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Pair {
             code,
             peer,
+            relay,
             expires,
-        } => pair(&global, code, peer, expires).await,
+        } => {
+            if let Some(relay) = &relay {
+                if !devicelink::net::relay::is_relayed(relay) {
+                    bail!(
+                        "--relay takes the relayed address the other device's `devicelink pair` printed (…/p2p-circuit/p2p/ID); {relay} is not one"
+                    );
+                }
+            }
+            pair(&global, code, peer.or(relay), expires).await
+        }
         Command::Unpair { device } => {
             let result = global
                 .client()
@@ -520,6 +555,7 @@ fn raise_open_file_limit() {
 
 async fn run_agent(global: &Global, config: AgentConfig, ws: WsChoice) -> Result<()> {
     raise_open_file_limit();
+    let serve_relay = config.serve_relay;
     let agent = Agent::start(config).await?;
     let socket = global.socket()?;
     let server = ipc::server::serve(agent.clone(), socket).await;
@@ -533,6 +569,13 @@ async fn run_agent(global: &Global, config: AgentConfig, ws: WsChoice) -> Result
     println!("device id: {}", agent.device_id());
     for addr in agent.listen_addrs() {
         println!("listening: {addr}");
+    }
+    if serve_relay {
+        for addr in agent.listen_addrs() {
+            if !devicelink::net::relay::is_local_only(&addr) {
+                println!("relay: {addr}/p2p/{}", agent.device_id());
+            }
+        }
     }
     let endpoint = match ws {
         WsChoice::Off => None,
@@ -880,6 +923,16 @@ async fn pair(
     let code = opened["code"].as_str().unwrap_or_default();
     println!("pairing code: {code}");
     println!("on your other device run: devicelink pair {code}   (valid {expires} s, single use)");
+    // Reserved on a relay: a device on another network can join through it.
+    if let Ok(status) = client.request(RequestBody::Status).await {
+        for relay in status["reach"]["relays"].as_array().into_iter().flatten() {
+            for addr in relay["relayed_addrs"].as_array().into_iter().flatten() {
+                if let Some(addr) = addr.as_str() {
+                    println!("from another network: devicelink pair {code} --relay {addr}");
+                }
+            }
+        }
+    }
     std::io::stdout().flush()?;
     while let Some(event) = events.recv().await {
         let Event::Pairing { update } = event else {
@@ -928,8 +981,12 @@ async fn peers(global: &Global) -> Result<()> {
                 format!("last sync {ago:.0}s ago")
             })
             .unwrap_or_else(|| "never synced".into());
+        let link = p["link"]
+            .as_str()
+            .map(|l| format!("{l:<14}"))
+            .unwrap_or_else(|| format!("{:<14}", "-"));
         println!(
-            "  {online}  {:<16} {}  {}  {last}",
+            "  {online}  {:<16} {}  {link} {}  {last}",
             p["name"].as_str().unwrap_or("?"),
             p["device_id"].as_str().unwrap_or("?"),
             p["address"].as_str().unwrap_or("-"),
@@ -967,6 +1024,10 @@ async fn doctor(global: &Global) -> Result<()> {
     println!("mDNS: {}", r["mdns"].as_str().unwrap_or("?"));
     println!("Yjs apps: {}", r["yjs_apps"].as_str().unwrap_or("?"));
     println!("store: {}", r["store"].as_str().unwrap_or("?"));
+    println!(
+        "reachability: {}",
+        r["reach"]["summary"].as_str().unwrap_or("?")
+    );
     println!("multicast per interface:");
     for i in r["interfaces"].as_array().cloned().unwrap_or_default() {
         let ok = if i["multicast"] == true {
@@ -991,12 +1052,13 @@ async fn doctor(global: &Global) -> Result<()> {
                     .collect()
             })
             .unwrap_or_default();
+        let link = p["link"].as_str().unwrap_or("?");
         let state = if p["syncing"] == true {
-            "connected and syncing"
+            format!("connected ({link}) and syncing")
         } else if p["connected"] == true {
-            "connected"
+            format!("connected ({link})")
         } else {
-            "not connected"
+            "not connected".to_string()
         };
         println!(
             "  {} {} ({}): {state}, found via {}{}",
@@ -1017,6 +1079,9 @@ async fn doctor(global: &Global) -> Result<()> {
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default(),
         );
+        if let Some(punch) = p["punch"].as_str() {
+            println!("      hole punch: {punch}");
+        }
         if p["syncing"] == true && p["changed_only"] == true {
             println!(
                 "      catching up: {}/{} changed documents{}",

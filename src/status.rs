@@ -49,6 +49,10 @@ pub struct PeerStatus {
     pub found_via: BTreeSet<String>,
     /// The address of the last connection.
     pub address: Option<String>,
+    /// How it is connected now: `LAN-direct`, `direct`, `punched-direct` or `relayed`.
+    pub link: Option<&'static str>,
+    /// How the last hole punch with it went (it started relayed), if one was tried.
+    pub punch: Option<String>,
 }
 
 /// Most documents listed in [`PeerStatus::pending`].
@@ -89,6 +93,8 @@ struct PeerState {
     last_error: Option<String>,
     found_via: BTreeSet<String>,
     address: Option<String>,
+    link: Option<&'static str>,
+    punch: Option<String>,
 }
 
 impl Default for PeerState {
@@ -111,6 +117,8 @@ impl Default for PeerState {
             last_error: None,
             found_via: BTreeSet::new(),
             address: None,
+            link: None,
+            punch: None,
         }
     }
 }
@@ -180,6 +188,14 @@ impl PeerTable {
 
     pub fn set_address(&self, peer: PeerId, address: String) {
         self.lock().entry(peer).or_default().address = Some(address);
+    }
+
+    /// How the peer is connected now (`None`: not connected) and how its last hole punch went.
+    pub fn set_link(&self, peer: PeerId, link: Option<&'static str>, punch: Option<String>) {
+        let mut peers = self.lock();
+        let state = peers.entry(peer).or_default();
+        state.link = link;
+        state.punch = punch;
     }
 
     pub fn is_connected(&self, peer: &PeerId) -> bool {
@@ -326,6 +342,8 @@ impl PeerTable {
                     last_error: state.and_then(|s| s.last_error.clone()),
                     found_via: state.map(|s| s.found_via.clone()).unwrap_or_default(),
                     address: state.and_then(|s| s.address.clone()),
+                    link: state.and_then(|s| s.link),
+                    punch: state.and_then(|s| s.punch.clone()),
                 }
             })
             .collect()

@@ -965,6 +965,7 @@ fn try_start(dir: &Path) -> Result<AgentProcess, String> {
                         data_dir: dir.to_path_buf(),
                         socket: dir.join("agent.sock"),
                         device_id,
+                        addrs: vec![addr.clone()],
                         addr,
                         ws: String::new(),
                     });

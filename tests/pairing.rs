@@ -4,99 +4,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use common::process::{stderr, stdout, AgentProcess, BIN};
+use common::process::{stderr, stdout, AgentProcess, OpenCode};
 use common::LIMIT;
-
-/// `devicelink pair` running on a host agent: its code and its output lines.
-struct OpenCode {
-    child: Child,
-    code: String,
-    lines: Receiver<String>,
-    /// Every line read so far (stdout and stderr interleave in any order).
-    seen: std::cell::RefCell<Vec<String>>,
-}
-
-impl Drop for OpenCode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl OpenCode {
-    fn open(host: &AgentProcess, expires: u64) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("--socket")
-            .arg(&host.socket)
-            .args(["pair", "--expires", &expires.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("stderr: {line}"));
-            }
-        });
-        let first = lines.recv_timeout(LIMIT).expect("pair prints its code");
-        let code = first
-            .strip_prefix("pairing code: ")
-            .expect(&first)
-            .to_string();
-        Self {
-            child,
-            code,
-            lines,
-            seen: Default::default(),
-        }
-    }
-
-    /// The first output line containing `needle`, already seen or still to come (bounded wait).
-    fn expect_line(&self, needle: &str) -> String {
-        if let Some(line) = self.seen.borrow().iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
-                panic!(
-                    "host never printed {needle:?}; it printed {:?}",
-                    self.seen.borrow()
-                )
-            });
-            self.seen.borrow_mut().push(line.clone());
-            if line.contains(needle) {
-                return line;
-            }
-        }
-    }
-
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + LIMIT;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "pair did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 /// The same code with a different secret.
 fn wrong(code: &str) -> String {

@@ -57,8 +57,25 @@ pub enum StoreError {
 /// sled's page cache.
 const SLED_CACHE_BYTES: u64 = 8 << 20;
 
-/// Opens (creating if needed) the sled database of a data dir.
+/// How long opening waits for the database lock: an agent of this process that just shut down
+/// may still be releasing it (a last manifest save finishing on a blocking thread).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens (creating if needed) the sled database of a data dir. Another agent holding it is
+/// [`StoreError::Locked`] (after a short wait for one that is just stopping).
 pub fn open_db(data_dir: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match open_db_once(data_dir) {
+            Err(StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn open_db_once(data_dir: &Path) -> Result<sled::Db, StoreError> {
     let path = data_dir.join("db");
     sled::Config::new()
         .path(&path)

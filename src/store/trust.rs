@@ -121,6 +121,20 @@ impl TrustStore {
         Ok(())
     }
 
+    /// Puts `addrs` first among a trusted device's addresses (those it publishes itself), keeping
+    /// the others it had after them, up to the same limits as [`Self::set_addrs`].
+    pub fn add_addrs(&self, peer: &PeerId, addrs: &[String]) -> Result<(), StoreError> {
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        let Some(device) = self.get(peer)? else {
+            return Ok(());
+        };
+        let mut merged = addrs.to_vec();
+        merged.extend(device.addrs.into_iter().filter(|a| !addrs.contains(a)));
+        self.set_addrs(peer, merged)
+    }
+
     /// Every trusted device, in device-id order.
     pub fn list(&self) -> Result<Vec<(PeerId, TrustedDevice)>, StoreError> {
         let mut out = Vec::new();

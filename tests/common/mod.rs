@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: agents on 127.0.0.1 in temp dirs, bounded waits.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod node;
 pub mod process;
 pub mod raw_peer;

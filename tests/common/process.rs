@@ -3,7 +3,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Instant;
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
 
 use devicelink::client::Client;
 
@@ -17,7 +18,9 @@ pub struct AgentProcess {
     pub data_dir: PathBuf,
     pub socket: PathBuf,
     pub device_id: String,
+    /// The first listen address printed, and all of them.
     pub addr: String,
+    pub addrs: Vec<String>,
     /// The y-websocket endpoint (`ws://127.0.0.1:PORT`), empty with `--no-ws`.
     pub ws: String,
 }
@@ -37,24 +40,44 @@ impl AgentProcess {
 
     /// Same, with extra agent flags (e.g. `--mdns-loopback` instead of `--no-mdns`).
     pub fn start_with(data_dir: &Path, peers: &[&str], extra: &[&str]) -> Self {
-        let socket = data_dir.join("agent.sock");
         let mut cmd = Command::new(BIN);
         cmd.arg("agent")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--socket")
-            .arg(&socket)
             .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .stdin(Stdio::null());
+            .args(extra);
         for peer in peers {
             cmd.args(["--peer", peer]);
         }
         // Never the fixed default port: tests run side by side.
         if !extra.iter().any(|a| *a == "--ws" || *a == "--no-ws") {
             cmd.args(["--ws", "127.0.0.1:0"]);
+        }
+        Self::launch(cmd, data_dir)
+    }
+
+    /// Starts `devicelink agent ARGS` inside network namespace `netns` (no mDNS, no
+    /// y-websocket endpoint); its IPC socket is a file, reachable from the test's namespace.
+    pub fn start_in(netns: &str, data_dir: &Path, args: &[&str]) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, BIN, "agent", "--no-mdns", "--no-ws"])
+            .args(args);
+        Self::launch(cmd, data_dir)
+    }
+
+    /// Runs `cmd` (an `agent` command line) with this data dir and socket, and waits until the
+    /// agent prints its socket.
+    fn launch(mut cmd: Command, data_dir: &Path) -> Self {
+        let socket = data_dir.join("agent.sock");
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null());
+        // DEVICELINK_TEST_LOG=1 shows the agents' logs (with RUST_LOG to choose what).
+        if std::env::var_os("DEVICELINK_TEST_LOG").is_some() {
+            cmd.stderr(Stdio::inherit());
+        } else {
+            cmd.stderr(Stdio::null());
         }
         let mut child = cmd.spawn().expect("spawn agent");
         let stdout = child.stdout.take().expect("stdout");
@@ -66,7 +89,7 @@ impl AgentProcess {
                 }
             }
         });
-        let (mut device_id, mut addr, mut ws) = (String::new(), String::new(), String::new());
+        let (mut device_id, mut addrs, mut ws) = (String::new(), Vec::new(), String::new());
         let deadline = Instant::now() + LIMIT;
         loop {
             let line = rx
@@ -75,7 +98,7 @@ impl AgentProcess {
             if let Some(id) = line.strip_prefix("device id: ") {
                 device_id = id.to_string();
             } else if let Some(a) = line.strip_prefix("listening: ") {
-                addr = a.to_string();
+                addrs.push(a.to_string());
             } else if let Some(w) = line.strip_prefix("websocket: ") {
                 ws = w.to_string();
             } else if line.starts_with("ipc socket: ") {
@@ -87,7 +110,8 @@ impl AgentProcess {
             data_dir: data_dir.to_path_buf(),
             socket,
             device_id,
-            addr,
+            addr: addrs.first().cloned().unwrap_or_default(),
+            addrs,
             ws,
         }
     }
@@ -151,4 +175,90 @@ pub fn stdout(out: &Output) -> String {
 
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `devicelink pair` running on a host agent: its code and its output lines.
+pub struct OpenCode {
+    pub child: Child,
+    pub code: String,
+    lines: Receiver<String>,
+    /// Every line read so far (stdout and stderr interleave in any order).
+    seen: std::cell::RefCell<Vec<String>>,
+}
+
+impl Drop for OpenCode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl OpenCode {
+    pub fn open(host: &AgentProcess, expires: u64) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("--socket")
+            .arg(&host.socket)
+            .args(["pair", "--expires", &expires.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("stderr: {line}"));
+            }
+        });
+        let first = lines.recv_timeout(LIMIT).expect("pair prints its code");
+        let code = first
+            .strip_prefix("pairing code: ")
+            .expect(&first)
+            .to_string();
+        Self {
+            child,
+            code,
+            lines,
+            seen: Default::default(),
+        }
+    }
+
+    /// The first output line containing `needle`, already seen or still to come (bounded wait).
+    pub fn expect_line(&self, needle: &str) -> String {
+        if let Some(line) = self.seen.borrow().iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| {
+                panic!(
+                    "host never printed {needle:?}; it printed {:?}",
+                    self.seen.borrow()
+                )
+            });
+            self.seen.borrow_mut().push(line.clone());
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "pair did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

@@ -1,6 +1,8 @@
-//! The libp2p side of the agent: the swarm (TCP + Noise + Yamux, one stream behaviour), trust
-//! gating, keeping trusted peers connected (redial with exponential backoff), and starting one
-//! sync session per trusted peer.
+//! The libp2p side of the agent: the network loop. Trust gating, keeping trusted peers connected
+//! (redial with exponential backoff), starting one sync session per trusted peer, and driving the
+//! parts that live in their own modules: the swarm itself ([`swarm`]), relay reservations and the
+//! relay server ([`relay`]), and what is known about each link and this device's reachability
+//! ([`reach`]).
 //!
 //! Who opens the sync stream: of two connected devices, the one with the smaller device id. The
 //! other accepts. So each pair of devices has exactly one session, whoever dialed.
@@ -13,8 +15,8 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use libp2p::core::ConnectedPoint;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
-use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId, Swarm};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
@@ -28,23 +30,14 @@ use crate::sync::message::{codec, Hello, Message, Refusal, RefuseCode, PROTOCOL_
 use crate::sync::session::{self, SessionCtx, SessionError};
 use crate::sync::SYNC_PROTOCOL;
 
-/// The composed network behaviour: connection limits, then raw protocol streams (sync,
-/// pairing, handoff).
-#[derive(NetworkBehaviour)]
-pub struct Behaviour {
-    pub limits: libp2p::connection_limits::Behaviour,
-    pub stream: libp2p_stream::Behaviour,
-}
+pub mod reach;
+pub mod relay;
+pub mod swarm;
 
-/// Connections still in their handshake (TCP accepted, Noise not finished), at most; more are
-/// dropped at once, so half-open connections cannot use up this process's file descriptors.
-pub const MAX_PENDING_INCOMING: u32 = 64;
-/// Established connections, at most, in and out (each device needs one; pairing, one more).
-pub const MAX_ESTABLISHED: u32 = 256;
-/// Established connections per device, at most.
-pub const MAX_PER_PEER: u32 = 8;
-/// How long a connection may take to finish its handshake (Noise + Yamux).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub use swarm::{
+    build_swarm, build_swarm_with, Behaviour, BehaviourEvent, SwarmOptions, HANDSHAKE_TIMEOUT,
+    MAX_ESTABLISHED, MAX_PENDING_INCOMING, MAX_PER_PEER,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -52,37 +45,6 @@ pub enum NetError {
     Transport(String),
     #[error("cannot listen on {addr}: {reason}")]
     Listen { addr: Multiaddr, reason: String },
-}
-
-/// Builds a swarm for `keypair`: TCP (nodelay) + Noise + Yamux with a short handshake timeout,
-/// connection limits, and the stream behaviour.
-pub fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, NetError> {
-    use libp2p::Transport as _;
-    let limits = libp2p::connection_limits::ConnectionLimits::default()
-        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
-        .with_max_established(Some(MAX_ESTABLISHED))
-        .with_max_established_per_peer(Some(MAX_PER_PEER));
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_other_transport(|key| {
-            let noise = noise::Config::new(key)?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                    .upgrade(libp2p::core::upgrade::Version::V1)
-                    .authenticate(noise)
-                    .multiplex(yamux::Config::default())
-                    .timeout(HANDSHAKE_TIMEOUT),
-            )
-        })
-        .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_behaviour(|_| Behaviour {
-            limits: libp2p::connection_limits::Behaviour::new(limits),
-            stream: libp2p_stream::Behaviour::new(),
-        })
-        .map_err(|e| NetError::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
-    Ok(swarm)
 }
 
 /// Redial timing.
@@ -156,6 +118,8 @@ pub(crate) struct Neighborhood {
     pub claims: tokio::sync::Mutex<()>,
     /// "Your activity was continued on another device", for local apps.
     pub continued: tokio::sync::broadcast::Sender<crate::handoff::Activity>,
+    /// This device's reachability and relay reservations, refreshed by the network loop.
+    pub reach: Mutex<reach::ReachReport>,
 }
 
 impl Default for Neighborhood {
@@ -167,11 +131,16 @@ impl Default for Neighborhood {
             mdns_error: Mutex::default(),
             claims: tokio::sync::Mutex::new(()),
             continued: tokio::sync::broadcast::channel(64).0,
+            reach: Mutex::default(),
         }
     }
 }
 
 impl Neighborhood {
+    pub fn reach(&self) -> reach::ReachReport {
+        self.reach.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn nearby(&self) -> Vec<Announcement> {
         self.nearby
             .lock()
@@ -199,6 +168,12 @@ pub(crate) struct NetworkDeps {
     pub discovery: DiscoveryConfig,
     /// Sender of this loop's own command channel (pairing tasks report trust changes on it).
     pub commands: mpsc::UnboundedSender<NetCommand>,
+    /// Relays to reserve on (`--relay`), each ending in `/p2p/ID`.
+    pub relays: Vec<(PeerId, Multiaddr)>,
+    /// This device serves as its group's relay (`--serve-relay`).
+    pub serve_relay: bool,
+    /// Addresses this device is reachable at from outside (`--external`), announced as is.
+    pub external: Vec<Multiaddr>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -270,11 +245,28 @@ pub(crate) struct Network {
     dialed: HashMap<Multiaddr, PeerId>,
     sessions: JoinSet<()>,
     session_of: HashMap<PeerId, AbortHandle>,
+    reach: reach::Reach,
+    reservations: relay::Reservations,
+    /// Dials through a relay in flight, per peer (at most one each).
+    relayed_dials: HashMap<PeerId, ConnectionId>,
+    serve_relay: bool,
+    /// When the slower upkeep (group relays, own group entry, reachability report) last ran.
+    upkept: Instant,
 }
 
+/// How often the slower upkeep runs.
+const UPKEEP: Duration = Duration::from_secs(1);
+
 impl Network {
-    pub fn new(swarm: Swarm<Behaviour>, deps: NetworkDeps) -> Self {
+    pub fn new(mut swarm: Swarm<Behaviour>, deps: NetworkDeps) -> Self {
         let redial = deps.redial;
+        let mut reservations = relay::Reservations::default();
+        for (peer, addr) in deps.relays {
+            reservations.add_configured(peer, addr);
+        }
+        for addr in deps.external {
+            swarm.add_external_address(addr);
+        }
         Self {
             swarm,
             ctx: deps.ctx,
@@ -303,6 +295,11 @@ impl Network {
             dialed: HashMap::new(),
             sessions: JoinSet::new(),
             session_of: HashMap::new(),
+            reach: reach::Reach::default(),
+            reservations,
+            relayed_dials: HashMap::new(),
+            serve_relay: deps.serve_relay,
+            upkept: Instant::now() - UPKEEP,
         }
     }
 
@@ -354,11 +351,23 @@ impl Network {
         Ok(())
     }
 
-    fn on_listen_addr(&self, address: Multiaddr) {
+    fn on_listen_addr(&mut self, address: Multiaddr) {
+        // The relay server hands its external addresses to the devices reserving on it: its
+        // own addresses, unless loopback (a VPS behind 1:1 NAT passes --external instead).
+        if self.serve_relay && !relay::is_relayed(&address) && !relay::is_local_only(&address) {
+            self.swarm.add_external_address(address.clone());
+        }
         let mut addrs = self.listen_addrs.write().unwrap_or_else(|p| p.into_inner());
         if !addrs.contains(&address) {
             addrs.push(address);
         }
+    }
+
+    fn forget_listen_addrs(&self, gone: &[Multiaddr]) {
+        self.listen_addrs
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|a| !gone.contains(a));
     }
 
     /// Runs until a shutdown command (or until every command sender is gone).
@@ -438,6 +447,11 @@ impl Network {
                     self.peers.forget_strangers(|peer| trust.is_trusted(peer));
                     self.maintain_connections();
                     self.restart_ended_sessions();
+                    self.maintain_reservations();
+                    if self.upkept.elapsed() >= UPKEEP {
+                        self.upkept = Instant::now();
+                        self.upkeep().await;
+                    }
                 }
                 Some(ended) = self.sessions.join_next(), if !self.sessions.is_empty() => {
                     if let Err(e) = ended {
@@ -699,12 +713,32 @@ impl Network {
                 continue;
             }
             backoff.failed(self.redial);
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            if let Err(e) = self.swarm.dial(opts) {
-                tracing::debug!(%peer, "dial not started: {e}");
+            // Relayed addresses are dialed on their own: a direct address that swallows
+            // packets (a peer's address on another network, a QUIC port behind a NAT) would
+            // otherwise hold the whole dial, relayed path included, until its handshake timeout.
+            let (relayed, direct): (Vec<Multiaddr>, Vec<Multiaddr>) =
+                addrs.into_iter().partition(relay::is_relayed);
+            if !direct.is_empty() {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(direct)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    tracing::debug!(%peer, "dial not started: {e}");
+                }
+            }
+            if !relayed.is_empty() && !self.relayed_dials.contains_key(&peer) {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(relayed)
+                    .condition(PeerCondition::Disconnected)
+                    .build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.relayed_dials.insert(peer, id);
+                    }
+                    Err(e) => tracing::debug!(%peer, "relayed dial not started: {e}"),
+                }
             }
         }
         for i in 0..self.static_peers.len() {
@@ -728,10 +762,32 @@ impl Network {
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
-                tracing::info!("listening on {address}");
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                if !self.reservations.on_new_listen_addr(listener_id, &address) {
+                    tracing::info!("listening on {address}");
+                }
                 self.on_listen_addr(address);
             }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                reason,
+            } => {
+                let reason = reason.map_err(|e| reservation_error(&e));
+                match self.reservations.on_listener_closed(listener_id, reason) {
+                    Some(relayed) => self.forget_listen_addrs(&relayed),
+                    None => self.forget_listen_addrs(&addresses),
+                }
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!("reachable from outside at {address}");
+                self.reach.confirmed(address);
+            }
+            SwarmEvent::ExternalAddrExpired { address } => self.reach.expired(&address),
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -742,20 +798,38 @@ impl Network {
                 if let Some(reply) = self.pending_connects.remove(&connection_id) {
                     let _ = reply.send(Ok(peer_id));
                 }
+                self.relayed_dials.retain(|_, c| *c != connection_id);
                 // The one place connection state is recorded (with `ConnectionClosed`), whatever
                 // the peer's trust: `status`, `peers`, `doctor` and sessions all read it.
                 self.peers.connected(peer_id, num_established.get());
+                let link = self.reach.connected(peer_id, connection_id, &endpoint);
+                self.peers.set_link(
+                    peer_id,
+                    Some(link.label()),
+                    self.reach.punch_summary(&peer_id),
+                );
+                self.reservations.on_connected(&peer_id);
                 self.on_connected(peer_id, &endpoint)
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 cause,
                 ..
             } => {
                 self.peers.connected(peer_id, num_established);
+                let link = self.reach.closed(peer_id, connection_id);
+                self.peers.set_link(
+                    peer_id,
+                    link.map(reach::LinkKind::label),
+                    self.reach.punch_summary(&peer_id),
+                );
                 if num_established == 0 {
                     self.untrusted.remove(&peer_id);
+                    if !self.trust.is_trusted(&peer_id) {
+                        self.reach.forget_peer(&peer_id);
+                    }
                     self.dialed.retain(|_, p| *p != peer_id);
                     tracing::info!(peer = %peer_id, "disconnected{}", cause.map(|c| format!(": {c}")).unwrap_or_default());
                     // Redial soon, then back off (only devices this one dials: trusted ones).
@@ -779,6 +853,7 @@ impl Network {
                 if let Some(reply) = self.pending_connects.remove(&connection_id) {
                     let _ = reply.send(Err(error.to_string()));
                 }
+                self.relayed_dials.retain(|_, c| *c != connection_id);
                 tracing::debug!(peer = ?peer_id, "dial failed: {error}");
             }
             SwarmEvent::IncomingConnectionError { error, .. } => {
@@ -786,6 +861,138 @@ impl Network {
             }
             _ => {}
         }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        use libp2p::{autonat, dcutr, identify, relay as p2p_relay};
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { info, .. }) => {
+                self.reach.observed(info.observed_addr);
+            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => {
+                match result {
+                    Ok(connection) => {
+                        tracing::info!(peer = %remote_peer_id, "hole punch succeeded: direct connection");
+                        // Every stream goes direct from now on: the relayed link is closed.
+                        for relayed in self.reach.punched(remote_peer_id, connection) {
+                            self.swarm.close_connection(relayed);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::info!(peer = %remote_peer_id, "hole punch failed ({e}); staying relayed");
+                        self.reach.punch_failed(remote_peer_id, e.to_string());
+                    }
+                }
+                self.peers.set_link(
+                    remote_peer_id,
+                    self.reach.best(&remote_peer_id).map(reach::LinkKind::label),
+                    self.reach.punch_summary(&remote_peer_id),
+                );
+            }
+            BehaviourEvent::Autonat(autonat::v2::client::Event {
+                tested_addr,
+                server,
+                result,
+                ..
+            }) => match result {
+                Ok(()) => self.reach.confirmed(tested_addr),
+                Err(e) => {
+                    tracing::info!("{tested_addr} is not reachable from outside ({e})");
+                    self.reach
+                        .not_reachable(tested_addr, format!("{e} (tested by {server})"));
+                }
+            },
+            BehaviourEvent::RelayServer(event) => match event {
+                p2p_relay::Event::ReservationReqDenied { src_peer_id, .. } => {
+                    tracing::info!(peer = %src_peer_id, "refused a relay reservation: not one of this group's devices");
+                }
+                p2p_relay::Event::ReservationReqAccepted {
+                    src_peer_id,
+                    renewed,
+                } => {
+                    tracing::debug!(peer = %src_peer_id, renewed, "relay reservation accepted");
+                }
+                p2p_relay::Event::CircuitReqDenied {
+                    src_peer_id,
+                    dst_peer_id,
+                    ..
+                } => {
+                    tracing::info!(from = %src_peer_id, to = %dst_peer_id, "refused a relayed connection");
+                }
+                other => tracing::debug!("relay: {other:?}"),
+            },
+            BehaviourEvent::RelayClient(event) => tracing::debug!("relay client: {event:?}"),
+            _ => {}
+        }
+    }
+
+    /// Starts a reservation on each relay that has none and is due.
+    fn maintain_reservations(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        for (relay, addr) in self.reservations.due(local) {
+            let listener = self
+                .swarm
+                .listen_on(addr.clone())
+                .map_err(|e| e.to_string());
+            if let Err(e) = &listener {
+                tracing::warn!("cannot reserve on the relay at {addr}: {e}");
+            }
+            self.reservations.listening(relay, listener);
+        }
+        // A failed hole punch is tried again a few times, on a fresh relayed connection (the
+        // device with the smaller id closes the old one; both redial).
+        for (peer, relayed) in self.reach.punch_retries_due() {
+            self.reach.punch_retrying(&peer);
+            if local < peer {
+                for connection in relayed {
+                    self.swarm.close_connection(connection);
+                }
+            }
+        }
+    }
+
+    /// Once a second: relays named by the device group, this device's own entry in it (current
+    /// addresses, relayed ones included), and the reachability report.
+    async fn upkeep(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        match self.ctx.registry.handle(crate::group::GROUP_DOC) {
+            Ok(group) => {
+                let relays = crate::group::relays(&group, local)
+                    .into_iter()
+                    .filter(|(peer, _)| self.trust.is_trusted(peer))
+                    .map(|(peer, addrs)| {
+                        (peer, addrs.iter().filter_map(|a| a.parse().ok()).collect())
+                    })
+                    .collect();
+                self.reservations.set_from_group(relays);
+                let addrs = self.listen_addr_strings();
+                let published = crate::group::publish_self(
+                    &group,
+                    local,
+                    &self.device_name,
+                    &addrs,
+                    self.serve_relay,
+                );
+                if let Err(e) = published.await {
+                    tracing::warn!("cannot publish this device's addresses in its group: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("cannot open the device group: {e}"),
+        }
+        let serving: Option<Vec<Multiaddr>> = self
+            .serve_relay
+            .then(|| self.swarm.external_addresses().cloned().collect());
+        let report = self
+            .reach
+            .report(serving.as_deref(), self.reservations.report());
+        *self
+            .neighborhood
+            .reach
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = report;
     }
 
     fn on_connected(&mut self, peer: PeerId, endpoint: &ConnectedPoint) {
@@ -1131,4 +1338,19 @@ pub(crate) async fn record_in_group(
     if let Err(e) = crate::group::upsert(&doc, &members, &[peer]).await {
         tracing::error!("cannot record the pairing in the device group: {e}");
     }
+}
+
+/// Why a relay listener closed, from libp2p's error chain (a refused reservation says so).
+fn reservation_error(error: &std::io::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = inner.source();
+    }
+    message
 }

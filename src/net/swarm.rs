@@ -1,0 +1,121 @@
+//! The libp2p swarm: transports (TCP and QUIC, plus circuits through a relay) and the composed
+//! network behaviour.
+//!
+//! - TCP (nodelay) + Noise + Yamux, with a short handshake timeout; QUIC (TLS 1.3 built in) beside
+//!   it. Both reuse their listening port when dialing, so the address a NAT shows for outgoing
+//!   connections is the one a hole punch needs.
+//! - `/p2p-circuit`: connections relayed by the user's always-on device (circuit relay v2).
+//! - Behaviours: connection limits; raw protocol streams (sync, pairing, handoff); identify (each
+//!   side learns its address as the other sees it); the relay client; DCUtR (hole punching over a
+//!   relayed connection); the AutoNAT v2 client (is an observed address reachable from outside?);
+//!   and, on an always-on device only, the relay server and the AutoNAT v2 server.
+
+use std::time::Duration;
+
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    autonat, connection_limits, dcutr, identify, identity::Keypair, noise, relay, tcp, yamux, Swarm,
+};
+
+use super::relay::RelayAccess;
+use super::NetError;
+
+/// The composed network behaviour.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub stream: libp2p_stream::Behaviour,
+    pub identify: identify::Behaviour,
+    pub relay_client: relay::client::Behaviour,
+    pub dcutr: dcutr::Behaviour,
+    pub autonat: autonat::v2::client::Behaviour,
+    /// Only on a device started with `--serve-relay`.
+    pub relay_server: Toggle<relay::Behaviour>,
+    /// Only with the relay server: tells the user's NAT'd devices whether an address of theirs
+    /// is reachable from outside.
+    pub autonat_server: Toggle<autonat::v2::server::Behaviour>,
+}
+
+/// Connections still in their handshake (TCP accepted, Noise not finished), at most; more are
+/// dropped at once, so half-open connections cannot use up this process's file descriptors.
+pub const MAX_PENDING_INCOMING: u32 = 64;
+/// Established connections, at most, in and out (each device needs one; pairing, one more).
+pub const MAX_ESTABLISHED: u32 = 256;
+/// Established connections per device, at most (a relayed and a direct one during a hole punch,
+/// an AutoNAT dial-back, a pairing: each counts).
+pub const MAX_PER_PEER: u32 = 8;
+/// How long a connection may take to finish its handshake (Noise + Yamux, or QUIC).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The identify protocol version string devicelink announces.
+pub const IDENTIFY_VERSION: &str = "/devicelink/1.4.0";
+
+/// What kind of swarm to build.
+#[derive(Default, Clone)]
+pub struct SwarmOptions {
+    /// Serve as a relay (and AutoNAT server) for the devices `RelayAccess` admits.
+    pub serve_relay: Option<RelayAccess>,
+}
+
+/// A plain device's swarm (no relay server).
+pub fn build_swarm(keypair: Keypair) -> Result<Swarm<Behaviour>, NetError> {
+    build_swarm_with(keypair, SwarmOptions::default())
+}
+
+/// Builds a swarm for `keypair`.
+pub fn build_swarm_with(
+    keypair: Keypair,
+    options: SwarmOptions,
+) -> Result<Swarm<Behaviour>, NetError> {
+    use libp2p::Transport as _;
+    let transport_error = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+        .with_max_established(Some(MAX_ESTABLISHED))
+        .with_max_established_per_peer(Some(MAX_PER_PEER));
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_quic_config(|mut config| {
+            config.handshake_timeout = HANDSHAKE_TIMEOUT;
+            config
+        })
+        .with_other_transport(|key| {
+            let noise = noise::Config::new(key)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .upgrade(libp2p::core::upgrade::Version::V1)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default())
+                    .timeout(HANDSHAKE_TIMEOUT),
+            )
+        })
+        .map_err(|e| transport_error(&e))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport_error(&e))?
+        .with_behaviour(|key, relay_client| {
+            let local = key.public().to_peer_id();
+            let serving = options.serve_relay.is_some();
+            Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                stream: libp2p_stream::Behaviour::new(),
+                identify: identify::Behaviour::new(
+                    identify::Config::new(IDENTIFY_VERSION.into(), key.public())
+                        .with_agent_version(format!("devicelink/{}", env!("CARGO_PKG_VERSION")))
+                        .with_push_listen_addr_updates(true),
+                ),
+                relay_client,
+                dcutr: dcutr::Behaviour::new(local),
+                autonat: autonat::v2::client::Behaviour::default(),
+                relay_server: Toggle::from(
+                    options
+                        .serve_relay
+                        .map(|access| super::relay::server(local, access)),
+                ),
+                autonat_server: Toggle::from(serving.then(autonat::v2::server::Behaviour::default)),
+            }
+        })
+        .map_err(|e| transport_error(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    Ok(swarm)
+}

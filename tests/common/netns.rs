@@ -1,0 +1,165 @@
+//! Real networks on one machine: network namespaces joined by veth pairs, with NAT routers made
+//! of nftables masquerade rules. Needs root, `ip` and `nft`; [`Topology::create`] says why not
+//! when they are missing, so a test can skip with the reason.
+//!
+//! ```text
+//!   internet (10.77.0.0/24, a bridge): the always-on device at 10.77.0.1
+//!     ├─ home NAT 10.77.0.2 ── home 192.168.1.0/24: the laptop at 192.168.1.2
+//!     └─ cafe NAT 10.77.0.3 ── cafe 192.168.2.0/24: the phone at 192.168.2.2
+//! ```
+//! Home and cafe have no route to each other except through their NATs' public addresses. Each
+//! NAT drops unsolicited traffic from the internet side (like a home router), so a device behind
+//! it is reachable only through a relay or a hole punch.
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// How the NAT routers map ports.
+#[derive(Debug, Clone, Copy)]
+pub enum Nat {
+    /// Endpoint-independent mapping (plain masquerade keeps the source port): hole punching
+    /// works.
+    EndpointIndependent,
+    /// A new random port per destination (masquerade fully-random): hole punching fails.
+    Symmetric,
+}
+
+/// The five namespaces; removed (with every process inside) on drop.
+pub struct Topology {
+    tag: String,
+}
+
+const SETUP: &str = r#"
+set -eu
+TAG=$1 MASQ=$2
+INET=dl-inet-$TAG HNAT=dl-hnat-$TAG CNAT=dl-cnat-$TAG HOME=dl-home-$TAG CAFE=dl-cafe-$TAG
+for ns in $INET $HNAT $CNAT $HOME $CAFE; do
+  ip netns add "$ns"
+  ip -n "$ns" link set lo up
+  ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+done
+ip -n $INET link add br0 type bridge forward_delay 0 stp_state 0
+ip -n $INET addr add 10.77.0.1/24 dev br0
+ip -n $INET link set br0 up
+nat_router() { # ns bridge-port public-addr lan-addr client-ns
+  ns=$1 port=$2 pub=$3 lan=$4 cli=$5
+  ip -n $INET link add "$port" type veth peer name wan netns "$ns"
+  ip -n $INET link set "$port" master br0 up
+  ip -n "$ns" addr add "$pub/24" dev wan
+  ip -n "$ns" link set wan up
+  ip -n "$ns" link add lan type veth peer name eth0 netns "$cli"
+  ip -n "$ns" addr add "$lan/24" dev lan
+  ip -n "$ns" link set lan up
+  ip netns exec "$ns" sysctl -qw net.ipv4.ip_forward=1
+  # Dropping what is unsolicited on the WAN side also keeps stray packets from taking a port
+  # the NAT would otherwise keep for the device behind it.
+  ip netns exec "$ns" nft -f - <<NFT
+table ip nat {
+  chain post {
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "wan" $MASQ
+  }
+}
+table ip filter {
+  chain input {
+    type filter hook input priority filter; policy accept;
+    iifname "wan" ct state established,related accept
+    iifname "wan" drop
+  }
+  chain forward {
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname "lan" oifname "wan" accept
+  }
+}
+NFT
+}
+nat_router $HNAT h0 10.77.0.2 192.168.1.1 $HOME
+nat_router $CNAT c0 10.77.0.3 192.168.2.1 $CAFE
+for c in "$HOME 192.168.1.2 192.168.1.1" "$CAFE 192.168.2.2 192.168.2.1"; do
+  set -- $c
+  ip -n "$1" addr add "$2/24" dev eth0
+  ip -n "$1" link set eth0 up
+  ip -n "$1" route add default via "$3"
+done
+"#;
+
+const TEARDOWN: &str = r#"
+TAG=$1
+for ns in dl-home-$TAG dl-cafe-$TAG dl-hnat-$TAG dl-cnat-$TAG dl-inet-$TAG; do
+  [ -e "/var/run/netns/$ns" ] || continue
+  pids=$(ip netns pids "$ns" 2>/dev/null)
+  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+  ip netns del "$ns" 2>/dev/null || true
+done
+exit 0
+"#;
+
+/// The always-on device's address on the internet.
+pub const INTERNET_HOST: &str = "10.77.0.1";
+
+impl Topology {
+    /// Creates the namespaces, or says why it cannot (not root, no `ip` or `nft`, no namespace
+    /// support).
+    pub fn create(nat: Nat) -> Result<Self, String> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        for tool in ["ip", "nft"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !found {
+                return Err(format!(
+                    "`{tool}` is not installed (Debian: iproute2, nftables)"
+                ));
+            }
+        }
+        let tag = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let masquerade = match nat {
+            Nat::EndpointIndependent => "masquerade",
+            Nat::Symmetric => "masquerade fully-random",
+        };
+        let topology = Self { tag };
+        let out = Command::new("sh")
+            .args(["-c", SETUP, "setup", &topology.tag, masquerade])
+            .output()
+            .map_err(|e| format!("cannot run sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cannot create network namespaces: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(topology)
+    }
+
+    /// The namespace name of `internet`, `home` or `cafe`.
+    pub fn ns(&self, which: &str) -> String {
+        let short = match which {
+            "internet" => "inet",
+            other => other,
+        };
+        format!("dl-{short}-{}", self.tag)
+    }
+
+    /// Runs `sh -c script` inside a namespace (e.g. to change the NAT rules).
+    pub fn exec(&self, ns: &str, script: &str) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "sh", "-c", script])
+            .output()
+            .expect("run ip netns exec")
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .args(["-c", TEARDOWN, "teardown", &self.tag])
+            .status();
+    }
+}

@@ -1,0 +1,412 @@
+//! Devices on different networks (issue 11), on real NATs: network namespaces and nftables
+//! masquerade (see tests/common/netns.rs). The always-on device runs in `internet` with
+//! `--serve-relay`; the laptop is behind the home NAT, the phone behind the cafe NAT; mDNS off.
+//!
+//! - (a) laptop and phone each link with the always-on device, learn each other through the
+//!   device group, reach each other and sync both ways;
+//! - (b) endpoint-independent NATs: the link upgrades to a direct one by hole punching;
+//!   symmetric NATs: it stays relayed and still syncs;
+//! - (c) the laptop edits and stops; the phone starts later and gets the edit from the
+//!   always-on device;
+//! - (d) the always-on device restarts: devices reserve again and reconnect on their own;
+//! - (e) a device that is not linked cannot reserve, read or write through the relay.
+//!
+//! Skipped, with the reason printed, where network namespaces cannot be created (not root).
+//! Run with `--nocapture` to see the figures (times to connect, latency per path).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::netns::{Nat, Topology, INTERNET_HOST};
+use common::process::{stderr, stdout, AgentProcess, OpenCode};
+use serde_json::Value;
+
+/// Waits longer than the usual limit: a hole punch makes up to three attempts, and one retry.
+const NAT_LIMIT: Duration = Duration::from_secs(40);
+
+fn topology(nat: Nat) -> Option<Topology> {
+    match Topology::create(nat) {
+        Ok(t) => Some(t),
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            None
+        }
+    }
+}
+
+fn start_always_on(t: &Topology, dir: &Path) -> AgentProcess {
+    AgentProcess::start_in(
+        &t.ns("internet"),
+        dir,
+        &[
+            "--listen",
+            "/ip4/0.0.0.0/tcp/4001",
+            "--listen",
+            "/ip4/0.0.0.0/udp/4001/quic-v1",
+            "--serve-relay",
+            "--name",
+            "always-on",
+        ],
+    )
+}
+
+fn relay_addr(always_on: &AgentProcess) -> String {
+    format!("/ip4/{INTERNET_HOST}/tcp/4001/p2p/{}", always_on.device_id)
+}
+
+fn start_device(t: &Topology, which: &str, dir: &Path, extra: &[&str]) -> AgentProcess {
+    let mut args = vec![
+        "--listen",
+        "/ip4/0.0.0.0/tcp/0",
+        "--listen",
+        "/ip4/0.0.0.0/udp/0/quic-v1",
+        "--name",
+        which,
+    ];
+    args.extend_from_slice(extra);
+    AgentProcess::start_in(&t.ns(which), dir, &args)
+}
+
+/// `devicelink pair CODE --peer ADDR` from `device` with a code the always-on device opened.
+fn link_with(device: &AgentProcess, always_on: &AgentProcess) {
+    let host = OpenCode::open(always_on, 60);
+    let addr = format!("/ip4/{INTERNET_HOST}/tcp/4001");
+    let out = device.cli(&["pair", &host.code, "--peer", &addr]);
+    assert!(out.status.success(), "pairing failed: {}", stderr(&out));
+}
+
+fn status(agent: &AgentProcess) -> Value {
+    serde_json::from_str(&stdout(&agent.cli(&["status"]))).unwrap_or_default()
+}
+
+fn peer(agent: &AgentProcess, other: &AgentProcess) -> Value {
+    status(agent)["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["device_id"] == other.device_id.as_str())
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn link(agent: &AgentProcess, other: &AgentProcess) -> String {
+    let p = peer(agent, other);
+    if p["connected"] == true {
+        p["link"].as_str().unwrap_or("?").to_string()
+    } else {
+        "offline".to_string()
+    }
+}
+
+/// Waits for `cond` (bounded); returns how long it took.
+fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    start.elapsed()
+}
+
+fn set(agent: &AgentProcess, doc: &str, key: &str, value: &str) {
+    let out = agent.cli(&["doc", "set", doc, "m", key, value]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+fn get(agent: &AgentProcess, doc: &str) -> Value {
+    serde_json::from_str(&stdout(&agent.cli(&["doc", "get", doc]))).unwrap_or_default()
+}
+
+fn reservation(agent: &AgentProcess) -> Value {
+    status(agent)["reach"]["relays"]
+        .as_array()
+        .and_then(|r| r.first().cloned())
+        .unwrap_or_default()
+}
+
+/// App-to-app latency from `from` to `to` (an app on each), p50 and p99 over `rounds` changes.
+fn latency(from: &AgentProcess, to: &AgentProcess, rounds: usize) -> (Duration, Duration) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (writer, reader) = (from.client().await, to.client().await);
+        let mut events = reader.take_events().unwrap();
+        reader.subscribe("latency").await.unwrap();
+        let mut times = Vec::with_capacity(rounds);
+        for i in 0..rounds {
+            let start = Instant::now();
+            writer
+                .doc_set("latency", "m", "k", serde_json::json!(i))
+                .await
+                .unwrap();
+            loop {
+                let event = tokio::time::timeout(common::LIMIT, events.recv())
+                    .await
+                    .expect("the change arrives")
+                    .expect("events go on");
+                if matches!(event, devicelink::ipc::protocol::Event::Update { .. }) {
+                    break;
+                }
+            }
+            times.push(start.elapsed());
+        }
+        times.sort();
+        (times[rounds / 2], times[rounds * 99 / 100])
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The laptop names the relay with --relay; the phone learns it from the device group.
+fn three_devices(t: &Topology, dirs: &[tempfile::TempDir]) -> [AgentProcess; 3] {
+    let always_on = start_always_on(t, dirs[0].path());
+    let laptop = start_device(
+        t,
+        "home",
+        dirs[1].path(),
+        &["--relay", &relay_addr(&always_on)],
+    );
+    let phone = start_device(t, "cafe", dirs[2].path(), &[]);
+    link_with(&laptop, &always_on);
+    link_with(&phone, &always_on);
+    [always_on, laptop, phone]
+}
+
+/// (a), (b) with endpoint-independent NATs, (c).
+#[test]
+fn devices_behind_two_nats_meet_through_the_relay_punch_through_and_store_and_forward() {
+    let Some(t) = topology(Nat::EndpointIndependent) else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let [always_on, laptop, phone] = three_devices(&t, &dirs);
+
+    // (a) Through the device group they know each other, reach each other and sync.
+    let met = wait_until("laptop and phone to connect", NAT_LIMIT, || {
+        link(&laptop, &phone) != "offline" && link(&phone, &laptop) != "offline"
+    });
+    println!(
+        "laptop and phone connected {} after the second pairing",
+        ms(met)
+    );
+    assert_eq!(peer(&laptop, &phone)["trusted"], true);
+    // Both reserved on the relay: the laptop named it, the phone learned it from the group.
+    for device in [&laptop, &phone] {
+        wait_until("a reservation on the relay", NAT_LIMIT, || {
+            reservation(device)["state"] == "reserved"
+        });
+    }
+    assert_eq!(reservation(&laptop)["source"], "flag");
+    assert_eq!(reservation(&phone)["source"], "device-group");
+    set(&laptop, "trip", "from_laptop", "1");
+    set(&phone, "trip", "from_phone", "2");
+    wait_until("both edits on both devices", NAT_LIMIT, || {
+        [&laptop, &phone]
+            .iter()
+            .all(|d| get(d, "trip")["m"] == serde_json::json!({"from_laptop": 1, "from_phone": 2}))
+    });
+
+    // (b) Endpoint-independent NATs: a hole punch makes the link direct.
+    let punched = wait_until("a direct link after a hole punch", NAT_LIMIT, || {
+        link(&laptop, &phone) == "punched-direct" || link(&phone, &laptop) == "punched-direct"
+    });
+    println!("link punched-direct {} later", ms(punched));
+    wait_until("the relayed connection to close", NAT_LIMIT, || {
+        link(&laptop, &phone) != "relayed" && link(&phone, &laptop) != "relayed"
+    });
+    let (p50, p99) = latency(&laptop, &phone, 100);
+    println!(
+        "app-to-app over the punched direct path: p50 {}, p99 {}",
+        ms(p50),
+        ms(p99)
+    );
+    let doctor = stdout(&laptop.cli(&["doctor"]));
+    assert!(doctor.contains("reachability: "), "{doctor}");
+    assert!(doctor.contains("relay: reserved on"), "{doctor}");
+    assert!(doctor.contains("punched-direct"), "{doctor}");
+    let peers = stdout(&laptop.cli(&["peers"]));
+    assert!(peers.contains("punched-direct"), "{peers}");
+    assert!(
+        stdout(&always_on.cli(&["doctor"])).contains("serving as the relay"),
+        "the always-on device says what it is"
+    );
+
+    // (c) The laptop edits and stops; the phone, started later, gets it from the always-on
+    // device.
+    phone.stop();
+    set(&laptop, "notes", "written", "\"while the phone was off\"");
+    wait_until("the always-on device to hold the edit", NAT_LIMIT, || {
+        get(&always_on, "notes")["m"]["written"] == "while the phone was off"
+    });
+    laptop.stop();
+    let started = Instant::now();
+    let phone = start_device(&t, "cafe", dirs[2].path(), &[]);
+    wait_until(
+        "the phone to get the edit from the always-on device",
+        NAT_LIMIT,
+        || get(&phone, "notes")["m"]["written"] == "while the phone was off",
+    );
+    println!(
+        "phone started and had the laptop's edit (laptop off) after {}",
+        ms(started.elapsed())
+    );
+}
+
+/// (b) with symmetric NATs, (d) and (e).
+#[test]
+fn symmetric_nats_stay_relayed_relay_restarts_and_strangers_are_refused() {
+    let Some(t) = topology(Nat::Symmetric) else {
+        return;
+    };
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let [always_on, laptop, phone] = three_devices(&t, &dirs);
+
+    // (b) Symmetric NATs: punches fail, the link stays relayed and still syncs both ways.
+    wait_until("laptop and phone to connect", NAT_LIMIT, || {
+        link(&laptop, &phone) == "relayed" && link(&phone, &laptop) == "relayed"
+    });
+    wait_until("a hole punch to be tried and fail", NAT_LIMIT, || {
+        peer(&laptop, &phone)["punch"]
+            .as_str()
+            .is_some_and(|p| p.contains("failed"))
+            || peer(&phone, &laptop)["punch"]
+                .as_str()
+                .is_some_and(|p| p.contains("failed"))
+    });
+    set(&laptop, "trip", "from_laptop", "1");
+    set(&phone, "trip", "from_phone", "2");
+    wait_until(
+        "both edits on both devices over the relay",
+        NAT_LIMIT,
+        || {
+            [&laptop, &phone].iter().all(|d| {
+                get(d, "trip")["m"] == serde_json::json!({"from_laptop": 1, "from_phone": 2})
+            })
+        },
+    );
+    wait_until("the link to be relayed", NAT_LIMIT, || {
+        link(&laptop, &phone) == "relayed"
+    });
+    let (p50, p99) = latency(&laptop, &phone, 100);
+    println!(
+        "app-to-app over the relayed path: p50 {}, p99 {}",
+        ms(p50),
+        ms(p99)
+    );
+    assert_eq!(link(&laptop, &phone), "relayed", "no direct path exists");
+    // Either side may be the one that tried the punch; its doctor says why it failed.
+    let doctors = stdout(&phone.cli(&["doctor"])) + &stdout(&laptop.cli(&["doctor"]));
+    assert!(doctors.contains("hole punch: failed"), "{doctors}");
+    assert!(doctors.contains("relayed"), "{doctors}");
+
+    // Start to connected, relayed: both devices restarted.
+    laptop.stop();
+    phone.stop();
+    let started = Instant::now();
+    let laptop = start_device(
+        &t,
+        "home",
+        dirs[1].path(),
+        &["--relay", &relay_addr(&always_on)],
+    );
+    let phone = start_device(&t, "cafe", dirs[2].path(), &[]);
+    wait_until("laptop and phone to connect again", NAT_LIMIT, || {
+        link(&laptop, &phone) == "relayed"
+    });
+    println!(
+        "from start to connected through the relay: {}",
+        ms(started.elapsed())
+    );
+
+    // (d) The always-on device restarts: both reserve again and reconnect on their own.
+    always_on.stop();
+    wait_until("the laptop to lose its reservation", NAT_LIMIT, || {
+        reservation(&laptop)["state"] != "reserved"
+    });
+    let restarted = Instant::now();
+    let always_on = start_always_on(&t, dirs[0].path());
+    wait_until("both devices to reserve again", NAT_LIMIT, || {
+        reservation(&laptop)["state"] == "reserved" && reservation(&phone)["state"] == "reserved"
+    });
+    wait_until(
+        "laptop and phone to reconnect through the relay",
+        NAT_LIMIT,
+        || link(&laptop, &phone) != "offline" && link(&phone, &laptop) != "offline",
+    );
+    println!(
+        "back (reserved and reconnected) {} after the always-on device restarted",
+        ms(restarted.elapsed())
+    );
+    set(&phone, "trip", "after_restart", "3");
+    wait_until("a change after the restart", NAT_LIMIT, || {
+        get(&laptop, "trip")["m"]["after_restart"] == 3
+    });
+
+    // (e) A device that is not linked: its reservation is refused, and what it dials through
+    // the relay refuses it sync (it reads nothing and its writes go nowhere).
+    let laptop_relayed = reservation(&laptop)["relayed_addrs"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // It even trusts the laptop on its own side, so it really tries to sync.
+    let stranger_dir = dirs[3].path();
+    let socket = stranger_dir.join("agent.sock");
+    for args in [&["id"][..], &["trust", "add", &laptop.device_id]] {
+        let out = common::process::cli(stranger_dir, &socket, args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let stranger = AgentProcess::start_in(
+        &t.ns("internet"),
+        dirs[3].path(),
+        &[
+            "--listen",
+            "/ip4/0.0.0.0/tcp/0",
+            "--relay",
+            &relay_addr(&always_on),
+            "--peer",
+            &laptop_relayed,
+        ],
+    );
+    wait_until(
+        "the stranger's reservation to be refused",
+        NAT_LIMIT,
+        || {
+            reservation(&stranger)["last_error"]
+                .as_str()
+                .is_some_and(|e| !e.is_empty())
+        },
+    );
+    let refused = reservation(&stranger);
+    assert_ne!(refused["state"], "reserved", "{refused}");
+    set(&stranger, "trip", "from_stranger", "666");
+    // It reaches the laptop through the relay (circuits are open to strangers, slowly, so a
+    // device can pair through the relay), and the laptop refuses it everything but pairing.
+    wait_until(
+        "the stranger to be refused by the laptop",
+        NAT_LIMIT,
+        || {
+            peer(&laptop, &stranger)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("sync refused"))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    for device in [&laptop, &phone, &always_on] {
+        assert!(
+            get(device, "trip")["m"].get("from_stranger").is_none(),
+            "a stranger's write arrived"
+        );
+    }
+    assert!(
+        get(&stranger, "trip")["m"].get("from_laptop").is_none(),
+        "a stranger read a document"
+    );
+    let denied = peer(&always_on, &stranger);
+    assert_ne!(denied["trusted"], true);
+}
