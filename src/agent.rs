@@ -586,6 +586,74 @@ impl AgentHandle {
         rx.await.map_err(|_| AgentError::Stopped)
     }
 
+    /// Pairs with the device that opened `code` on another network, through `relay`: the
+    /// relay's address (ending in `/p2p/ID`; the relay says which of its devices has the code's
+    /// slot open, see [`net::lookup`]) or the host's relayed address.
+    pub async fn pair_join_through_relay(
+        &self,
+        code: &PairingCode,
+        relay: Multiaddr,
+    ) -> Result<Paired, PairError> {
+        let host = if net::relay::is_relayed(&relay) {
+            relay
+        } else {
+            let joins = &self.inner.neighborhood.joins;
+            joins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let found = self.find_pairing_host(code, &relay).await;
+            joins.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            found?
+        };
+        self.pair_join(code, Some(host)).await
+    }
+
+    /// Asks the relay at `relay` which device has `code`'s slot open (for up to 10 s: the host
+    /// lists it in the device group within a second of opening it); returns its relayed address.
+    async fn find_pairing_host(
+        &self,
+        code: &PairingCode,
+        relay: &Multiaddr,
+    ) -> Result<Multiaddr, PairError> {
+        use libp2p::multiaddr::Protocol;
+        let (relay_id, _) = net::relay::parse_relay_addr(relay).map_err(PairError::Unreachable)?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.notify(NetCommand::Connect {
+                target: ConnectTarget::Addr(relay.clone()),
+                reply,
+            })
+            .map_err(|e| PairError::Unreachable(e.to_string()))?;
+            rx.await
+                .map_err(|_| PairError::Unreachable("the agent stopped".into()))?
+                .map_err(|e| PairError::Unreachable(format!("the relay: {e}")))?;
+            let stream = self
+                .inner
+                .control
+                .lock()
+                .await
+                .open_stream(relay_id, net::lookup::PAIR_LOOKUP_PROTOCOL)
+                .await;
+            let answer = match stream {
+                Ok(stream) => net::lookup::ask(stream, code.slot()).await,
+                Err(e) => Err(e.to_string()),
+            };
+            match answer {
+                Ok(Some(host)) => {
+                    return Ok(relay
+                        .clone()
+                        .with(Protocol::P2pCircuit)
+                        .with(Protocol::P2p(host)))
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("pairing lookup on the relay failed: {e}"),
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(PairError::NotOnRelay(code.slot()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
+
     /// Pairs with the device that opened `code`: found over mDNS by the code's slot, or dialed at
     /// `addr`. Both devices then trust each other (and the rest of each other's group).
     pub async fn pair_join(

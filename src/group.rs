@@ -3,7 +3,8 @@
 //!
 //! Document `_devicelink/devices`, root map `devices`: device id -> `{name, addrs, removed,
 //! relay}`. Each device keeps its own `addrs` current (they include its relayed addresses), and
-//! `relay` marks an always-on device serving as the group's relay (`agent --serve-relay`).
+//! `relay` marks an always-on device serving as the group's relay (`agent --serve-relay`);
+//! `pair_slot` is the public slot of a pairing code open on that device (see `net::lookup`).
 //! It syncs like any document, so only trusted devices can change it. Each agent reconciles its
 //! trust store with it: members are trusted, removed devices are dropped and remembered as
 //! revoked. A removed device cannot re-add itself (no member syncs with it); only an explicit new
@@ -32,6 +33,8 @@ pub struct Member {
     pub removed: bool,
     /// It serves as a relay for the group.
     pub relay: bool,
+    /// The slot of the pairing code open on it now, if any.
+    pub pair_slot: Option<u16>,
 }
 
 /// Adds or refreshes members. A removed one is not resurrected, except those in `readmit`: a
@@ -50,7 +53,7 @@ pub async fn upsert(
                 continue;
             }
             let relay = old.is_some_and(|m| m.relay);
-            map.insert(txn, key, entry(name, addrs, false, relay));
+            map.insert(txn, key, entry(name, addrs, false, relay, None));
         }
     })
     .await
@@ -60,30 +63,49 @@ pub async fn upsert(
 pub async fn remove(doc: &DocHandle, id: PeerId, name: &str) -> Result<(), DocError> {
     let map = doc.yrs_doc().get_or_insert_map(MAP);
     doc.transact(|txn| {
-        map.insert(txn, id.to_string(), entry(name, &[], true, false));
+        map.insert(txn, id.to_string(), entry(name, &[], true, false, None));
     })
     .await
 }
 
-/// Keeps this device's own entry current (its addresses, whether it serves as a relay). Does
+/// What a device says about itself in its group entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfEntry<'a> {
+    pub name: &'a str,
+    pub addrs: &'a [String],
+    pub relay: bool,
+    pub pair_slot: Option<u16>,
+}
+
+/// Keeps this device's own entry current (addresses, relay, open pairing slot). Does
 /// nothing when the entry says the same already, when this device is not in the group (never
 /// paired) or was removed from it. Returns whether it wrote.
 pub async fn publish_self(
     doc: &DocHandle,
     me: PeerId,
-    name: &str,
-    addrs: &[String],
-    relay: bool,
+    wanted: SelfEntry<'_>,
 ) -> Result<bool, DocError> {
     let map = doc.yrs_doc().get_or_insert_map(MAP);
     let key = me.to_string();
     let current = doc.read(|txn| read_member(txn, &map, &key));
     match current {
-        Some(m) if !m.removed && (m.addrs != addrs || m.relay != relay || m.name != name) => {}
+        Some(m)
+            if !m.removed
+                && (m.addrs != wanted.addrs
+                    || m.relay != wanted.relay
+                    || m.name != wanted.name
+                    || m.pair_slot != wanted.pair_slot) => {}
         _ => return Ok(false),
     }
     doc.transact(|txn| {
-        map.insert(txn, key, entry(name, addrs, false, relay));
+        let value = entry(
+            wanted.name,
+            wanted.addrs,
+            false,
+            wanted.relay,
+            wanted.pair_slot,
+        );
+        map.insert(txn, key, value);
     })
     .await?;
     Ok(true)
@@ -98,7 +120,7 @@ pub fn relays(doc: &DocHandle, me: PeerId) -> Vec<(PeerId, Vec<String>)> {
         .collect()
 }
 
-fn entry(name: &str, addrs: &[String], removed: bool, relay: bool) -> Any {
+fn entry(name: &str, addrs: &[String], removed: bool, relay: bool, pair_slot: Option<u16>) -> Any {
     let mut m = std::collections::HashMap::new();
     m.insert("name".to_string(), Any::from(name));
     m.insert(
@@ -108,6 +130,9 @@ fn entry(name: &str, addrs: &[String], removed: bool, relay: bool) -> Any {
     m.insert("removed".to_string(), Any::Bool(removed));
     if relay {
         m.insert("relay".to_string(), Any::Bool(true));
+    }
+    if let Some(slot) = pair_slot {
+        m.insert("pair_slot".to_string(), Any::from(f64::from(slot)));
     }
     Any::Map(Arc::new(m))
 }
@@ -137,6 +162,10 @@ fn read_member<T: ReadTxn>(txn: &T, map: &yrs::MapRef, key: &str) -> Option<Memb
         addrs,
         removed: matches!(fields.get("removed"), Some(Any::Bool(true))),
         relay: matches!(fields.get("relay"), Some(Any::Bool(true))),
+        pair_slot: match fields.get("pair_slot") {
+            Some(Any::Number(n)) => n.as_i64().and_then(|n| u16::try_from(n).ok()),
+            _ => None,
+        },
     })
 }
 

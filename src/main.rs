@@ -105,8 +105,9 @@ enum Command {
         /// Dial the other device at this address instead of finding it over mDNS.
         #[arg(long, requires = "code")]
         peer: Option<Multiaddr>,
-        /// Reach the other device through a relay (it is on another network): the relayed
-        /// address `devicelink pair` printed there (ending in /p2p-circuit/p2p/ID).
+        /// Reach the other device through a relay (it is on another network and linked with
+        /// the relay): the relay's address ending in /p2p/ID, or the relayed address
+        /// `devicelink pair` printed on the other device.
         #[arg(long, requires = "code", conflicts_with = "peer", value_name = "ADDR")]
         relay: Option<Multiaddr>,
         /// How long a new code stays valid, in seconds.
@@ -385,16 +386,7 @@ async fn run(cli: Cli) -> Result<()> {
             peer,
             relay,
             expires,
-        } => {
-            if let Some(relay) = &relay {
-                if !devicelink::net::relay::is_relayed(relay) {
-                    bail!(
-                        "--relay takes the relayed address the other device's `devicelink pair` printed (…/p2p-circuit/p2p/ID); {relay} is not one"
-                    );
-                }
-            }
-            pair(&global, code, peer.or(relay), expires).await
-        }
+        } => pair(&global, code, peer, relay, expires).await,
         Command::Unpair { device } => {
             let result = global
                 .client()
@@ -892,6 +884,7 @@ async fn pair(
     global: &Global,
     code: Option<String>,
     peer: Option<Multiaddr>,
+    relay: Option<Multiaddr>,
     expires: u64,
 ) -> Result<()> {
     use devicelink::pairing::{HostEvent, Paired};
@@ -908,6 +901,7 @@ async fn pair(
         let body = RequestBody::PairJoin {
             code,
             addr: peer.map(|a| a.to_string()),
+            relay: relay.map(|a| a.to_string()),
         };
         let paired: Paired = serde_json::from_value(client.request(body).await?)?;
         show(&paired);

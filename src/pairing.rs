@@ -164,6 +164,8 @@ pub enum PairError {
     HostNotProven,
     #[error("could not find a device with pairing slot {0} nearby (is it on this network? pass --peer ADDR to dial it directly)")]
     NotFound(u16),
+    #[error("no device reachable through the relay has pairing slot {0} open (is `devicelink pair` running there, and is that device linked with the relay?)")]
+    NotOnRelay(u16),
     #[error("cannot reach the other device: {0}")]
     Unreachable(String),
     #[error("pairing protocol error: {0}")]

@@ -9,7 +9,9 @@
 //! - (c) the laptop edits and stops; the phone starts later and gets the edit from the
 //!   always-on device;
 //! - (d) the always-on device restarts: devices reserve again and reconnect on their own;
-//! - (e) a device that is not linked cannot reserve, read or write through the relay.
+//! - (e) a device that is not linked cannot reserve, read or write through the relay;
+//! - (f) a new device on another network pairs with the laptop through the relay
+//!   (`pair CODE --relay ADDR`: the relay finds the laptop by the code's slot).
 //!
 //! Skipped, with the reason printed, where network namespaces cannot be created (not root).
 //! Run with `--nocapture` to see the figures (times to connect, latency per path).
@@ -258,7 +260,7 @@ fn devices_behind_two_nats_meet_through_the_relay_punch_through_and_store_and_fo
     );
 }
 
-/// (b) with symmetric NATs, (d) and (e).
+/// (b) with symmetric NATs, (d), (e) and (f).
 #[test]
 fn symmetric_nats_stay_relayed_relay_restarts_and_strangers_are_refused() {
     let Some(t) = topology(Nat::Symmetric) else {
@@ -409,4 +411,35 @@ fn symmetric_nats_stay_relayed_relay_restarts_and_strangers_are_refused() {
     );
     let denied = peer(&always_on, &stranger);
     assert_ne!(denied["trusted"], true);
+
+    drop(stranger);
+
+    // (f) A new device in the cafe pairs with the laptop at home, through the relay: it knows
+    // the relay's address and the code, not the laptop's id.
+    let tablet_dir = tempfile::tempdir().unwrap();
+    let tablet = start_device(&t, "cafe", tablet_dir.path(), &[]);
+    let host = OpenCode::open(&laptop, 60);
+    let started = Instant::now();
+    let out = tablet.cli(&["pair", &host.code, "--relay", &relay_addr(&always_on)]);
+    assert!(
+        out.status.success(),
+        "pairing through the relay: {}",
+        stderr(&out)
+    );
+    host.expect_line("paired with");
+    println!("paired through the relay in {}", ms(started.elapsed()));
+    set(&tablet, "trip", "from_tablet", "4");
+    wait_until(
+        "the tablet's edit on the laptop and the phone",
+        NAT_LIMIT,
+        || {
+            get(&laptop, "trip")["m"]["from_tablet"] == 4
+                && get(&phone, "trip")["m"]["from_tablet"] == 4
+        },
+    );
+    assert_eq!(get(&tablet, "trip")["m"]["from_laptop"], 1);
+    // A wrong slot is a clear error, not a hang.
+    let out = tablet.cli(&["pair", "11-111-111", "--relay", &relay_addr(&always_on)]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("slot 11"), "{}", stderr(&out));
 }

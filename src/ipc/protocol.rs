@@ -133,6 +133,10 @@ pub enum RequestBody {
         code: String,
         #[serde(default)]
         addr: Option<String>,
+        /// Reach the host through this relay (its address ending in `/p2p/ID`; the relay finds
+        /// the host by the code's slot), or the host's relayed address.
+        #[serde(default)]
+        relay: Option<String>,
     },
     /// Removes a device from the group, on every device.
     Unpair {
@@ -362,6 +366,7 @@ mod tests {
             RequestBody::PairJoin {
                 code: "42-815-067".into(),
                 addr: None,
+                relay: None,
             },
             RequestBody::DocUnsubscribe { subscription: 3 },
             RequestBody::DocList {

@@ -563,24 +563,31 @@ impl Connection {
                 });
                 json!({ "code": code.to_string(), "slot": code.slot(), "expires_in_secs": expiry.as_secs() })
             }
-            RequestBody::PairJoin { code, addr } => {
+            RequestBody::PairJoin { code, addr, relay } => {
                 let code: crate::pairing::PairingCode =
                     code.parse().map_err(|e: crate::pairing::BadCode| {
                         (ErrorCode::InvalidArgument, e.to_string())
                     })?;
-                let addr = match addr {
-                    Some(a) => Some(a.parse().map_err(|e| {
+                let parse = |a: Option<String>| match a {
+                    Some(a) => a.parse::<libp2p::Multiaddr>().map(Some).map_err(|e| {
                         (
                             ErrorCode::InvalidArgument,
                             format!("bad multiaddr {a:?}: {e}"),
                         )
-                    })?),
-                    None => None,
+                    }),
+                    None => Ok(None),
                 };
-                let paired = agent
-                    .pair_join(&code, addr)
-                    .await
-                    .map_err(|e| (ErrorCode::Pairing, e.to_string()))?;
+                let paired = match (parse(addr)?, parse(relay)?) {
+                    (Some(_), Some(_)) => {
+                        return Err((
+                            ErrorCode::InvalidArgument,
+                            "give addr or relay, not both".into(),
+                        ))
+                    }
+                    (addr, None) => agent.pair_join(&code, addr).await,
+                    (None, Some(relay)) => agent.pair_join_through_relay(&code, relay).await,
+                }
+                .map_err(|e| (ErrorCode::Pairing, e.to_string()))?;
                 to_value(paired)
             }
             RequestBody::Unpair { device } => {

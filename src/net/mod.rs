@@ -30,6 +30,7 @@ use crate::sync::message::{codec, Hello, Message, Refusal, RefuseCode, PROTOCOL_
 use crate::sync::session::{self, SessionCtx, SessionError};
 use crate::sync::SYNC_PROTOCOL;
 
+pub mod lookup;
 pub mod reach;
 pub mod relay;
 pub mod swarm;
@@ -377,6 +378,7 @@ impl Network {
             control.accept(SYNC_PROTOCOL),
             control.accept(PAIR_PROTOCOL),
             control.accept(crate::handoff::HANDOFF_PROTOCOL),
+            control.accept(lookup::PAIR_LOOKUP_PROTOCOL),
         );
         let mut legacy = futures::stream::select_all(
             crate::sync::message::LEGACY_SYNC_PROTOCOLS
@@ -388,10 +390,10 @@ impl Network {
                         .map(|s| s.map(move |x| (p.clone(), x)))
                 }),
         );
-        let (mut incoming, mut incoming_pair, mut incoming_claims) = match accepted {
-            (Ok(sync), Ok(pair), Ok(claims)) => (sync, pair, claims),
+        let (mut incoming, mut incoming_pair, mut incoming_claims, mut lookups) = match accepted {
+            (Ok(sync), Ok(pair), Ok(claims), Ok(lookups)) => (sync, pair, claims, lookups),
             _ => {
-                tracing::error!("cannot accept sync, pairing and handoff streams");
+                tracing::error!("cannot accept sync, pairing, handoff and lookup streams");
                 return;
             }
         };
@@ -405,6 +407,7 @@ impl Network {
                 Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream),
                 Some((peer, stream)) = incoming_pair.next() => self.on_pair_stream(peer, stream),
                 Some((peer, stream)) = incoming_claims.next() => self.on_claim_stream(peer, stream),
+                Some((_, stream)) = lookups.next() => self.on_lookup_stream(stream),
                 Some((protocol, (peer, stream))) = legacy.next() => {
                     let message = format!(
                         "this device speaks devicelink sync {PROTOCOL_VERSION}; {protocol} is too old: update devicelink on device {peer}"
@@ -422,6 +425,7 @@ impl Network {
                         let code = self.neighborhood.host.open(expiry);
                         let events = self.neighborhood.host.subscribe();
                         self.advertise();
+                        self.upkept = Instant::now() - UPKEEP; // list the slot for relays now
                         let _ = reply.send((code, events));
                     }
                     Some(NetCommand::TrustChanged) => {
@@ -468,6 +472,7 @@ impl Network {
         drop(incoming);
         drop(incoming_pair);
         drop(incoming_claims);
+        drop(lookups);
         drop(self);
         if let Some(done) = done {
             let _ = done.send(());
@@ -612,6 +617,30 @@ impl Network {
             }
             let _ = commands.send(NetCommand::PairingEnded);
         });
+    }
+
+    /// "Which device pairs at slot N?" from a device pairing through this relay: a group device
+    /// with that slot open and connected here (see [`lookup`]). Only a relay answers.
+    fn on_lookup_stream(&mut self, stream: libp2p::Stream) {
+        let open: Vec<(PeerId, Option<u16>)> = if self.serve_relay {
+            match self.ctx.registry.handle(crate::group::GROUP_DOC) {
+                Ok(group) => crate::group::members(&group)
+                    .into_iter()
+                    .filter(|m| {
+                        !m.removed && self.trust.is_trusted(&m.id) && self.swarm.is_connected(&m.id)
+                    })
+                    .map(|m| (m.id, m.pair_slot))
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
+        } else {
+            Vec::new()
+        };
+        self.sessions.spawn(lookup::serve(stream, move |slot| {
+            open.into_iter()
+                .find(|(_, open)| *open == Some(slot))
+                .map(|(id, _)| id)
+        }));
     }
 
     /// A handoff claim from `peer` for an activity this device holds.
@@ -969,13 +998,13 @@ impl Network {
                     .collect();
                 self.reservations.set_from_group(relays);
                 let addrs = self.listen_addr_strings();
-                let published = crate::group::publish_self(
-                    &group,
-                    local,
-                    &self.device_name,
-                    &addrs,
-                    self.serve_relay,
-                );
+                let wanted = crate::group::SelfEntry {
+                    name: &self.device_name,
+                    addrs: &addrs,
+                    relay: self.serve_relay,
+                    pair_slot: self.neighborhood.host.open_slot(),
+                };
+                let published = crate::group::publish_self(&group, local, wanted);
                 if let Err(e) = published.await {
                     tracing::warn!("cannot publish this device's addresses in its group: {e}");
                 }
