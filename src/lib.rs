@@ -48,6 +48,7 @@ pub mod lifecycle;
 pub mod net;
 pub mod pairing;
 pub mod presence;
+pub mod service;
 pub mod status;
 pub mod store;
 pub mod sync;

@@ -87,6 +87,10 @@ enum Command {
     /// Manage the apps allowed to use the y-websocket endpoint (tokens).
     #[command(subcommand)]
     App(AppCommand),
+    /// Run the agent as a service (systemd; launchd on macOS): at login, or at boot with
+    /// --system (an always-on device).
+    #[command(subcommand)]
+    Service(ServiceCommand),
     /// Check a Device Linking 1.4 implementation at ADDR: replays the protocol's session
     /// transcripts (protocol/vectors/sessions/) over libp2p and prints a pass/fail table. The
     /// target must trust the two ids this prints (and should start from a fresh data dir).
@@ -172,6 +176,45 @@ enum Command {
         /// Also run the automerge-repo comparison installed in DIR (see bench/automerge/README.md).
         #[arg(long)]
         automerge: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Write the service file for `devicelink agent` with these flags, enable and start it.
+    Install {
+        /// A system service (at boot, /etc/systemd/system) instead of your user's.
+        #[arg(long)]
+        system: bool,
+        /// The user a system service runs as (default: root).
+        #[arg(long, requires = "system", value_name = "USER")]
+        user: Option<String>,
+        /// Serve as the relay of your devices (see `agent --serve-relay`).
+        #[arg(long)]
+        serve_relay: bool,
+        /// Reserve on this relay (see `agent --relay`; repeatable).
+        #[arg(long, value_name = "ADDR")]
+        relay: Vec<Multiaddr>,
+        /// libp2p listen address (see `agent --listen`; repeatable).
+        #[arg(long, value_name = "ADDR")]
+        listen: Vec<Multiaddr>,
+        /// An address reachable from outside (see `agent --external`; repeatable).
+        #[arg(long, value_name = "ADDR")]
+        external: Vec<Multiaddr>,
+        /// Name shown to your other devices.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only write the file; do not enable or start it.
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Stop and disable the service and remove its file.
+    Uninstall {
+        #[arg(long)]
+        system: bool,
+        /// Only remove the file; do not stop or disable it.
+        #[arg(long)]
+        no_stop: bool,
     },
 }
 
@@ -380,6 +423,7 @@ async fn run(cli: Cli) -> Result<()> {
             run_agent(&global, config, ws).await
         }
         Command::App(command) => app(&global, command).await,
+        Command::Service(command) => service(&global, command),
         Command::Conformance { addr, peer_id } => conformance(&global, addr, peer_id).await,
         Command::Pair {
             code,
@@ -950,6 +994,87 @@ async fn pair(
         }
     }
     bail!("the agent closed the connection")
+}
+
+fn service(global: &Global, command: ServiceCommand) -> Result<()> {
+    use devicelink::service;
+    match command {
+        ServiceCommand::Install {
+            system,
+            user,
+            serve_relay,
+            relay,
+            listen,
+            external,
+            name,
+            no_start,
+        } => {
+            let data_dir = match (&global.data_dir, system) {
+                (Some(dir), _) => std::path::absolute(dir)?,
+                (None, true) => PathBuf::from(service::SYSTEM_DATA_DIR),
+                (None, false) => global.data_dir()?,
+            };
+            let mut agent_args = Vec::new();
+            // A system service has no login session (no XDG_RUNTIME_DIR): its socket is pinned
+            // next to its data so the CLI finds it with the same --data-dir and --socket.
+            let socket = match (&global.socket, system) {
+                (Some(socket), _) => Some(std::path::absolute(socket)?),
+                (None, true) => Some(data_dir.join("agent.sock")),
+                (None, false) => None,
+            };
+            if let Some(socket) = &socket {
+                agent_args.push("--socket".to_string());
+                agent_args.push(socket.display().to_string());
+            }
+            if serve_relay {
+                agent_args.push("--serve-relay".to_string());
+            }
+            for (flag, addrs) in [
+                ("--relay", &relay),
+                ("--listen", &listen),
+                ("--external", &external),
+            ] {
+                for addr in addrs {
+                    agent_args.push(flag.to_string());
+                    agent_args.push(addr.to_string());
+                }
+            }
+            if let Some(name) = name {
+                agent_args.push("--name".to_string());
+                agent_args.push(name);
+            }
+            let spec = service::ServiceSpec {
+                exe: service::current_exe()?,
+                data_dir,
+                agent_args,
+                system,
+                run_as: user,
+            };
+            let installed = service::install(&spec, !no_start)?;
+            println!("wrote {}", installed.path.display());
+            println!("runs: {}", spec.command().join(" "));
+            if let Some(socket) = &socket {
+                println!(
+                    "talk to it with: devicelink --data-dir {} --socket {} status",
+                    spec.data_dir.display(),
+                    socket.display()
+                );
+            }
+            match installed.started {
+                Ok(()) => println!("enabled and started"),
+                Err(e) if no_start => println!("{e}"),
+                Err(e) => bail!("the service file is written, but {e}"),
+            }
+            Ok(())
+        }
+        ServiceCommand::Uninstall { system, no_stop } => {
+            match service::uninstall(system, !no_stop)? {
+                Some(path) => println!("removed {}", path.display()),
+                None => println!("no service was installed"),
+            }
+            Ok(())
+        }
+    }
 }
 
 async fn peers(global: &Global) -> Result<()> {

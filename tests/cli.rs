@@ -279,3 +279,82 @@ fn activity_and_handoff_through_the_cli() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("reverse-DNS"), "{}", stderr(&out));
 }
+
+/// `service install` writes a user unit whose ExecStart really runs this agent with the flags
+/// given (the unit's command line is started here, as systemd would); `service uninstall`
+/// removes it. (`--no-start`: no service manager runs in the test.)
+#[test]
+fn service_install_writes_a_unit_that_runs_the_agent() {
+    let home = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let socket = data.path().join("svc.sock");
+    let config = home.path().join("config");
+    let devicelink = |args: &[&str]| {
+        Command::new(BIN)
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", &config)
+            .arg("--data-dir")
+            .arg(data.path())
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = devicelink(&[
+        "service",
+        "install",
+        "--no-start",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--name",
+        "svc",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unit_path = config.join("systemd/user/devicelink.service");
+    let unit = std::fs::read_to_string(&unit_path).expect("the unit is written");
+    assert!(unit.contains("WantedBy=default.target"), "{unit}");
+    assert!(unit.contains("Restart=on-failure"), "{unit}");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("an ExecStart line");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert!(argv.contains(&"agent") && argv.contains(&"svc"), "{exec}");
+
+    // Run the unit's command line, as systemd would.
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .args(["--no-ws", "--no-mdns"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + LIMIT;
+    for line in lines.map_while(Result::ok) {
+        if line.starts_with("ipc socket: ") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service's agent did not start"
+        );
+    }
+    let status = devicelink(&["status"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let status: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
+    assert_eq!(status["device_name"], "svc", "{status}");
+
+    let out = devicelink(&["service", "uninstall", "--no-stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("removed"), "{}", stdout(&out));
+    assert!(!unit_path.exists());
+    let out = devicelink(&["service", "uninstall", "--no-stop"]);
+    assert!(stdout(&out).contains("no service was installed"));
+    // A user for a user service makes no sense: refused by the argument parser.
+    let out = devicelink(&["service", "install", "--user", "nobody"]);
+    assert!(!out.status.success());
+}
