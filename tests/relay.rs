@@ -205,6 +205,8 @@ fn devices_behind_two_nats_meet_through_the_relay_punch_through_and_store_and_fo
         });
     }
     assert_eq!(reservation(&laptop)["source"], "flag");
+    // The always-on device has a public address: a plain direct link, not a LAN one.
+    assert_eq!(link(&laptop, &always_on), "direct");
     assert_eq!(reservation(&phone)["source"], "device-group");
     set(&laptop, "trip", "from_laptop", "1");
     set(&phone, "trip", "from_phone", "2");
@@ -237,6 +239,30 @@ fn devices_behind_two_nats_meet_through_the_relay_punch_through_and_store_and_fo
     assert!(
         stdout(&always_on.cli(&["doctor"])).contains("serving as the relay"),
         "the always-on device says what it is"
+    );
+
+    // Start to connected and to direct: both devices restarted (they know each other).
+    laptop.stop();
+    phone.stop();
+    let started = Instant::now();
+    let laptop = start_device(
+        &t,
+        "home",
+        dirs[1].path(),
+        &["--relay", &relay_addr(&always_on)],
+    );
+    let phone = start_device(&t, "cafe", dirs[2].path(), &[]);
+    wait_until("laptop and phone to connect again", NAT_LIMIT, || {
+        link(&laptop, &phone) != "offline"
+    });
+    let connected = started.elapsed();
+    wait_until("a direct link again", NAT_LIMIT, || {
+        link(&laptop, &phone) == "punched-direct"
+    });
+    println!(
+        "from start: connected after {}, punched-direct after {}",
+        ms(connected),
+        ms(started.elapsed())
     );
 
     // (c) The laptop edits and stops; the phone, started later, gets it from the always-on

@@ -43,6 +43,12 @@ impl LinkKind {
             return Self::Relayed;
         }
         let remote = match endpoint {
+            // Only a hole punch dials in the listener's role (both sides dial at once; DCUtR
+            // reports the connection on the side that started it, not on this one).
+            ConnectedPoint::Dialer {
+                role_override: libp2p::core::Endpoint::Listener,
+                ..
+            } => return Self::PunchedDirect,
             ConnectedPoint::Dialer { address, .. } => address,
             ConnectedPoint::Listener { send_back_addr, .. } => send_back_addr,
         };
@@ -341,11 +347,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn link_kinds_and_the_best_link() {
-        let mut reach = Reach::default();
-        let peer = PeerId::random();
-        let relayed = ConnectedPoint::Listener {
+    /// A circuit from `peer` through a relay, as the listening side sees it.
+    fn relayed_from(peer: PeerId) -> ConnectedPoint {
+        ConnectedPoint::Listener {
             local_addr: format!(
                 "/ip4/203.0.113.7/tcp/4001/p2p/{}/p2p-circuit",
                 PeerId::random()
@@ -353,7 +357,14 @@ mod tests {
             .parse()
             .unwrap(),
             send_back_addr: format!("/p2p/{peer}").parse().unwrap(),
-        };
+        }
+    }
+
+    #[test]
+    fn link_kinds_and_the_best_link() {
+        let mut reach = Reach::default();
+        let peer = PeerId::random();
+        let relayed = relayed_from(peer);
         let (c1, c2) = (
             ConnectionId::new_unchecked(1),
             ConnectionId::new_unchecked(2),
@@ -381,15 +392,7 @@ mod tests {
     fn failed_punches_are_retried_a_bounded_number_of_times() {
         let mut reach = Reach::default();
         let peer = PeerId::random();
-        let relayed = ConnectedPoint::Listener {
-            local_addr: format!(
-                "/ip4/203.0.113.7/tcp/4001/p2p/{}/p2p-circuit",
-                PeerId::random()
-            )
-            .parse()
-            .unwrap(),
-            send_back_addr: format!("/p2p/{peer}").parse().unwrap(),
-        };
+        let relayed = relayed_from(peer);
         reach.connected(peer, ConnectionId::new_unchecked(1), &relayed);
         reach.punch_failed(peer, "no addresses".into());
         assert!(reach.punch_retries_due().is_empty(), "not before the pause");

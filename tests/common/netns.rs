@@ -3,9 +3,9 @@
 //! when they are missing, so a test can skip with the reason.
 //!
 //! ```text
-//!   internet (10.77.0.0/24, a bridge): the always-on device at 10.77.0.1
-//!     ├─ home NAT 10.77.0.2 ── home 192.168.1.0/24: the laptop at 192.168.1.2
-//!     └─ cafe NAT 10.77.0.3 ── cafe 192.168.2.0/24: the phone at 192.168.2.2
+//!   internet (203.0.113.0/24, a documentation range, on a bridge): the always-on device at 203.0.113.1
+//!     ├─ home NAT 203.0.113.2 ── home 192.168.1.0/24: the laptop at 192.168.1.2
+//!     └─ cafe NAT 203.0.113.3 ── cafe 192.168.2.0/24: the phone at 192.168.2.2
 //! ```
 //! Home and cafe have no route to each other except through their NATs' public addresses. Each
 //! NAT drops unsolicited traffic from the internet side (like a home router), so a device behind
@@ -39,7 +39,7 @@ for ns in $INET $HNAT $CNAT $HOME $CAFE; do
   ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
 done
 ip -n $INET link add br0 type bridge forward_delay 0 stp_state 0
-ip -n $INET addr add 10.77.0.1/24 dev br0
+ip -n $INET addr add 203.0.113.1/24 dev br0
 ip -n $INET link set br0 up
 nat_router() { # ns bridge-port public-addr lan-addr client-ns
   ns=$1 port=$2 pub=$3 lan=$4 cli=$5
@@ -74,8 +74,8 @@ table ip filter {
 }
 NFT
 }
-nat_router $HNAT h0 10.77.0.2 192.168.1.1 $HOME
-nat_router $CNAT c0 10.77.0.3 192.168.2.1 $CAFE
+nat_router $HNAT h0 203.0.113.2 192.168.1.1 $HOME
+nat_router $CNAT c0 203.0.113.3 192.168.2.1 $CAFE
 for c in "$HOME 192.168.1.2 192.168.1.1" "$CAFE 192.168.2.2 192.168.2.1"; do
   set -- $c
   ip -n "$1" addr add "$2/24" dev eth0
@@ -96,7 +96,7 @@ exit 0
 "#;
 
 /// The always-on device's address on the internet.
-pub const INTERNET_HOST: &str = "10.77.0.1";
+pub const INTERNET_HOST: &str = "203.0.113.1";
 
 impl Topology {
     /// Creates the namespaces, or says why it cannot (not root, no `ip` or `nft`, no namespace
