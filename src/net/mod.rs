@@ -253,7 +253,12 @@ pub(crate) struct Network {
     serve_relay: bool,
     /// When the slower upkeep (group relays, own group entry, reachability report) last ran.
     upkept: Instant,
+    started: Instant,
 }
+
+/// How long after start relayed dials wait for this device's observed address (so the hole
+/// punch on the relayed connection has an address to try).
+const OBSERVED_WAIT: Duration = Duration::from_secs(2);
 
 /// How often the slower upkeep runs.
 const UPKEEP: Duration = Duration::from_secs(1);
@@ -301,6 +306,7 @@ impl Network {
             relayed_dials: HashMap::new(),
             serve_relay: deps.serve_relay,
             upkept: Instant::now() - UPKEEP,
+            started: Instant::now(),
         }
     }
 
@@ -756,7 +762,10 @@ impl Network {
                     tracing::debug!(%peer, "dial not started: {e}");
                 }
             }
-            if !relayed.is_empty() && !self.relayed_dials.contains_key(&peer) {
+            // A hole punch over the relayed connection needs this device's address as others
+            // see it (identify, from the relay): wait for it a moment after start.
+            let punch_ready = self.reach.has_observed() || self.started.elapsed() > OBSERVED_WAIT;
+            if !relayed.is_empty() && punch_ready && !self.relayed_dials.contains_key(&peer) {
                 let opts = DialOpts::peer_id(peer)
                     .addresses(relayed)
                     .condition(PeerCondition::Disconnected)
@@ -972,13 +981,11 @@ impl Network {
             self.reservations.listening(relay, listener);
         }
         // A failed hole punch is tried again a few times, on a fresh relayed connection (the
-        // device with the smaller id closes the old one; both redial).
+        // device that saw it fail closes the old one; both redial).
         for (peer, relayed) in self.reach.punch_retries_due() {
             self.reach.punch_retrying(&peer);
-            if local < peer {
-                for connection in relayed {
-                    self.swarm.close_connection(connection);
-                }
+            for connection in relayed {
+                self.swarm.close_connection(connection);
             }
         }
     }

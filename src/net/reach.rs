@@ -112,10 +112,17 @@ impl Reach {
         connection: ConnectionId,
         endpoint: &ConnectedPoint,
     ) -> LinkKind {
-        let kind = LinkKind::of(endpoint);
         let links = self.links.entry(peer).or_default();
-        // A direct connection made while a punch is under way is the punch's (DCUtR reports it
-        // right after); marked as such in `punched`.
+        let kind = match LinkKind::of(endpoint) {
+            // A direct connection to a peer reached through a relay is a hole punch's: both
+            // sides dial at once, and whichever dial wins, only one side hears it from DCUtR.
+            LinkKind::Direct | LinkKind::LanDirect
+                if links.values().any(|k| *k == LinkKind::Relayed) =>
+            {
+                LinkKind::PunchedDirect
+            }
+            kind => kind,
+        };
         links.insert(connection, kind);
         self.best(&peer).unwrap_or(kind)
     }
@@ -208,6 +215,11 @@ impl Reach {
         if !self.links.contains_key(peer) {
             self.punches.remove(peer);
         }
+    }
+
+    /// Whether some device has told this one how it sees it (identify).
+    pub fn has_observed(&self) -> bool {
+        !self.observed.is_empty()
     }
 
     pub fn observed(&mut self, addr: Multiaddr) {
@@ -370,14 +382,19 @@ mod tests {
             ConnectionId::new_unchecked(2),
         );
         assert_eq!(reach.connected(peer, c1, &relayed), LinkKind::Relayed);
+        // Direct while a relayed connection is open: the other side's hole punch.
         assert_eq!(
             reach.connected(peer, c2, &listener("/ip4/198.51.100.2/tcp/5")),
-            LinkKind::Direct
+            LinkKind::PunchedDirect
         );
         assert_eq!(reach.punched(peer, c2), vec![c1]);
         assert_eq!(reach.best(&peer), Some(LinkKind::PunchedDirect));
         assert_eq!(reach.closed(peer, c2), Some(LinkKind::Relayed));
         assert_eq!(reach.closed(peer, c1), None);
+        assert_eq!(
+            LinkKind::of(&listener("/ip4/198.51.100.2/tcp/5")),
+            LinkKind::Direct
+        );
         assert_eq!(
             LinkKind::of(&listener("/ip4/192.168.1.20/tcp/5")),
             LinkKind::LanDirect
