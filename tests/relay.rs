@@ -165,15 +165,31 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// Stops the laptop and the phone and starts them again on their data.
+fn restart(
+    t: &Topology,
+    dirs: &[tempfile::TempDir],
+    always_on: &AgentProcess,
+    laptop: AgentProcess,
+    phone: AgentProcess,
+) -> (AgentProcess, AgentProcess) {
+    laptop.stop();
+    phone.stop();
+    (
+        start_laptop(t, dirs[1].path(), always_on),
+        start_device(t, "cafe", dirs[2].path(), &[]),
+    )
+}
+
+/// The laptop names the relay with --relay (the phone learns it from the device group).
+fn start_laptop(t: &Topology, dir: &Path, always_on: &AgentProcess) -> AgentProcess {
+    start_device(t, "home", dir, &["--relay", &relay_addr(always_on)])
+}
+
 /// The laptop names the relay with --relay; the phone learns it from the device group.
 fn three_devices(t: &Topology, dirs: &[tempfile::TempDir]) -> [AgentProcess; 3] {
     let always_on = start_always_on(t, dirs[0].path());
-    let laptop = start_device(
-        t,
-        "home",
-        dirs[1].path(),
-        &["--relay", &relay_addr(&always_on)],
-    );
+    let laptop = start_laptop(t, dirs[1].path(), &always_on);
     let phone = start_device(t, "cafe", dirs[2].path(), &[]);
     link_with(&laptop, &always_on);
     link_with(&phone, &always_on);
@@ -242,16 +258,8 @@ fn devices_behind_two_nats_meet_through_the_relay_punch_through_and_store_and_fo
     );
 
     // Start to connected and to direct: both devices restarted (they know each other).
-    laptop.stop();
-    phone.stop();
     let started = Instant::now();
-    let laptop = start_device(
-        &t,
-        "home",
-        dirs[1].path(),
-        &["--relay", &relay_addr(&always_on)],
-    );
-    let phone = start_device(&t, "cafe", dirs[2].path(), &[]);
+    let (laptop, phone) = restart(&t, &dirs, &always_on, laptop, phone);
     wait_until("laptop and phone to connect again", NAT_LIMIT, || {
         link(&laptop, &phone) != "offline"
     });
@@ -334,16 +342,8 @@ fn symmetric_nats_stay_relayed_relay_restarts_and_strangers_are_refused() {
     assert!(doctors.contains("relayed"), "{doctors}");
 
     // Start to connected, relayed: both devices restarted.
-    laptop.stop();
-    phone.stop();
     let started = Instant::now();
-    let laptop = start_device(
-        &t,
-        "home",
-        dirs[1].path(),
-        &["--relay", &relay_addr(&always_on)],
-    );
-    let phone = start_device(&t, "cafe", dirs[2].path(), &[]);
+    let (laptop, phone) = restart(&t, &dirs, &always_on, laptop, phone);
     wait_until("laptop and phone to connect again", NAT_LIMIT, || {
         link(&laptop, &phone) == "relayed"
     });
