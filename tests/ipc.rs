@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::*;
@@ -311,16 +311,27 @@ async fn other_local_users_cannot_connect() {
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let as_nobody = |socket: &Path| {
         use std::os::unix::process::CommandExt;
-        Command::new(&bin)
-            .arg("--socket")
-            .arg(socket)
-            .arg("--data-dir")
-            .arg(bin_dir.path())
-            .arg("status")
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap()
+        // A child forked by another test thread while the copy was open for writing holds it
+        // until it execs: exec then fails with "Text file busy" for a moment. Try again.
+        let mut tries = 0;
+        loop {
+            let out = Command::new(&bin)
+                .arg("--socket")
+                .arg(socket)
+                .arg("--data-dir")
+                .arg(bin_dir.path())
+                .arg("status")
+                .uid(65534)
+                .gid(65534)
+                .output();
+            match out {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                out => break out.unwrap(),
+            }
+        }
     };
     let out = as_nobody(server.path());
     assert!(!out.status.success(), "nobody connected to the agent");
