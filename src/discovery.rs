@@ -1,8 +1,10 @@
 //! Finding the user's other devices on the local network with mDNS (mdns-sd).
 //!
 //! Every agent advertises `_devicelink._udp.local.` with TXT records `v` (protocol version),
-//! `id` (device id), `name` and, while a pairing code is open, `pair` (the code's public slot), and
-//! browses for the others. Nothing about documents is ever broadcast. An announcement is only a
+//! `id` (device id), `name`, `quic` (its QUIC port, when it listens on QUIC) and, while a pairing
+//! code is open, `pair` (the code's public slot), and browses for the others. The announcement
+//! follows the agent's listeners: [`Discovery::advertise`] is called again whenever a listen
+//! address comes or goes, and the A/AAAA records follow the interfaces (mdns-sd watches them). Nothing about documents is ever broadcast. An announcement is only a
 //! *claim*: the agent dials the claimed id, and the Noise handshake fails unless the device really
 //! holds that id's key, so a spoofed announcement cannot impersonate a trusted device.
 
@@ -75,13 +77,65 @@ pub enum DiscoveryError {
     Mdns(#[from] mdns_sd::Error),
 }
 
+/// What an announcement says about where this device listens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenPorts {
+    /// The TCP port (the SRV record's port; 0 = no TCP listener).
+    pub tcp: Option<u16>,
+    /// The QUIC (UDP) port.
+    pub quic: Option<u16>,
+    /// Addresses the listeners are bound to; empty when one listens on every interface (then
+    /// the interfaces' addresses are announced, following them as they come and go).
+    pub ips: Vec<IpAddr>,
+}
+
+impl ListenPorts {
+    /// The ports and bound addresses of a set of listen addresses (relayed ones are ignored).
+    pub fn of(addrs: &[Multiaddr]) -> Self {
+        let mut ports = Self::default();
+        let mut any_unspecified = false;
+        for addr in addrs {
+            if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+                continue;
+            }
+            let mut ip = None;
+            let mut udp = None;
+            for protocol in addr.iter() {
+                match protocol {
+                    Protocol::Ip4(v4) => ip = Some(IpAddr::V4(v4)),
+                    Protocol::Ip6(v6) => ip = Some(IpAddr::V6(v6)),
+                    Protocol::Tcp(port) if ports.tcp.is_none() => ports.tcp = Some(port),
+                    Protocol::Udp(port) => udp = Some(port),
+                    Protocol::QuicV1 if ports.quic.is_none() => ports.quic = udp,
+                    _ => {}
+                }
+            }
+            match ip {
+                Some(ip) if ip.is_unspecified() => any_unspecified = true,
+                Some(ip) if !ports.ips.contains(&ip) => ports.ips.push(ip),
+                _ => {}
+            }
+        }
+        if any_unspecified {
+            ports.ips.clear();
+        }
+        ports
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tcp.is_none() && self.quic.is_none()
+    }
+}
+
 /// The running advertiser and browser. Dropping it stops both.
 pub struct Discovery {
     daemon: ServiceDaemon,
     device_id: PeerId,
     name: String,
-    port: u16,
     config: DiscoveryConfig,
+    /// What the current announcement says (empty: nothing announced yet) and its pairing slot.
+    announced: ListenPorts,
+    announced_slot: Option<u16>,
     browser: tokio::task::JoinHandle<()>,
 }
 
@@ -93,12 +147,11 @@ impl Drop for Discovery {
 }
 
 impl Discovery {
-    /// Starts advertising `device_id` (listening on TCP `port`) and browsing for other agents.
+    /// Starts browsing for other agents; [`Discovery::advertise`] announces this device.
     pub fn start(
         config: DiscoveryConfig,
         device_id: PeerId,
         name: &str,
-        port: u16,
         events: mpsc::UnboundedSender<DiscoveryEvent>,
     ) -> Result<Self, DiscoveryError> {
         let daemon = ServiceDaemon::new()?;
@@ -125,39 +178,64 @@ impl Discovery {
                 }
             }
         });
-        let discovery = Self {
+        Ok(Self {
             daemon,
             device_id,
             name: name.to_string(),
-            port,
             config,
+            announced: ListenPorts::default(),
+            announced_slot: None,
             browser,
-        };
-        discovery.advertise(None)?;
-        Ok(discovery)
+        })
     }
 
-    /// (Re-)announces this device, with `pair_slot` while a pairing code is open.
-    pub fn advertise(&self, pair_slot: Option<u16>) -> Result<(), DiscoveryError> {
-        let version = PROTOCOL_VERSION.to_string();
+    /// (Re-)announces this device listening on `ports`, with `pair_slot` while a pairing code
+    /// is open; withdraws the announcement while it listens nowhere. Returns whether anything
+    /// is announced.
+    pub fn advertise(
+        &mut self,
+        ports: &ListenPorts,
+        pair_slot: Option<u16>,
+    ) -> Result<bool, DiscoveryError> {
+        if *ports == self.announced && pair_slot == self.announced_slot {
+            return Ok(!ports.is_empty()); // unchanged: no new announcement (and no new probing)
+        }
         let id = self.device_id.to_string();
+        if ports.is_empty() {
+            if !self.announced.is_empty() {
+                let fullname = format!("{id}.{SERVICE_TYPE}");
+                // Best effort: the record also expires on its own (its TTL).
+                let _ = self.daemon.unregister(&fullname);
+            }
+            self.announced = ListenPorts::default();
+            return Ok(false);
+        }
+        let version = PROTOCOL_VERSION.to_string();
         let slot = pair_slot.map(|s| s.to_string());
+        let quic = ports.quic.map(|p| p.to_string());
         let mut properties = vec![
             ("v", version.as_str()),
             ("id", id.as_str()),
             ("name", self.name.as_str()),
         ];
+        if let Some(quic) = &quic {
+            properties.push(("quic", quic.as_str()));
+        }
         if let Some(slot) = &slot {
             properties.push(("pair", slot.as_str()));
         }
         let host = format!("dl-{:08x}.local.", crc32fast::hash(id.as_bytes()));
-        let ips: Vec<IpAddr> = self.config.advertise_ips.clone();
+        let ips: Vec<IpAddr> = if self.config.advertise_ips.is_empty() {
+            ports.ips.clone()
+        } else {
+            self.config.advertise_ips.clone()
+        };
         let info = ServiceInfo::new(
             SERVICE_TYPE,
             &id,
             &host,
             &ips[..],
-            self.port,
+            ports.tcp.unwrap_or(0),
             &properties[..],
         )?;
         let info = if ips.is_empty() {
@@ -166,7 +244,9 @@ impl Discovery {
             info
         };
         self.daemon.register(info)?;
-        Ok(())
+        self.announced = ports.clone();
+        self.announced_slot = pair_slot;
+        Ok(true)
     }
 }
 
@@ -176,19 +256,26 @@ fn instance_id(fullname: &str) -> Option<PeerId> {
 
 fn parse(service: &mdns_sd::ResolvedService) -> Option<Announcement> {
     let claimed_id: PeerId = service.get_property_val_str("id")?.parse().ok()?;
-    let port = service.get_port();
-    let addrs = service
-        .get_addresses()
-        .iter()
-        .map(|ip| {
-            let ip = ip.to_ip_addr();
-            let base = match ip {
-                IpAddr::V4(v4) => Multiaddr::empty().with(Protocol::Ip4(v4)),
-                IpAddr::V6(v6) => Multiaddr::empty().with(Protocol::Ip6(v6)),
-            };
-            base.with(Protocol::Tcp(port))
-        })
-        .collect();
+    let tcp = Some(service.get_port()).filter(|p| *p != 0);
+    let quic: Option<u16> = service
+        .get_property_val_str("quic")
+        .and_then(|p| p.parse().ok())
+        .filter(|p| *p != 0);
+    let mut addrs = Vec::new();
+    for ip in service.get_addresses() {
+        let base = match ip.to_ip_addr() {
+            IpAddr::V4(v4) => Multiaddr::empty().with(Protocol::Ip4(v4)),
+            // A link-local address needs its interface to be dialed: not announced usefully.
+            IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => continue,
+            IpAddr::V6(v6) => Multiaddr::empty().with(Protocol::Ip6(v6)),
+        };
+        if let Some(port) = tcp {
+            addrs.push(base.clone().with(Protocol::Tcp(port)));
+        }
+        if let Some(port) = quic {
+            addrs.push(base.with(Protocol::Udp(port)).with(Protocol::QuicV1));
+        }
+    }
     Some(Announcement {
         claimed_id,
         name: service

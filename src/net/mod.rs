@@ -22,7 +22,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::compat::FuturesAsyncReadCompatExt;
 
-use crate::discovery::{Announcement, Discovery, DiscoveryConfig, DiscoveryEvent};
+use crate::discovery::{Announcement, Discovery, DiscoveryConfig, DiscoveryEvent, ListenPorts};
 use crate::pairing::{self, HostEvent, LocalDevice, PairingCode, PairingHost, PAIR_PROTOCOL};
 use crate::status::PeerTable;
 use crate::store::{TrustStore, TrustedDevice};
@@ -154,6 +154,54 @@ impl Neighborhood {
     fn pairing_window(&self) -> bool {
         self.host.is_open() || self.joins.load(Ordering::SeqCst) > 0
     }
+}
+
+/// Refuses an explicit TCP port another process listens on. libp2p binds its listeners with
+/// SO_REUSEPORT (so hole punches can dial from the listening port), which would otherwise let a
+/// second agent share the port and answer the first one's connections. A plain bind (without
+/// SO_REUSEPORT) fails while any other socket listens there.
+fn ensure_tcp_port_free(addr: &Multiaddr) -> Result<(), NetError> {
+    let mut ip = None;
+    let mut port = None;
+    for protocol in addr.iter() {
+        match protocol {
+            libp2p::multiaddr::Protocol::Ip4(v4) => ip = Some(std::net::IpAddr::V4(v4)),
+            libp2p::multiaddr::Protocol::Ip6(v6) => ip = Some(std::net::IpAddr::V6(v6)),
+            libp2p::multiaddr::Protocol::Tcp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind((ip, port)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(NetError::Listen {
+            addr: addr.clone(),
+            reason: format!(
+                "TCP port {port} is already in use by another program (another devicelink agent?); \
+                 stop it, or pick another port (tcp/0 takes a free one)"
+            ),
+        }),
+        // Anything else (no such address on this machine...) is what the real bind reports.
+        Err(_) => Ok(()),
+    }
+}
+
+/// The address a listener was asked to listen on.
+fn listen_addr_of(
+    waiting: &HashMap<libp2p::core::transport::ListenerId, Multiaddr>,
+    listener: libp2p::core::transport::ListenerId,
+    asked: &[Multiaddr],
+) -> Multiaddr {
+    waiting
+        .get(&listener)
+        .or(asked.first())
+        .cloned()
+        .unwrap_or_else(Multiaddr::empty)
 }
 
 /// Everything the network loop works with besides the swarm.
@@ -310,48 +358,62 @@ impl Network {
         }
     }
 
-    /// Starts listening on `addrs` and waits until each listener has reported an address.
+    /// Starts listening on `addrs` and waits until each listener has reported an address (a
+    /// listener on every interface reports one per interface; the first one counts).
     pub async fn listen(&mut self, addrs: &[Multiaddr]) -> Result<(), NetError> {
+        let mut waiting: HashMap<libp2p::core::transport::ListenerId, Multiaddr> = HashMap::new();
         for addr in addrs {
-            self.swarm
+            ensure_tcp_port_free(addr)?;
+            let id = self
+                .swarm
                 .listen_on(addr.clone())
                 .map_err(|e| NetError::Listen {
                     addr: addr.clone(),
                     reason: e.to_string(),
                 })?;
+            waiting.insert(id, addr.clone());
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut ready = 0;
-        while ready < addrs.len() {
+        while !waiting.is_empty() {
             let event = tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await;
             match event {
-                Ok(SwarmEvent::NewListenAddr { address, .. }) => {
-                    ready += 1;
+                Ok(SwarmEvent::NewListenAddr {
+                    listener_id,
+                    address,
+                }) => {
+                    waiting.remove(&listener_id);
                     self.on_listen_addr(address);
                 }
-                Ok(SwarmEvent::ListenerError { error, .. }) => {
+                Ok(SwarmEvent::ListenerError { listener_id, error }) => {
                     return Err(NetError::Listen {
-                        addr: addrs[ready.min(addrs.len() - 1)].clone(),
+                        addr: listen_addr_of(&waiting, listener_id, addrs),
                         reason: error.to_string(),
                     })
                 }
                 Ok(SwarmEvent::ListenerClosed {
-                    addresses, reason, ..
+                    listener_id,
+                    reason,
+                    ..
                 }) => {
                     return Err(NetError::Listen {
-                        addr: addresses
-                            .first()
-                            .cloned()
-                            .unwrap_or_else(|| addrs[0].clone()),
-                        reason: format!("{reason:?}"),
+                        addr: listen_addr_of(&waiting, listener_id, addrs),
+                        reason: match reason {
+                            Err(e) => e.to_string(),
+                            Ok(()) => "the listener closed".to_string(),
+                        },
                     })
                 }
                 Ok(_) => {}
                 Err(_) => {
+                    let addr = waiting
+                        .values()
+                        .next()
+                        .cloned()
+                        .unwrap_or_else(|| addrs[0].clone());
                     return Err(NetError::Listen {
-                        addr: addrs[ready.min(addrs.len() - 1)].clone(),
+                        addr,
                         reason: "no listen address reported within 5s".into(),
-                    })
+                    });
                 }
             }
         }
@@ -367,14 +429,17 @@ impl Network {
         let mut addrs = self.listen_addrs.write().unwrap_or_else(|p| p.into_inner());
         if !addrs.contains(&address) {
             addrs.push(address);
+            drop(addrs);
+            self.advertise();
         }
     }
 
-    fn forget_listen_addrs(&self, gone: &[Multiaddr]) {
+    fn forget_listen_addrs(&mut self, gone: &[Multiaddr]) {
         self.listen_addrs
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|a| !gone.contains(a));
+        self.advertise();
     }
 
     /// Runs until a shutdown command (or until every command sender is gone).
@@ -486,42 +551,29 @@ impl Network {
     }
 
     fn start_discovery(&mut self, events: mpsc::UnboundedSender<DiscoveryEvent>) {
-        let error = if !self.discovery_config.enabled {
-            Some("mDNS is turned off (--no-mdns)".to_string())
-        } else {
-            let port = self
-                .listen_addrs
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .find_map(|a| {
-                    a.iter().find_map(|p| match p {
-                        libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
-                        _ => None,
-                    })
-                });
-            match port {
-                None => Some("no TCP listen address to advertise".to_string()),
-                Some(port) => match Discovery::start(
-                    self.discovery_config.clone(),
-                    *self.swarm.local_peer_id(),
-                    &self.device_name,
-                    port,
-                    events,
-                ) {
-                    Ok(discovery) => {
-                        self.discovery = Some(discovery);
-                        None
-                    }
-                    Err(e) => Some(e.to_string()),
-                },
+        if !self.discovery_config.enabled {
+            self.set_mdns_error(Some("mDNS is turned off (--no-mdns)".to_string()));
+            return;
+        }
+        match Discovery::start(
+            self.discovery_config.clone(),
+            *self.swarm.local_peer_id(),
+            &self.device_name,
+            events,
+        ) {
+            Ok(discovery) => {
+                self.discovery = Some(discovery);
+                self.advertise();
             }
-        };
-        if let Some(error) = &error {
-            if self.discovery_config.enabled {
+            Err(e) => {
+                let error = e.to_string();
                 tracing::warn!("{error}; direct --peer dialing still works");
+                self.set_mdns_error(Some(error));
             }
         }
+    }
+
+    fn set_mdns_error(&self, error: Option<String>) {
         *self
             .neighborhood
             .mdns_error
@@ -529,13 +581,22 @@ impl Network {
             .unwrap_or_else(|p| p.into_inner()) = error;
     }
 
-    /// Re-announces this device over mDNS (with the open pairing slot, if any).
-    fn advertise(&self) {
-        if let Some(discovery) = &self.discovery {
-            if let Err(e) = discovery.advertise(self.neighborhood.host.open_slot()) {
+    /// (Re-)announces this device over mDNS: where it listens now (every TCP and QUIC listener)
+    /// and the open pairing slot, if any. Called whenever either changes.
+    fn advertise(&mut self) {
+        let Some(discovery) = &mut self.discovery else {
+            return;
+        };
+        let ports = ListenPorts::of(&self.listen_addrs.read().unwrap_or_else(|p| p.into_inner()));
+        let error = match discovery.advertise(&ports, self.neighborhood.host.open_slot()) {
+            Ok(true) => None,
+            Ok(false) => Some("not listening on any TCP or QUIC address yet".to_string()),
+            Err(e) => {
                 tracing::warn!("cannot update the mDNS announcement: {e}");
+                Some(format!("cannot announce this device: {e}"))
             }
-        }
+        };
+        self.set_mdns_error(error);
     }
 
     fn on_discovery(&mut self, event: DiscoveryEvent) {
@@ -554,12 +615,17 @@ impl Network {
                 if self.trust.is_trusted(&id) && !self.is_paused(&id) {
                     self.peers.found_via(id, "mdns");
                     if !self.swarm.is_connected(&id) {
-                        // The dial names the claimed id: Noise fails unless it is really that device.
+                        // The dial names the claimed id: Noise fails unless it is really that
+                        // device. It goes out even while another dial is in flight: that one may
+                        // be to addresses the device no longer listens on (a QUIC dial to a
+                        // closed port waits for its handshake timeout).
                         let opts = DialOpts::peer_id(id)
                             .addresses(addrs)
-                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .condition(PeerCondition::Disconnected)
                             .build();
-                        let _ = self.swarm.dial(opts);
+                        if let Err(e) = self.swarm.dial(opts) {
+                            tracing::debug!(device = %id, "dial not started: {e}");
+                        }
                     }
                 }
             }
@@ -711,11 +777,27 @@ impl Network {
         }
     }
 
+    /// Trusted devices and where to dial them: what they announce over mDNS now first (fresh),
+    /// then the addresses remembered from earlier (stale after the device restarted on new
+    /// ports).
     fn trusted(&self) -> BTreeMap<PeerId, Vec<Multiaddr>> {
+        let nearby = self
+            .neighborhood
+            .nearby
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         match self.trust.list() {
             Ok(list) => list
                 .into_iter()
-                .map(|(id, device)| (id, device.multiaddrs()))
+                .map(|(id, device)| {
+                    let mut addrs = nearby.get(&id).map(|a| a.addrs.clone()).unwrap_or_default();
+                    for addr in device.multiaddrs() {
+                        if !addrs.contains(&addr) {
+                            addrs.push(addr);
+                        }
+                    }
+                    (id, addrs)
+                })
                 .collect(),
             Err(e) => {
                 tracing::error!("cannot read the trust store: {e}");
@@ -808,6 +890,10 @@ impl Network {
                     tracing::info!("listening on {address}");
                 }
                 self.on_listen_addr(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                tracing::info!("no longer listening on {address}");
+                self.forget_listen_addrs(&[address]);
             }
             SwarmEvent::ListenerClosed {
                 listener_id,
@@ -1114,6 +1200,7 @@ impl Network {
             }
         };
         self.refused_by.insert(peer, refused);
+        self.peers.removed_this_device(peer);
         let mut error = format!("this device was refused by {peer}: {message}");
         if refused.pause.is_zero() {
             self.peers.set_error(peer, error);

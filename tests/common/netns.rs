@@ -95,6 +95,96 @@ done
 exit 0
 "#;
 
+/// Two hosts on one LAN segment: namespaces `dl-lan0-TAG` (198.51.100.1) and `dl-lan1-TAG`
+/// (198.51.100.2) joined by a veth pair, multicast on, like two devices on a home network.
+/// Removed (with every process inside) on drop.
+pub struct Lan {
+    tag: String,
+}
+
+const LAN_SETUP: &str = r#"
+set -eu
+TAG=$1
+A=dl-lan0-$TAG B=dl-lan1-$TAG
+ip netns add "$A"
+ip netns add "$B"
+ip -n "$A" link set lo up
+ip -n "$B" link set lo up
+ip -n "$A" link add eth0 type veth peer name eth0 netns "$B"
+ip -n "$A" addr add 198.51.100.1/24 dev eth0
+ip -n "$B" addr add 198.51.100.2/24 dev eth0
+ip -n "$A" link set eth0 up multicast on
+ip -n "$B" link set eth0 up multicast on
+# Wait (at most 5 s) until the link is up on both ends and IPv6 duplicate address detection is
+# done, as on a LAN that was up before the devices started their agents.
+for i in $(seq 50); do
+  settled=1
+  for ns in "$A" "$B"; do
+    [ "$(ip netns exec "$ns" cat /sys/class/net/eth0/operstate)" = up ] || settled=0
+    [ -z "$(ip -n "$ns" -6 addr show dev eth0 tentative)" ] || settled=0
+  done
+  [ $settled = 1 ] && break
+  sleep 0.1
+done
+"#;
+
+const LAN_TEARDOWN: &str = r#"
+TAG=$1
+for ns in dl-lan0-$TAG dl-lan1-$TAG; do
+  [ -e "/var/run/netns/$ns" ] || continue
+  pids=$(ip netns pids "$ns" 2>/dev/null)
+  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
+  ip netns del "$ns" 2>/dev/null || true
+done
+exit 0
+"#;
+
+impl Lan {
+    /// Creates the two hosts, or says why it cannot (not root, no `ip`).
+    pub fn create() -> Result<Self, String> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let found = Command::new("sh")
+            .args(["-c", "command -v ip"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Err("`ip` is not installed (Debian: iproute2)".into());
+        }
+        let lan = Self {
+            tag: format!(
+                "{}{}",
+                std::process::id() % 100_000,
+                NEXT.fetch_add(1, Ordering::SeqCst)
+            ),
+        };
+        let out = Command::new("sh")
+            .args(["-c", LAN_SETUP, "setup", &lan.tag])
+            .output()
+            .map_err(|e| format!("cannot run sh: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "cannot create network namespaces (needs root): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(lan)
+    }
+
+    /// The namespace of host 0 or 1.
+    pub fn ns(&self, host: usize) -> String {
+        format!("dl-lan{host}-{}", self.tag)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = Command::new("sh")
+            .args(["-c", LAN_TEARDOWN, "teardown", &self.tag])
+            .status();
+    }
+}
+
 /// The always-on device's address on the internet.
 pub const INTERNET_HOST: &str = "203.0.113.1";
 

@@ -63,16 +63,32 @@ impl AgentProcess {
         Self::launch(cmd, data_dir)
     }
 
+    /// Starts `devicelink --data-dir DIR agent` inside `netns` as a user would: no other flag
+    /// (default listeners, mDNS on every interface, the default y-websocket port). Without
+    /// `XDG_RUNTIME_DIR` the socket is the data dir's `agent.sock`.
+    pub fn start_as_user_in(netns: &str, data_dir: &Path) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, BIN, "--data-dir"])
+            .arg(data_dir)
+            .arg("agent")
+            .env_remove("XDG_RUNTIME_DIR");
+        Self::read_banner(cmd, data_dir)
+    }
+
     /// Runs `cmd` (an `agent` command line) with this data dir and socket, and waits until the
     /// agent prints its socket.
     fn launch(mut cmd: Command, data_dir: &Path) -> Self {
-        let socket = data_dir.join("agent.sock");
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("--socket")
-            .arg(&socket)
-            .stdout(Stdio::piped())
-            .stdin(Stdio::null());
+            .arg(data_dir.join("agent.sock"));
+        Self::read_banner(cmd, data_dir)
+    }
+
+    /// Starts `cmd` and reads its banner up to the socket line.
+    fn read_banner(mut cmd: Command, data_dir: &Path) -> Self {
+        let socket = data_dir.join("agent.sock");
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
         // DEVICELINK_TEST_LOG=1 shows the agents' logs (with RUST_LOG to choose what).
         if std::env::var_os("DEVICELINK_TEST_LOG").is_some() {
             cmd.stderr(Stdio::inherit());
