@@ -521,3 +521,184 @@ async fn declined_documents_do_not_stall_a_catch_up() {
     .await;
     a.shutdown().await.unwrap();
 }
+
+/// A feature peer session: Hello with every optional feature, then the agent's `FeedRequest`.
+async fn feature_session(raw: &mut RawPeer, agent: &AgentHandle) -> (Transport, (u64, u64)) {
+    let mut transport = open(raw, agent).await.unwrap();
+    send(
+        &mut transport,
+        &Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            device_name: "raw".into(),
+            listen_addrs: vec![devicelink::sync::Features::ALL.entry()],
+        }),
+    )
+    .await;
+    let got = read_until(&mut transport, |m| matches!(m, Message::FeedRequest { .. })).await;
+    match got.last() {
+        Some(Message::FeedRequest { epoch, after }) => (transport, (*epoch, *after)),
+        other => panic!("no FeedRequest: {other:?} in {got:?}"),
+    }
+}
+
+/// Lists `docs` as one page of feed `epoch` at `head`, then answers each `SyncStep1` for them:
+/// `SyncStep2` with a change, or `DocError` for those in `decline`. Returns once all answered.
+async fn serve_listing(
+    transport: &mut Transport,
+    (epoch, head): (u64, u64),
+    docs: &[&str],
+    decline: &[&str],
+) {
+    send(
+        transport,
+        &Message::FeedPage {
+            epoch,
+            head,
+            docs: docs.iter().map(|d| d.to_string()).collect(),
+            last: true,
+        },
+    )
+    .await;
+    let mut answered = 0;
+    while answered < docs.len() {
+        let frame = tokio::time::timeout(LIMIT, transport.next())
+            .await
+            .expect("the agent asks for every listed document")
+            .expect("stream open")
+            .expect("a frame");
+        let Message::SyncStep1 { doc, .. } = Message::decode(&frame).unwrap() else {
+            continue;
+        };
+        if !docs.contains(&doc.as_str()) {
+            continue;
+        }
+        answered += 1;
+        let answer = if decline.contains(&doc.as_str()) {
+            Message::DocError {
+                doc,
+                code: devicelink::sync::DocErrorCode::Storage,
+                message: "cannot read it right now".into(),
+            }
+        } else {
+            let update = update_setting("from", "raw");
+            Message::SyncStep2 { doc, update }
+        };
+        send(transport, &answer).await;
+    }
+}
+
+/// Issue 23, item 1 (§9.5): a listed document answered with `DocError` must not be skipped for
+/// good. The session records no checkpoint, the next session asks from the old checkpoint and
+/// gets the document; only a session where every listed document arrived records one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declined_document_is_asked_for_again_in_the_next_session() {
+    let da = tempfile::tempdir().unwrap();
+    let a = start(da.path(), "a").await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    a.trust_add(keypair.public().to_peer_id(), "raw").unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let feed = (7_u64, 40_u64);
+
+    // Session 1: "notes" arrives, "lost" is answered with DocError (a storage error, once).
+    let (mut transport, (_, after)) = feature_session(&mut raw, &a).await;
+    assert_eq!(after, 0, "no checkpoint of this peer yet");
+    serve_listing(&mut transport, feed, &["notes", "lost"], &["lost"]).await;
+    wait_until(LIMIT, "notes to arrive", || {
+        a.open_doc("notes").unwrap().to_json()["m"]["from"] == "raw"
+    })
+    .await;
+    // Give the agent every chance to (wrongly) record a checkpoint, marks included.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(transport);
+
+    // Session 2: the agent asks from the old checkpoint, so "lost" is listed again; this time
+    // every listed document arrives.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut transport, (epoch, after)) = feature_session(&mut raw, &a).await;
+    assert_eq!(
+        (epoch, after),
+        (0, 0),
+        "a catch-up with a declined document recorded a checkpoint: the document would never be listed again"
+    );
+    serve_listing(&mut transport, feed, &["lost"], &[]).await;
+    wait_until(LIMIT, "the declined document to arrive", || {
+        a.list_docs().unwrap().contains(&"lost".to_string())
+            && a.open_doc("lost").unwrap().to_json()["m"]["from"] == "raw"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(transport);
+
+    // Session 3: a complete catch-up was recorded: the agent asks only after its head.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_transport, checkpoint) = feature_session(&mut raw, &a).await;
+    assert_eq!(
+        checkpoint, feed,
+        "a complete catch-up records its checkpoint"
+    );
+    a.shutdown().await.unwrap();
+}
+
+/// Issue 23, item 2 (§9.5): a `FeedMark` covers only changes sent as `Update`, so the agent
+/// sends none before its `FeedPage` (changes made before the session are listed there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_feed_mark_before_the_feed_page() {
+    let da = tempfile::tempdir().unwrap();
+    let a = start(da.path(), "a").await;
+    for i in 0..3 {
+        a.open_doc(&format!("before/{i}"))
+            .unwrap()
+            .set_map_value("m", "k", i as i64)
+            .await
+            .unwrap();
+    }
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    a.trust_add(keypair.public().to_peer_id(), "raw").unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let (mut transport, _) = feature_session(&mut raw, &a).await;
+    // Wait past several mark intervals (250 ms) before asking for the agent's feed.
+    let mut early = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(900);
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, transport.next()).await {
+        early.push(Message::decode(&frame).unwrap());
+    }
+    assert!(
+        !early.iter().any(|m| matches!(m, Message::FeedMark { .. })),
+        "a FeedMark before the FeedPage: {early:?}"
+    );
+    send(&mut transport, &Message::FeedRequest { epoch: 0, after: 0 }).await;
+    let got = read_until(&mut transport, |m| {
+        matches!(m, Message::FeedPage { last: true, .. })
+    })
+    .await;
+    let head = match got.last() {
+        Some(Message::FeedPage { head, docs, .. }) => {
+            assert!(docs.iter().any(|d| d == "before/0"), "{got:?}");
+            *head
+        }
+        other => panic!("no FeedPage: {other:?}"),
+    };
+    assert!(
+        !got.iter().any(|m| matches!(m, Message::FeedMark { .. })),
+        "a FeedMark before the FeedPage: {got:?}"
+    );
+    // After the page, a new change goes out as Update, then a mark covering it.
+    a.open_doc("after")
+        .unwrap()
+        .set_map_value("m", "k", 1)
+        .await
+        .unwrap();
+    let got = read_until(&mut transport, |m| matches!(m, Message::FeedMark { .. })).await;
+    let update_at = got
+        .iter()
+        .position(|m| matches!(m, Message::Update { doc, .. } if doc == "after"))
+        .unwrap_or_else(|| panic!("no Update for the new change: {got:?}"));
+    match got.last() {
+        Some(Message::FeedMark { head: mark, .. }) => {
+            assert!(*mark > head, "the mark covers the new change: {got:?}");
+            assert!(update_at < got.len() - 1);
+        }
+        other => panic!("no FeedMark: {other:?}"),
+    }
+    a.shutdown().await.unwrap();
+}

@@ -443,8 +443,16 @@ impl<'a> Reader<'a> {
                 self.ctx
                     .peers
                     .set_error(self.peer, format!("document {doc:?}: {code:?}: {message}"));
-                // An answer all the same: the catch-up does not wait for this document.
+                // An answer all the same: the catch-up does not wait for this document, but it
+                // did not arrive, so this session records no checkpoint and the next one lists
+                // it again (§9.5).
                 if self.pull.asked.remove(&doc) {
+                    self.pull.failed = true;
+                    self.ctx.peers.doc_failed(
+                        self.peer,
+                        &doc,
+                        &format!("the peer could not send it ({code:?}): {message}"),
+                    );
                     self.pull.done += 1;
                     self.pump();
                 }
@@ -894,6 +902,10 @@ impl Writer {
     ) -> Result<(), SessionError> {
         let mut mark_tick = tokio::time::interval(MARK_EVERY);
         let mut marked = 0;
+        // Marks start once the last `FeedPage` answering the peer's `FeedRequest` went out:
+        // changes up to its head are listed there, not sent as `Update`, and a mark may only
+        // cover changes sent as `Update` (§9.5).
+        let mut paged = false;
         loop {
             tokio::select! {
                 biased;
@@ -902,6 +914,10 @@ impl Writer {
                         // Write everything queued, then flush once.
                         let (mut next, mut close, mut answered) = (Some((msg, cost)), false, Vec::new());
                         while let Some((msg, cost)) = next.take() {
+                            if let Message::FeedPage { head, last: true, .. } = &msg {
+                                paged = true;
+                                marked = marked.max(*head);
+                            }
                             if let Message::SyncStep2 { doc, update } = &msg {
                                 if update.len() <= PART_LEN {
                                     if let Ok(decoded) = crate::docs::decode_update(update) {
@@ -967,7 +983,7 @@ impl Writer {
                         }
                     }
                 }
-                _ = mark_tick.tick(), if marks.is_some() && self.bulk.is_empty() => {
+                _ = mark_tick.tick(), if marks.is_some() && paged && self.bulk.is_empty() => {
                     let Some(marks) = &marks else { continue };
                     // Every change numbered up to `head` was published before it was numbered:
                     // once the bus is drained, all of them have gone out (or came from the peer).
