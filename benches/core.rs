@@ -91,7 +91,7 @@ fn durable_append(c: &mut Criterion) {
             || (),
             |()| {
                 let waits: Vec<_> = (0..1000)
-                    .map(|_| doc.append_text_deferred("t", "x"))
+                    .map(|_| doc.append_text_deferred("t", "x").unwrap())
                     .collect();
                 runtime.block_on(async {
                     for w in waits {

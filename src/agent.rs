@@ -132,8 +132,12 @@ pub struct AgentStatus {
     pub docs_loaded: usize,
     pub cache_bytes: usize,
     pub cache_budget_bytes: usize,
-    /// Where the y-websocket endpoint listens (`None`: not serving).
+    /// Where the y-websocket endpoint listens (`None`: not serving; `ws_note` says why).
     pub ws_endpoint: Option<String>,
+    /// Why there is no y-websocket endpoint, when there is none.
+    pub ws_note: Option<String>,
+    /// mDNS: "advertising and browsing", or why other devices cannot find this one nearby.
+    pub mdns: String,
     /// Clients present (awareness states) over all documents, local and from other devices.
     pub present: usize,
     /// Your devices, then at most [`crate::status::MAX_STRANGERS`] recently seen devices that
@@ -156,6 +160,7 @@ struct Inner {
     presence: Arc<PresenceHub>,
     apps: Arc<AppRegistry>,
     ws_endpoint: RwLock<Option<std::net::SocketAddr>>,
+    ws_note: RwLock<Option<String>>,
     /// `None` once shut down, so the database can be reopened while handles remain.
     trust: RwLock<Option<TrustStore>>,
     peers: Arc<PeerTable>,
@@ -349,6 +354,7 @@ impl Agent {
                 presence,
                 apps,
                 ws_endpoint: RwLock::new(None),
+                ws_note: RwLock::new(None),
                 trust: RwLock::new(Some(trust)),
                 peers,
                 listen_addrs,
@@ -394,6 +400,11 @@ impl AgentHandle {
     /// Opens (or creates) a document.
     pub fn open_doc(&self, name: &str) -> Result<DocHandle, AgentError> {
         Ok(self.inner.registry.handle(name)?)
+    }
+
+    /// Whether this device has document `name` (stored, or open in memory), without creating it.
+    pub fn doc_exists(&self, name: &str) -> Result<bool, AgentError> {
+        Ok(self.inner.registry.exists(name)? && !self.inner.registry.is_deleted(name))
     }
 
     /// Names of the documents this device has (the agent's own `_devicelink/` documents aside).
@@ -540,6 +551,20 @@ impl AgentHandle {
             cache_bytes: self.inner.registry.cache_usage().1,
             cache_budget_bytes: self.inner.registry.cache_budget(),
             ws_endpoint: self.ws_endpoint().map(|a| format!("ws://{a}")),
+            ws_note: match self.ws_endpoint() {
+                Some(_) => None,
+                None => Some(
+                    self.inner
+                        .ws_note
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone()
+                        .unwrap_or_else(|| "not serving (started with --no-ws)".into()),
+                ),
+            },
+            mdns: self
+                .mdns_error()
+                .unwrap_or_else(|| "advertising and browsing".into()),
             present: self.inner.presence.present(),
             peers,
             others,
@@ -565,6 +590,15 @@ impl AgentHandle {
             .ws_endpoint
             .read()
             .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Why there is no y-websocket endpoint (shown by `status` and `doctor`).
+    pub fn set_ws_note(&self, note: Option<String>) {
+        *self
+            .inner
+            .ws_note
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = note;
     }
 
     pub(crate) fn set_ws_endpoint(&self, addr: Option<std::net::SocketAddr>) {
@@ -926,10 +960,7 @@ impl AgentHandle {
                     self.apps().list().map(|a| a.len()).unwrap_or(0),
                     status.present
                 ),
-                None => {
-                    "not serving (agent started with --no-ws, or the port was taken: see its log)"
-                        .into()
-                }
+                None => status.ws_note.unwrap_or_else(|| "not serving".into()),
             },
         })
     }

@@ -201,8 +201,7 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
         return Err(DemoError::Diverged);
     }
 
-    let same =
-        notes_a.encode_state() == notes_b.encode_state() && notes_a.to_json() == notes_b.to_json();
+    let same = converged(&notes_a, &notes_b);
     say(
         out,
         format!(
@@ -233,8 +232,9 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
+/// The same changes, deletions and content on both (see [`crate::convergence`]).
 fn converged(a: &DocHandle, b: &DocHandle) -> bool {
-    a.state_vector_decoded() == b.state_vector_decoded() && a.to_json() == b.to_json()
+    crate::convergence::compare(a.yrs_doc(), b.yrs_doc()).is_ok()
 }
 
 async fn wait(what: &'static str, mut cond: impl FnMut() -> bool) -> Result<(), DemoError> {

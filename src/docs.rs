@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, mpsc};
 use yrs::updates::decoder::Decode;
 use yrs::{
     Array, GetString, Map, ReadTxn, StateVector, Text, Transact, Transaction, TransactionMut,
-    Update,
+    Update, WriteTxn,
 };
 
 use crate::store::writer::{Append, WriterHandle};
@@ -94,6 +94,17 @@ pub enum DocError {
     Deleted(String),
     #[error("document {0:?} does not exist")]
     NotFound(String),
+    #[error(
+        "document {doc:?}: root {root:?} is a {found}, not a {wanted}: nothing was changed \
+         (write to a {found} with {hint}, or use another root name)"
+    )]
+    WrongType {
+        doc: String,
+        root: String,
+        found: RootKind,
+        wanted: RootKind,
+        hint: &'static str,
+    },
     #[error("the agent has stopped")]
     AgentStopped,
 }
@@ -235,6 +246,12 @@ impl DocRegistry {
                     record: record.to_string(),
                     reason,
                 };
+                if let Err(e) = crate::nesting::check_update_v1(bytes) {
+                    // Stored before the limit existed: yrs cannot read it without overflowing
+                    // its stack. Skipped loudly; the rest of the document loads.
+                    tracing::error!(doc = name, %record, "skipping a stored update: {e}");
+                    continue;
+                }
                 let update = decode_update(bytes).map_err(corrupt)?;
                 // The record is intact (checksum) and decodes, but yrs will not integrate it:
                 // a malformed update that was accepted as pending when it arrived. It was not
@@ -808,14 +825,15 @@ impl DocHandle {
         f(&self.live.doc.transact())
     }
 
-    /// Sets `map.key = value` in the root map `map`; returns once durable.
+    /// Sets `map.key = value` in the root map `map`; returns once durable. A root `map` of
+    /// another type is refused ([`DocError::WrongType`]) and nothing changes.
     pub async fn set_map_value(
         &self,
         map: &str,
         key: &str,
         value: impl Into<yrs::Any>,
     ) -> Result<(), DocError> {
-        self.set_map_value_deferred(map, key, value).wait().await
+        self.set_map_value_deferred(map, key, value)?.wait().await
     }
 
     /// Sets `map.key = value` now; the [`Durable`] completes once it is on disk.
@@ -824,39 +842,43 @@ impl DocHandle {
         map: &str,
         key: &str,
         value: impl Into<yrs::Any>,
-    ) -> Durable {
-        let root = self.live.doc.get_or_insert_map(map);
+    ) -> Result<Durable, DocError> {
         let value = value.into();
         let json = any_to_json(&value);
         let client = self.live.doc.client_id();
         let (clock, durable) = self.transact_deferred(|txn| {
+            self.check_root(txn, map, RootKind::Map)?;
+            let root = txn.get_or_insert_map(map);
             // The new map item gets the next clock of this document's client.
             let clock = txn.state_vector().get(&client);
             root.insert(txn, key, value);
-            clock
+            Ok::<_, DocError>(clock)
         });
         let write = crate::conflict::LocalWrite {
             client: client.get(),
-            clock,
+            clock: clock?,
             value: json,
         };
         self.registry.remember_write(&self.live, map, key, write);
-        durable
+        Ok(durable)
     }
 
-    /// Appends `text` to the root text `name`; returns once durable.
+    /// Appends `text` to the root text `name`; returns once durable. A root `name` of another
+    /// type is refused ([`DocError::WrongType`]) and nothing changes.
     pub async fn append_text(&self, name: &str, text: &str) -> Result<(), DocError> {
-        self.append_text_deferred(name, text).wait().await
+        self.append_text_deferred(name, text)?.wait().await
     }
 
     /// Appends `text` now; the [`Durable`] completes once it is on disk.
-    pub fn append_text_deferred(&self, name: &str, text: &str) -> Durable {
-        let root = self.live.doc.get_or_insert_text(name);
-        self.transact_deferred(|txn| {
+    pub fn append_text_deferred(&self, name: &str, text: &str) -> Result<Durable, DocError> {
+        let (checked, durable) = self.transact_deferred(|txn| {
+            self.check_root(txn, name, RootKind::Text)?;
+            let root = txn.get_or_insert_text(name);
             let len = root.len(txn);
             root.insert(txn, len, text);
-        })
-        .1
+            Ok::<_, DocError>(())
+        });
+        checked.map(|()| durable)
     }
 
     /// Edits root text `name`: deletes `delete` characters at `index` (default: the end) and
@@ -869,7 +891,7 @@ impl DocHandle {
         delete: u32,
         insert: &str,
     ) -> Result<u32, DocError> {
-        let (len, durable) = self.edit_text_deferred(name, index, delete, insert);
+        let (len, durable) = self.edit_text_deferred(name, index, delete, insert)?;
         durable.wait().await?;
         Ok(len)
     }
@@ -881,7 +903,7 @@ impl DocHandle {
         index: Option<u32>,
         delete: u32,
         insert: &str,
-    ) -> (u32, Durable) {
+    ) -> Result<(u32, Durable), DocError> {
         self.edit_text_in_deferred(name, index, delete, insert, TextOffsets::Utf8)
     }
 
@@ -894,9 +916,10 @@ impl DocHandle {
         delete: u32,
         insert: &str,
         offsets: TextOffsets,
-    ) -> (u32, Durable) {
-        let root = self.live.doc.get_or_insert_text(name);
-        self.transact_deferred(|txn| {
+    ) -> Result<(u32, Durable), DocError> {
+        let (len, durable) = self.transact_deferred(|txn| {
+            self.check_root(txn, name, RootKind::Text)?;
+            let root = txn.get_or_insert_text(name);
             let (index, delete) = match (offsets, index) {
                 (TextOffsets::Utf16, Some(i)) => {
                     let current = root.get_string(txn);
@@ -908,11 +931,31 @@ impl DocHandle {
                 (TextOffsets::Utf8, index) => (index, delete),
             };
             let len = Self::edit_text_in(&root, txn, index, delete, insert);
-            match offsets {
+            Ok::<_, DocError>(match offsets {
                 TextOffsets::Utf8 => len,
                 TextOffsets::Utf16 => root.get_string(txn).encode_utf16().count() as u32,
-            }
-        })
+            })
+        });
+        Ok((len?, durable))
+    }
+
+    /// Refuses a write of `wanted` onto root `name` when it holds another kind.
+    fn check_root(
+        &self,
+        txn: &TransactionMut<'_>,
+        name: &str,
+        wanted: RootKind,
+    ) -> Result<(), DocError> {
+        match root_kind(txn, name) {
+            Some(found) if found != wanted => Err(DocError::WrongType {
+                doc: self.live.name.to_string(),
+                root: name.to_string(),
+                found,
+                wanted,
+                hint: found.hint(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Edits `root` at a UTF-8 byte `index` (snapped to character boundaries); returns the new
@@ -953,10 +996,17 @@ impl DocHandle {
         root.len(txn)
     }
 
-    /// The root text `name` as a string (empty if absent).
+    /// The root text `name` as a string (empty if absent or not a text). Reading declares no
+    /// type, so a root only received from others keeps whatever type it really has.
     pub fn text(&self, name: &str) -> String {
-        let root = self.live.doc.get_or_insert_text(name);
-        root.get_string(&self.live.doc.transact())
+        let txn = self.live.doc.transact();
+        match root_kind(&txn, name) {
+            Some(RootKind::Text) => txn
+                .get_text(name)
+                .map(|t| t.get_string(&txn))
+                .unwrap_or_default(),
+            _ => String::new(),
+        }
     }
 
     /// The underlying yrs document, to get root types (`get_or_insert_text`, ...). Make changes
@@ -1023,8 +1073,12 @@ impl DocHandle {
 /// rather than returning an error; that is turned into an error here. Bytes left after the
 /// update are an error too: they are what a Yjs v2 update (or any other data) looks like when read
 /// as v1, which would otherwise be "applied" as an empty update and silently lost.
+///
+/// Values nested deeper than the limits of [`crate::nesting`] are refused before yrs (which
+/// recurses over them) sees the bytes.
 pub(crate) fn decode_update(bytes: &[u8]) -> Result<Update, String> {
     use yrs::updates::decoder::{Decoder, DecoderV1};
+    crate::nesting::check_update_v1(bytes).map_err(|e| e.to_string())?;
     let decoded = std::panic::catch_unwind(|| {
         let mut decoder = DecoderV1::from(bytes);
         let update = Update::decode(&mut decoder)?;
@@ -1044,12 +1098,39 @@ pub(crate) fn decode_update(bytes: &[u8]) -> Result<Update, String> {
 
 /// Decodes a Yjs v2 update (`Y.encodeStateAsUpdateV2`) and re-encodes it as v1, the encoding the
 /// agent stores and sends.
+///
+/// The v2 layout cannot be checked for nesting before it is decoded, so it is decoded (and the
+/// decoded form dropped) on a thread whose stack fits the deepest nesting its size allows; the
+/// v1 form is then checked like any other update.
 pub(crate) fn v2_to_v1(bytes: &[u8]) -> Result<Vec<u8>, String> {
     use yrs::updates::encoder::Encode;
-    let update = std::panic::catch_unwind(|| Update::decode_v2(bytes))
-        .map_err(|_| "malformed v2 update (rejected by the decoder)".to_string())?
-        .map_err(|e| format!("not a Yjs v2 update: {e}"))?;
-    Ok(update.encode_v1())
+    /// Largest v2 update taken: its nesting could need more stack than is reserved below.
+    const MAX_V2_LEN: usize = 8 << 20;
+    /// Stack reserved per input byte: one nesting level takes two bytes and under 512 bytes of
+    /// stack in yrs's decoder, encoder and drop.
+    const STACK_PER_BYTE: usize = 256;
+    if bytes.len() > MAX_V2_LEN {
+        return Err(format!(
+            "a v2 update of {} bytes is over the {MAX_V2_LEN}-byte limit for v2; send it as v1",
+            bytes.len()
+        ));
+    }
+    let owned = bytes.to_vec();
+    let stack = (8 << 20) + owned.len() * STACK_PER_BYTE;
+    let decoded = std::thread::Builder::new()
+        .name("devicelink-v2".into())
+        .stack_size(stack)
+        .spawn(move || {
+            std::panic::catch_unwind(|| Update::decode_v2(&owned))
+                .map_err(|_| "malformed v2 update (rejected by the decoder)".to_string())?
+                .map_err(|e| format!("not a Yjs v2 update: {e}"))
+                .map(|update| update.encode_v1())
+        })
+        .map_err(|e| format!("cannot decode the v2 update: {e}"))?
+        .join()
+        .map_err(|_| "malformed v2 update (rejected by the decoder)".to_string())??;
+    crate::nesting::check_update_v1(&decoded).map_err(|e| e.to_string())?;
+    Ok(decoded)
 }
 
 /// Decodes a Yjs v1 state vector from outside, like [`decode_update`].
@@ -1069,6 +1150,67 @@ pub(crate) fn upper_state_vector(update: &Update) -> StateVector {
         }
     }
     sv
+}
+
+/// What a root of a document holds. A root's type is fixed by the first device that uses it;
+/// writing it as another type would hide its content from every view (Yjs reads a root as one
+/// type), so writes check it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootKind {
+    Map,
+    Text,
+    Array,
+    Xml,
+}
+
+impl std::fmt::Display for RootKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RootKind::Map => "map",
+            RootKind::Text => "text",
+            RootKind::Array => "array",
+            RootKind::Xml => "XML fragment",
+        })
+    }
+}
+
+impl RootKind {
+    /// The command that writes this kind, for error messages.
+    fn hint(self) -> &'static str {
+        match self {
+            RootKind::Map => "`doc set` (IPC doc_set)",
+            RootKind::Text => "`doc text` (IPC doc_text)",
+            RootKind::Array | RootKind::Xml => "a Yjs update (IPC doc_apply)",
+        }
+    }
+}
+
+/// The kind of root `name`: its declared type, or for a root only received from others (no
+/// declared type yet) what its content shows; `None` when it does not exist or holds nothing.
+pub fn root_kind<T: ReadTxn>(txn: &T, name: &str) -> Option<RootKind> {
+    let (_, out) = txn.root_refs().find(|(n, _)| *n == name)?;
+    match out {
+        yrs::Out::YMap(_) => Some(RootKind::Map),
+        yrs::Out::YText(_) => Some(RootKind::Text),
+        yrs::Out::YArray(_) => Some(RootKind::Array),
+        yrs::Out::YXmlElement(_) | yrs::Out::YXmlFragment(_) | yrs::Out::YXmlText(_) => {
+            Some(RootKind::Xml)
+        }
+        _ => {
+            if txn.get_map(name).is_some_and(|m| m.len(txn) > 0) {
+                Some(RootKind::Map)
+            } else if txn
+                .get_text(name)
+                .is_some_and(|t| !t.get_string(txn).is_empty())
+            {
+                Some(RootKind::Text)
+            } else if txn.get_array(name).is_some_and(|a| a.len(txn) > 0) {
+                Some(RootKind::Array)
+            } else {
+                None
+            }
+        }
+    }
 }
 
 /// JSON view of a document. Root types this device has not used yet have no declared type;

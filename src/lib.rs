@@ -17,6 +17,7 @@
 //! Modules, by what they own:
 //! - [`identity`]: the device keypair and device id.
 //! - [`store`]: sled storage: document logs and snapshots, the trust store, group commit.
+//! - [`nesting`]: the bound on how deeply an update's values nest, checked before yrs decodes it.
 //! - [`docs`]: the live yrs documents (loaded on demand, evicted under a budget), local and
 //!   remote updates, subscriptions; [`lifecycle`]: deletion by replicated tombstones.
 //! - [`sync`]: the `/devicelink/sync/1.4.0` wire protocol and per-peer sessions.
@@ -26,17 +27,21 @@
 //! - [`bridge`]: the y-websocket endpoint, so unmodified Yjs apps use the agent as provider;
 //!   [`apps`]: the per-app tokens it (and a scoped IPC connection) requires;
 //!   [`presence`]: awareness (cursors, who is here), shared by apps and devices.
-//! - [`demo`]: the two-agent demonstration run by `devicelink demo`.
-//! - [`conformance`]: session transcripts replayed against another implementation.
+//! - [`demo`]: the two-agent demonstration run by `devicelink demo`; [`args`]: parsing what
+//!   users type (durations, addresses, devices by name).
+//! - [`conformance`]: session transcripts replayed against another implementation;
+//!   [`convergence`]: what "two replicas hold the same document" means.
 
 pub mod agent;
 pub mod apps;
+pub mod args;
 pub mod bench;
 pub mod bridge;
 pub(crate) mod budget;
 pub mod client;
 pub mod conflict;
 pub mod conformance;
+pub mod convergence;
 pub mod demo;
 pub mod discovery;
 pub mod docs;
@@ -45,6 +50,7 @@ pub mod handoff;
 pub mod identity;
 pub mod ipc;
 pub mod lifecycle;
+pub mod nesting;
 pub mod net;
 pub mod pairing;
 pub mod presence;

@@ -40,10 +40,12 @@ enum Command {
         /// libp2p listen address (repeatable): TCP and QUIC on a free port by default. An
         /// always-on device wants fixed ports, e.g. /ip4/0.0.0.0/tcp/4001 and
         /// /ip4/0.0.0.0/udp/4001/quic-v1.
-        #[arg(long, default_values = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"])]
+        #[arg(long, value_name = "ADDR", value_parser = devicelink::args::parse_multiaddr,
+              default_values = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"])]
         listen: Vec<Multiaddr>,
-        /// Address of another device to dial directly (repeatable).
-        #[arg(long)]
+        /// Address of another device to dial directly, like /ip4/192.168.1.20/tcp/4001
+        /// (repeatable).
+        #[arg(long, value_name = "ADDR", value_parser = devicelink::args::parse_multiaddr)]
         peer: Vec<Multiaddr>,
         /// Name shown to your other devices. Default: the host name.
         #[arg(long)]
@@ -77,29 +79,12 @@ enum Command {
         serve_relay: bool,
         /// Reserve on this relay, so devices on other networks can reach this one: its address
         /// ending in /p2p/ID (repeatable). Relays your device group knows are used too.
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", value_parser = devicelink::args::parse_multiaddr)]
         relay: Vec<Multiaddr>,
         /// An address this device is reachable at from outside that its interfaces do not show
         /// (a VPS behind 1:1 NAT), e.g. /ip4/203.0.113.7/tcp/4001 (repeatable).
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", value_parser = devicelink::args::parse_multiaddr)]
         external: Vec<Multiaddr>,
-    },
-    /// Manage the apps allowed to use the y-websocket endpoint (tokens).
-    #[command(subcommand)]
-    App(AppCommand),
-    /// Run the agent as a service (systemd; launchd on macOS): at login, or at boot with
-    /// --system (an always-on device).
-    #[command(subcommand)]
-    Service(ServiceCommand),
-    /// Check a Device Linking 1.4 implementation at ADDR: replays the protocol's session
-    /// transcripts (protocol/vectors/sessions/) over libp2p and prints a pass/fail table. The
-    /// target must trust the two ids this prints (and should start from a fresh data dir).
-    Conformance {
-        /// The target's multiaddr, e.g. /ip4/127.0.0.1/tcp/4001.
-        addr: Multiaddr,
-        /// The target's device id.
-        #[arg(long)]
-        peer_id: PeerId,
     },
     /// Link this device with another: without CODE, open a code and wait; with CODE, join the
     /// device showing it.
@@ -107,22 +92,36 @@ enum Command {
         /// The code shown on the other device, like 42-815-067.
         code: Option<String>,
         /// Dial the other device at this address instead of finding it over mDNS.
-        #[arg(long, requires = "code")]
+        #[arg(long, requires = "code", value_name = "ADDR",
+              value_parser = devicelink::args::parse_multiaddr)]
         peer: Option<Multiaddr>,
         /// Reach the other device through a relay (it is on another network and linked with
         /// the relay): the relay's address ending in /p2p/ID, or the relayed address
         /// `devicelink pair` printed on the other device.
-        #[arg(long, requires = "code", conflicts_with = "peer", value_name = "ADDR")]
+        #[arg(long, requires = "code", conflicts_with = "peer", value_name = "ADDR",
+              value_parser = devicelink::args::parse_multiaddr)]
         relay: Option<Multiaddr>,
-        /// How long a new code stays valid, in seconds.
-        #[arg(long, default_value_t = 300, conflicts_with = "code",
-              value_parser = clap::value_parser!(u64).range(1..=86_400))]
-        expires: u64,
+        /// How long a new code stays valid: seconds, or 90s, 5m, 1h (at most a day).
+        #[arg(long, default_value = "5m", conflicts_with = "code", value_name = "DURATION",
+              value_parser = code_expiry)]
+        expires: std::time::Duration,
     },
-    /// Remove a device from your devices, on every device.
-    Unpair { device: PeerId },
+    /// Device, documents and each of your devices (link, state, last sync) of the running agent.
+    Status {
+        /// Print the full report as JSON (for scripts).
+        #[arg(long)]
+        json: bool,
+    },
     /// Paired devices (online or not) and nearby unpaired agents.
     Peers,
+    /// Read and edit documents through the running agent.
+    #[command(subcommand)]
+    Doc(DocCommand),
+    /// Remove a device from your devices, on every device.
+    Unpair {
+        /// The device: its name, its id or a unique start of its id.
+        device: String,
+    },
     /// Diagnose discovery and sync: multicast per interface, how each peer was found, lag.
     Doctor,
     /// Publish, list and withdraw activities that can continue on another device.
@@ -131,10 +130,11 @@ enum Command {
     /// Continue an activity on this device: its documents are caught up first, then its app
     /// state is printed (JSON).
     Handoff {
+        /// The activity's id (`devicelink activity list` shows them).
         activity_id: String,
-        /// Give up after this many seconds (at most an hour).
-        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        timeout: u64,
+        /// Give up after this long: seconds, or 30s, 5m (at most an hour).
+        #[arg(long, default_value = "10s", value_name = "DURATION", value_parser = handoff_timeout)]
+        timeout: std::time::Duration,
     },
     /// Concurrent writes to the same map key (open ones), or resolve one.
     Conflicts {
@@ -146,16 +146,18 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
-    /// Print this device's id.
-    Id,
+    /// Manage the apps allowed to use the y-websocket endpoint (tokens).
+    #[command(subcommand)]
+    App(AppCommand),
     /// Manage the devices this one syncs with.
     #[command(subcommand)]
     Trust(TrustCommand),
-    /// Device, peers and sync state of the running agent (JSON).
-    Status,
-    /// Read and edit documents through the running agent.
+    /// Print this device's id.
+    Id,
+    /// Run the agent as a service (systemd; launchd on macOS): at login, or at boot with
+    /// --system (an always-on device).
     #[command(subcommand)]
-    Doc(DocCommand),
+    Service(ServiceCommand),
     /// Start two agents on 127.0.0.1 and show sync, live updates and offline catch-up.
     Demo,
     /// Measure latency, throughput, catch-up, first sync, memory and CPU with two agent
@@ -177,6 +179,17 @@ enum Command {
         #[arg(long)]
         automerge: Option<PathBuf>,
     },
+    /// Check a Device Linking 1.4 implementation at ADDR: replays the protocol's session
+    /// transcripts (protocol/vectors/sessions/) over libp2p and prints a pass/fail table. The
+    /// target must trust the two ids this prints (and should start from a fresh data dir).
+    Conformance {
+        /// The target's multiaddr, e.g. /ip4/127.0.0.1/tcp/4001.
+        #[arg(value_parser = devicelink::args::parse_multiaddr)]
+        addr: Multiaddr,
+        /// The target's device id.
+        #[arg(long)]
+        peer_id: PeerId,
+    },
 }
 
 #[derive(Subcommand)]
@@ -193,13 +206,13 @@ enum ServiceCommand {
         #[arg(long)]
         serve_relay: bool,
         /// Reserve on this relay (see `agent --relay`; repeatable).
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", value_parser = devicelink::args::parse_multiaddr)]
         relay: Vec<Multiaddr>,
         /// libp2p listen address (see `agent --listen`; repeatable).
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", value_parser = devicelink::args::parse_multiaddr)]
         listen: Vec<Multiaddr>,
         /// An address reachable from outside (see `agent --external`; repeatable).
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", value_parser = devicelink::args::parse_multiaddr)]
         external: Vec<Multiaddr>,
         /// Name shown to your other devices.
         #[arg(long)]
@@ -210,6 +223,7 @@ enum ServiceCommand {
     },
     /// Stop and disable the service and remove its file.
     Uninstall {
+        /// The system service (installed with --system) instead of your user's.
         #[arg(long)]
         system: bool,
         /// Only remove the file; do not stop or disable it.
@@ -225,6 +239,7 @@ enum ActivityCommand {
         /// Reverse-DNS type, like com.example.notes.edit.
         #[arg(long = "type")]
         activity_type: String,
+        /// What the user sees on their other devices, like "Editing shopping notes".
         #[arg(long)]
         title: String,
         /// A document the activity needs (repeatable).
@@ -236,21 +251,26 @@ enum ActivityCommand {
         /// Update the activity with this id (this device must hold it).
         #[arg(long)]
         id: Option<String>,
-        /// Lifetime in seconds.
-        #[arg(long)]
-        ttl: Option<u64>,
+        /// How long it stays listed: seconds, or 30m, 2h, 1d.
+        #[arg(long, value_name = "DURATION", value_parser = devicelink::args::parse_duration)]
+        ttl: Option<std::time::Duration>,
     },
     /// List the live activities of all your devices.
     List,
     /// Withdraw an activity everywhere.
-    Unpublish { id: String },
+    Unpublish {
+        /// The activity's id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum ConflictCommand {
     /// Resolve a conflict: keep local (this device's value), remote, winner, other, or a JSON value.
     Resolve {
+        /// The conflict's id (`devicelink conflicts` lists them).
         id: String,
+        /// Which value to keep: local, remote, winner, other, or a JSON value.
         #[arg(long)]
         keep: String,
     },
@@ -260,12 +280,17 @@ enum ConflictCommand {
 enum TrustCommand {
     /// Trust a device (by device id) so it may sync with this one.
     Add {
+        /// The device's id (`devicelink id` on it prints it).
         device: PeerId,
+        /// The name to show for it (default: the start of its id).
         #[arg(long)]
         name: Option<String>,
     },
     /// Stop trusting a device.
-    Remove { device: PeerId },
+    Remove {
+        /// The device: its name, its id or a unique start of its id.
+        device: String,
+    },
     /// List trusted devices.
     List,
 }
@@ -274,6 +299,7 @@ enum TrustCommand {
 enum AppCommand {
     /// Create an app and print its token (shown only once).
     Add {
+        /// The app's name (your choice; `app remove NAME` revokes it).
         name: String,
         /// A browser origin allowed to connect, like http://localhost:5173 (repeatable).
         /// Clients that send no Origin (Node, native apps) are allowed.
@@ -289,7 +315,10 @@ enum AppCommand {
     /// List apps (never their tokens).
     List,
     /// Revoke an app's token; its open connections end at once.
-    Remove { name: String },
+    Remove {
+        /// The app's name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -297,31 +326,74 @@ enum DocCommand {
     /// List documents with their size, last change and the device it came from.
     List,
     /// Delete a document on every device (it stays deleted on devices that were offline).
-    Delete { doc: String },
+    Delete {
+        /// The document's name.
+        doc: String,
+    },
     /// Print a document as JSON (every root type).
-    Get { doc: String },
+    Get {
+        /// The document's name.
+        doc: String,
+    },
     /// Set MAP.KEY to a JSON value.
     Set {
+        /// The document's name.
         doc: String,
+        /// The root map (a root that holds a text is refused).
         map: String,
+        /// The key in that map.
         key: String,
         /// A JSON value, e.g. '"text"', 42, '{"a":1}'.
         value: String,
     },
     /// Edit a root text.
     Text {
+        /// The document's name.
         doc: String,
+        /// The root text (a root that holds a map is refused).
         name: String,
+        /// Text to add at the end.
         #[arg(long)]
         append: String,
     },
     /// Print the document, then each change as it arrives, one JSON line each.
-    Watch { doc: String },
+    Watch {
+        /// The document's name.
+        doc: String,
+    },
+}
+
+fn code_expiry(text: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    devicelink::args::parse_duration_within(
+        text,
+        Duration::from_secs(1),
+        Duration::from_secs(86_400),
+    )
+}
+
+fn handoff_timeout(text: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    devicelink::args::parse_duration_within(text, Duration::from_secs(1), Duration::from_secs(3600))
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal as _;
     let cli = Cli::parse();
+    if !matches!(
+        cli.command,
+        Command::Agent { .. } | Command::Demo | Command::Bench { .. } | Command::Conformance { .. }
+    ) {
+        // A short command whose output is cut off (`devicelink pair | head -1`) ends quietly, as
+        // Unix tools do, instead of panicking on the closed pipe. Not for commands that run
+        // agents: their network writes must see EPIPE as an error, not end the process.
+        // SAFETY: setting a signal disposition to the default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 if matches!(cli.command, Command::Agent { .. }) {
@@ -369,7 +441,25 @@ impl Global {
         }
     }
 
+    /// The data dir of a command that works on an existing device (never creates one): a typo
+    /// in `--data-dir` is an error, not a new empty device.
+    fn existing_data_dir(&self) -> Result<PathBuf> {
+        let dir = self.data_dir()?;
+        if !dir.is_dir() {
+            bail!(
+                "the data dir {} does not exist (a typo in --data-dir?); a device's data dir is made by \
+                 `devicelink --data-dir {} agent`",
+                dir.display(),
+                dir.display()
+            );
+        }
+        Ok(dir)
+    }
+
     async fn client(&self) -> Result<Client> {
+        if self.socket.is_none() {
+            self.existing_data_dir()?;
+        }
         Ok(Client::connect(&self.socket()?).await?)
     }
 }
@@ -432,19 +522,23 @@ async fn run(cli: Cli) -> Result<()> {
             expires,
         } => pair(&global, code, peer, relay, expires).await,
         Command::Unpair { device } => {
-            let result = global
-                .client()
-                .await?
+            let client = global.client().await?;
+            let devices = your_devices(&client).await?;
+            let id =
+                devicelink::args::resolve_device(&device, &devices).map_err(anyhow::Error::msg)?;
+            let name = devices
+                .iter()
+                .find(|(d, _)| *d == id)
+                .map_or_else(|| id.to_string(), |(_, name)| format!("{name} ({id})"));
+            let result = client
                 .request(RequestBody::Unpair {
-                    device: device.to_string(),
+                    device: id.to_string(),
                 })
                 .await?;
             if result["removed"] != true {
-                bail!("{device} was not one of your devices");
+                bail!("{name} was not one of your devices");
             }
-            println!(
-                "removed {device} from your devices; it is disconnected and refused everywhere"
-            );
+            println!("removed {name} from your devices; it is disconnected and refused everywhere");
             Ok(())
         }
         Command::Peers => peers(&global).await,
@@ -470,7 +564,7 @@ async fn run(cli: Cli) -> Result<()> {
                             title,
                             docs,
                             app_state,
-                            ttl_secs: ttl,
+                            ttl_secs: ttl.map(|t| t.as_secs()),
                         },
                     }
                 }
@@ -487,7 +581,7 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let body = RequestBody::Handoff {
                 activity_id,
-                timeout_secs: Some(timeout),
+                timeout_secs: Some(timeout.as_secs()),
             };
             let client = global.client().await?;
             let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -525,11 +619,22 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Doctor => doctor(&global).await,
         Command::Id => {
-            println!("{}", devicelink::identity::device_id(&global.data_dir()?)?);
+            println!(
+                "{}",
+                devicelink::identity::device_id(&global.existing_data_dir()?)?
+            );
             Ok(())
         }
         Command::Trust(command) => trust(&global, command).await,
-        Command::Status => print_json(&global.client().await?.status().await?),
+        Command::Status { json } => {
+            let status = global.client().await?.status().await?;
+            if json {
+                print_json(&status)
+            } else {
+                print!("{}", status_summary(&status));
+                Ok(())
+            }
+        }
         Command::Doc(command) => doc(&global, command).await,
         Command::Bench {
             quick,
@@ -630,7 +735,13 @@ async fn run_agent(global: &Global, config: AgentConfig, ws: WsChoice) -> Result
             match devicelink::bridge::serve(agent.clone(), addr).await {
                 Ok(endpoint) => Some(endpoint),
                 Err(e) => {
-                    tracing::warn!("{e}; Yjs apps cannot connect to this agent");
+                    let note = format!(
+                        "{e} (another agent on this machine?); start this agent with \
+                         --ws 127.0.0.1:PORT to serve Yjs apps on another port"
+                    );
+                    tracing::warn!("{note}");
+                    println!("no websocket: {note}");
+                    agent.set_ws_note(Some(note));
                     None
                 }
             }
@@ -662,6 +773,20 @@ async fn run_agent(global: &Global, config: AgentConfig, ws: WsChoice) -> Result
     }
 }
 
+/// Your devices (id, name), as the running agent knows them.
+async fn your_devices(client: &Client) -> Result<Vec<(PeerId, String)>> {
+    let list = client.request(RequestBody::TrustList).await?;
+    Ok(list
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| {
+            let id: PeerId = d["device"].as_str()?.parse().ok()?;
+            Some((id, d["name"].as_str().unwrap_or("").to_string()))
+        })
+        .collect())
+}
+
 async fn trust(global: &Global, command: TrustCommand) -> Result<()> {
     // Through the running agent if there is one (it holds the database), else directly.
     let client = match global.client().await {
@@ -682,15 +807,19 @@ async fn trust(global: &Global, command: TrustCommand) -> Result<()> {
                 device: device.to_string(),
                 name,
             },
-            TrustCommand::Remove { device } => RequestBody::TrustRemove {
-                device: device.to_string(),
-            },
+            TrustCommand::Remove { device } => {
+                let devices = your_devices(&client).await?;
+                let id = devicelink::args::resolve_device(&device, &devices)
+                    .map_err(anyhow::Error::msg)?;
+                RequestBody::TrustRemove {
+                    device: id.to_string(),
+                }
+            }
             TrustCommand::List => RequestBody::TrustList,
         };
         return print_json(&client.request(body).await?);
     }
-    let data_dir = global.data_dir()?;
-    devicelink::identity::create_private_dir(&data_dir)?;
+    let data_dir = global.existing_data_dir()?;
     let db = store::open_db(&data_dir)?;
     let trust = TrustStore::open(&db)?;
     match command {
@@ -701,6 +830,13 @@ async fn trust(global: &Global, command: TrustCommand) -> Result<()> {
             println!("trusted {device} ({name})");
         }
         TrustCommand::Remove { device } => {
+            let devices: Vec<(PeerId, String)> = trust
+                .list()?
+                .into_iter()
+                .map(|(id, d)| (id, d.name))
+                .collect();
+            let device =
+                devicelink::args::resolve_device(&device, &devices).map_err(anyhow::Error::msg)?;
             if !trust.is_trusted(&device) {
                 bail!("{device} was not trusted");
             }
@@ -752,16 +888,27 @@ async fn app(global: &Global, command: AppCommand) -> Result<()> {
         AppCommand::Remove { name } => RequestBody::AppRemove { name },
     };
     // Through the running agent if there is one (a removal then ends open connections).
+    let mut endpoint = None;
     let result = match global.client().await {
-        Ok(client) => client.request(body).await?,
+        Ok(client) => {
+            let result = client.request(body).await?;
+            let status = client.status().await?;
+            endpoint = Some(match status["ws_endpoint"].as_str() {
+                Some(ws) => Ok(ws.to_string()),
+                None => Err(status["ws_note"]
+                    .as_str()
+                    .unwrap_or("not serving")
+                    .to_string()),
+            });
+            result
+        }
         Err(e)
             if matches!(
                 e.downcast_ref::<ClientError>(),
                 Some(ClientError::NotRunning(_))
             ) =>
         {
-            let data_dir = global.data_dir()?;
-            devicelink::identity::create_private_dir(&data_dir)?;
+            let data_dir = global.existing_data_dir()?;
             let db = store::open_db(&data_dir)?;
             let apps = devicelink::apps::AppRegistry::load(store::AppStore::open(&db)?)?;
             devicelink::ipc::scope::app_request(&apps, body)
@@ -775,8 +922,18 @@ async fn app(global: &Global, command: AppCommand) -> Result<()> {
             result["app"]["name"].as_str().unwrap_or_default()
         );
         println!("{token}");
-        let port = devicelink::bridge::DEFAULT_ADDR;
-        eprintln!("connect: new WebsocketProvider('ws://{port}', DOC, ydoc, {{ params: {{ token: '{token}' }} }})");
+        println!("tokens are per device: this one works with this device's agent only");
+        match endpoint {
+            Some(Ok(ws)) => eprintln!(
+                "connect: new WebsocketProvider('{ws}', DOC, ydoc, {{ params: {{ token: '{token}' }} }})"
+            ),
+            Some(Err(why)) => eprintln!("this device's agent serves no y-websocket endpoint now: {why}"),
+            None => eprintln!(
+                "the agent is not running: its y-websocket endpoint is printed when it starts \
+                 (default ws://{})",
+                devicelink::bridge::DEFAULT_ADDR
+            ),
+        }
         return Ok(());
     }
     print_json(&result)
@@ -929,17 +1086,28 @@ async fn pair(
     code: Option<String>,
     peer: Option<Multiaddr>,
     relay: Option<Multiaddr>,
-    expires: u64,
+    expires: std::time::Duration,
 ) -> Result<()> {
     use devicelink::pairing::{HostEvent, Paired};
     use std::io::Write as _;
     let client = global.client().await?;
+    let own_name = client.status().await?["device_name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let show = |p: &Paired| {
         println!("paired with {} ({})", p.name, p.device_id);
         println!(
             "verification: {}  (the other device must show the same digits)",
             p.verification
         );
+        if p.name == own_name {
+            println!(
+                "both devices are named {:?}: to tell them apart, restart one agent with \
+                 `devicelink agent --name NAME` (e.g. --name phone)",
+                p.name
+            );
+        }
     };
     if let Some(code) = code {
         let body = RequestBody::PairJoin {
@@ -955,14 +1123,39 @@ async fn pair(
     let mut events = client.take_events().context("event stream already taken")?;
     let opened = client
         .request(RequestBody::PairStart {
-            expiry_secs: Some(expires),
+            expiry_secs: Some(expires.as_secs()),
         })
         .await?;
     let code = opened["code"].as_str().unwrap_or_default();
     println!("pairing code: {code}");
-    println!("on your other device run: devicelink pair {code}   (valid {expires} s, single use)");
-    // Reserved on a relay: a device on another network can join through it.
+    println!(
+        "on your other device run: devicelink pair {code}   (valid {}, single use)",
+        devicelink::args::describe(expires)
+    );
     if let Ok(status) = client.request(RequestBody::Status).await {
+        // Without mDNS the other device cannot find this one by the code alone: give it an
+        // address (a LAN one first).
+        let mdns = status["mdns"].as_str().unwrap_or_default();
+        if mdns != "advertising and browsing" {
+            let mut addrs: Vec<&str> = status["listen_addrs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str())
+                .filter(|a| !a.contains("/p2p-circuit"))
+                .collect();
+            addrs.sort_by_key(|a| {
+                (
+                    a.contains("/127.0.0.1/") || a.contains("/::1/"),
+                    !a.contains("/tcp/"),
+                )
+            });
+            if let Some(addr) = addrs.first() {
+                println!("this device is not announced nearby ({mdns}); on the other device run:");
+                println!("  devicelink pair {code} --peer {addr}");
+            }
+        }
+        // Reserved on a relay: a device on another network can join through it.
         for relay in status["reach"]["relays"].as_array().into_iter().flatten() {
             for addr in relay["relayed_addrs"].as_array().into_iter().flatten() {
                 if let Some(addr) = addr.as_str() {
@@ -1079,27 +1272,23 @@ fn service(global: &Global, command: ServiceCommand) -> Result<()> {
 
 async fn peers(global: &Global) -> Result<()> {
     let report = global.client().await?.request(RequestBody::Peers).await?;
-    println!("your devices:");
     let paired = report["paired"].as_array().cloned().unwrap_or_default();
+    if let Some(line) = removed_notice(&paired) {
+        println!("{line}");
+    }
+    println!("your devices:");
     if paired.is_empty() {
         println!("  (none yet: run `devicelink pair`)");
     }
     for p in paired {
-        let online = if p["connected"] == true {
+        let online = if p["removed_this_device"] == true {
+            "removed this device"
+        } else if p["connected"] == true {
             "online "
         } else {
             "offline"
         };
-        let last = p["last_sync"]
-            .as_f64()
-            .map(|t| {
-                let ago = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|now| now.as_secs_f64() - t)
-                    .unwrap_or(0.0);
-                format!("last sync {ago:.0}s ago")
-            })
-            .unwrap_or_else(|| "never synced".into());
+        let last = last_sync(&p["last_sync"]);
         let link = p["link"]
             .as_str()
             .map(|l| format!("{l:<14}"))
@@ -1232,6 +1421,107 @@ async fn doctor(global: &Global) -> Result<()> {
     let nearby = r["nearby"].as_array().map(|a| a.len()).unwrap_or(0);
     println!("nearby agents seen over mDNS: {nearby}");
     Ok(())
+}
+
+/// The human summary of `status`: this device, its documents, each of your devices.
+fn status_summary(status: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "this device: {} ({})",
+        text(&status["device_name"]),
+        text(&status["device_id"])
+    );
+    let _ = writeln!(
+        out,
+        "documents:   {} stored, {} in memory",
+        status["docs"].as_u64().unwrap_or(0),
+        status["docs_loaded"].as_u64().unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "Yjs apps:    {}",
+        status["ws_endpoint"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!(
+                "no y-websocket endpoint: {}",
+                status["ws_note"]
+                    .as_str()
+                    .unwrap_or("see `devicelink doctor`")
+            ))
+    );
+    let peers = status["peers"].as_array().cloned().unwrap_or_default();
+    let yours: Vec<_> = peers.iter().filter(|p| p["trusted"] == true).collect();
+    if let Some(line) = removed_notice(&peers) {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out, "your devices:");
+    if yours.is_empty() {
+        let _ = writeln!(out, "  (none yet: run `devicelink pair`)");
+    }
+    for p in yours {
+        let state = if p["removed_this_device"] == true {
+            "removed this device".to_string()
+        } else if p["connected"] != true {
+            "offline".to_string()
+        } else if p["changed_only"] == true && p["caught_up"] != true {
+            format!(
+                "catching up {}/{}",
+                p["docs_done"].as_u64().unwrap_or(0),
+                p["docs_total"].as_u64().unwrap_or(0)
+            )
+        } else {
+            "in sync".to_string()
+        };
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<14} {:<20} {}",
+            p["name"].as_str().unwrap_or("?"),
+            p["link"].as_str().unwrap_or("-"),
+            state,
+            last_sync(&p["last_sync"])
+        );
+    }
+    let others = status["others"].as_u64().unwrap_or(0);
+    if others > 0 {
+        let _ = writeln!(
+            out,
+            "  and {others} other device(s) seen recently (not yours)"
+        );
+    }
+    out
+}
+
+/// "this device was removed by NAME ..." when one of your devices refused it as removed.
+fn removed_notice(peers: &[serde_json::Value]) -> Option<String> {
+    let by: Vec<String> = peers
+        .iter()
+        .filter(|p| p["removed_this_device"] == true)
+        .map(|p| {
+            p["name"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| p["device_id"].as_str().unwrap_or("?").to_string())
+        })
+        .collect();
+    (!by.is_empty()).then(|| {
+        format!(
+            "this device was removed by {} from your devices: it no longer syncs with them \
+             (pair it again with `devicelink pair` to rejoin)",
+            by.join(", ")
+        )
+    })
+}
+
+/// "last sync 14:02:11 (3 s ago)" in local time, or "never synced".
+fn last_sync(at: &serde_json::Value) -> String {
+    match at.as_f64() {
+        Some(secs) => format!("last sync {}", devicelink::status::local_time(secs)),
+        None => "never synced".to_string(),
+    }
 }
 
 fn print_json(value: &serde_json::Value) -> Result<()> {

@@ -162,9 +162,9 @@ pub enum PairError {
     Version(String),
     #[error("the other device did not prove it knows the code: nothing was linked")]
     HostNotProven,
-    #[error("could not find a device with pairing slot {0} nearby (is it on this network? pass --peer ADDR to dial it directly)")]
+    #[error("no device nearby shows a code starting with {0}- (is `devicelink pair` still running on it, on this network? Or give its address: devicelink pair CODE --peer ADDR; `devicelink pair` on it prints the line)")]
     NotFound(u16),
-    #[error("no device reachable through the relay has pairing slot {0} open (is `devicelink pair` running there, and is that device linked with the relay?)")]
+    #[error("no device reachable through the relay shows a code starting with {0}- (is `devicelink pair` running there, and is that device linked with the relay?)")]
     NotOnRelay(u16),
     #[error("cannot reach the other device: {0}")]
     Unreachable(String),

@@ -53,6 +53,9 @@ pub struct PeerStatus {
     pub link: Option<&'static str>,
     /// How the last hole punch with it went (it started relayed), if one was tried.
     pub punch: Option<String>,
+    /// It refused this device as removed from the device group (until a session with it runs
+    /// again, after a new pairing).
+    pub removed_this_device: bool,
 }
 
 /// Most documents listed in [`PeerStatus::pending`].
@@ -63,6 +66,46 @@ pub const MAX_PENDING_SHOWN: usize = 1000;
 pub const MAX_STRANGERS: usize = 32;
 /// ... and for at most this long after their last connection closed.
 pub const STRANGER_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A Unix time in seconds as the local wall-clock time people read, with how long ago it was:
+/// `14:02:11 (3 s ago)`, or with the date when it is not today.
+pub fn local_time(unix_secs: f64) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let ago = (now - unix_secs).max(0.0);
+    let ago = match ago as u64 {
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s if s < 172_800 => format!("{} h ago", s / 3600),
+        s => format!("{} days ago", s / 86_400),
+    };
+    let (Some(at), Some(today)) = (local_fields(unix_secs as i64), local_fields(now as i64)) else {
+        return ago;
+    };
+    let clock = format!("{:02}:{:02}:{:02}", at.tm_hour, at.tm_min, at.tm_sec);
+    if (at.tm_year, at.tm_yday) == (today.tm_year, today.tm_yday) {
+        format!("{clock} ({ago})")
+    } else {
+        format!(
+            "{}-{:02}-{:02} {clock} ({ago})",
+            at.tm_year + 1900,
+            at.tm_mon + 1,
+            at.tm_mday
+        )
+    }
+}
+
+/// The local calendar fields of a Unix time (the C library's time zone rules).
+fn local_fields(unix_secs: i64) -> Option<libc::tm> {
+    let time: libc::time_t = unix_secs.try_into().ok()?;
+    // SAFETY: localtime_r only writes the `tm` it is given and reads `time`; a zeroed `tm` is a
+    // valid value of this plain C struct.
+    unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        (!libc::localtime_r(&time, &mut tm).is_null()).then_some(tm)
+    }
+}
 
 fn ser_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
     let secs = t
@@ -95,6 +138,7 @@ struct PeerState {
     address: Option<String>,
     link: Option<&'static str>,
     punch: Option<String>,
+    removed_this_device: bool,
 }
 
 impl Default for PeerState {
@@ -119,6 +163,7 @@ impl Default for PeerState {
             address: None,
             link: None,
             punch: None,
+            removed_this_device: false,
         }
     }
 }
@@ -217,6 +262,12 @@ impl PeerTable {
         state.docs_answered = 0;
         state.traffic = Arc::default();
         state.doc_errors.clear();
+        state.removed_this_device = false;
+    }
+
+    /// `peer` refused this device as removed from the device group.
+    pub fn removed_this_device(&self, peer: PeerId) {
+        self.lock().entry(peer).or_default().removed_this_device = true;
     }
 
     /// Progress of catching up with the peer's changes.
@@ -344,6 +395,7 @@ impl PeerTable {
                     address: state.and_then(|s| s.address.clone()),
                     link: state.and_then(|s| s.link),
                     punch: state.and_then(|s| s.punch.clone()),
+                    removed_this_device: state.is_some_and(|s| s.removed_this_device),
                 }
             })
             .collect()

@@ -130,7 +130,7 @@ async fn two_agent_processes_sync_through_the_cli() {
         "trust list through the running agent: {}",
         stdout(&out)
     );
-    let out = b.cli(&["status"]);
+    let out = b.cli(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(status["device_id"], id_b.as_str());
     assert!(status["docs"].as_u64().unwrap() >= 1, "{status}");
@@ -342,7 +342,7 @@ fn service_install_writes_a_unit_that_runs_the_agent() {
             "the service's agent did not start"
         );
     }
-    let status = devicelink(&["status"]);
+    let status = devicelink(&["status", "--json"]);
     let _ = child.kill();
     let _ = child.wait();
     let status: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();

@@ -25,7 +25,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn status(agent: &AgentProcess) -> serde_json::Value {
-    serde_json::from_str(&stdout(&agent.cli(&["status"]))).unwrap_or_default()
+    serde_json::from_str(&stdout(&agent.cli(&["status", "--json"]))).unwrap_or_default()
 }
 
 fn peer<'a>(status: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {

@@ -419,7 +419,7 @@ fn both_sides_of_a_fresh_pairing_show_each_other_connected() {
         let deadline = std::time::Instant::now() + LIMIT;
         loop {
             let status: Value =
-                serde_json::from_str(&stdout(&me.cli(&["status"]))).unwrap_or_default();
+                serde_json::from_str(&stdout(&me.cli(&["status", "--json"]))).unwrap_or_default();
             let peer = status["peers"]
                 .as_array()
                 .into_iter()
@@ -768,7 +768,7 @@ async fn ids_numbers_and_emptied_texts_are_stored_as_they_read() {
 
 /// `status` of an agent process, as JSON.
 fn status_of(agent: &AgentProcess) -> Value {
-    serde_json::from_str(&stdout(&agent.cli(&["status"]))).unwrap_or_default()
+    serde_json::from_str(&stdout(&agent.cli(&["status", "--json"]))).unwrap_or_default()
 }
 
 /// Finding 1a: A database that came back empty or rolled back was served as if nothing happened, and the

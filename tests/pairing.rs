@@ -206,7 +206,8 @@ fn device_group_spreads_pairings_and_unpair_revokes_everywhere() {
         doc_value(&c, "trip", "after_a").is_null(),
         "c still reads a's changes"
     );
-    let status: serde_json::Value = serde_json::from_str(&stdout(&a.cli(&["status"]))).unwrap();
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout(&a.cli(&["status", "--json"]))).unwrap();
     let c_status = status["peers"]
         .as_array()
         .unwrap()
@@ -220,7 +221,7 @@ fn device_group_spreads_pairings_and_unpair_revokes_everywhere() {
 /// The last error `agent`'s status shows for `other`.
 fn last_error(agent: &AgentProcess, other: &AgentProcess) -> String {
     let status: serde_json::Value =
-        serde_json::from_str(&stdout(&agent.cli(&["status"]))).unwrap_or_default();
+        serde_json::from_str(&stdout(&agent.cli(&["status", "--json"]))).unwrap_or_default();
     status["peers"]
         .as_array()
         .into_iter()
@@ -261,7 +262,7 @@ fn unpair_can_be_undone_by_pairing_and_has_no_traps() {
     });
     let a_on_b = || {
         let status: serde_json::Value =
-            serde_json::from_str(&stdout(&b.cli(&["status"]))).unwrap_or_default();
+            serde_json::from_str(&stdout(&b.cli(&["status", "--json"]))).unwrap_or_default();
         status["peers"]
             .as_array()
             .into_iter()
@@ -279,6 +280,14 @@ fn unpair_can_be_undone_by_pairing_and_has_no_traps() {
                 .as_str()
                 .is_some_and(|e| e.contains("not dialing it for"))
     });
+    // `peers` and `status` on B say who removed it, not "online".
+    let peers = stdout(&b.cli(&["peers"]));
+    assert!(
+        peers.contains("this device was removed by") && peers.contains("removed this device"),
+        "{peers}"
+    );
+    let summary = stdout(&b.cli(&["status"]));
+    assert!(summary.contains("this device was removed by"), "{summary}");
     let watch_until = Instant::now() + Duration::from_millis(2000);
     while Instant::now() < watch_until {
         let peer = a_on_b();

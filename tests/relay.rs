@@ -80,7 +80,7 @@ fn link_with(device: &AgentProcess, always_on: &AgentProcess) {
 }
 
 fn status(agent: &AgentProcess) -> Value {
-    serde_json::from_str(&stdout(&agent.cli(&["status"]))).unwrap_or_default()
+    serde_json::from_str(&stdout(&agent.cli(&["status", "--json"]))).unwrap_or_default()
 }
 
 fn peer(agent: &AgentProcess, other: &AgentProcess) -> Value {

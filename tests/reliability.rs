@@ -123,7 +123,10 @@ struct Node {
 }
 
 /// Random edits, partitions (trust withdrawn and restored), restarts; at the end every agent
-/// holds byte-identical documents and every inserted token survives.
+/// holds the same documents (same state vector, delete set and content: see
+/// `devicelink::convergence`) and every inserted token survives. The seed picks the operations;
+/// their timing against the agents' own tasks does not replay, so a seed reproduces the
+/// scenario, not always the exact interleaving.
 async fn partition_case(rng: &mut Rng) {
     let n = 3 + rng.below(3) as usize;
     let mut nodes = Vec::new();
@@ -211,9 +214,8 @@ async fn partition_case(rng: &mut Rng) {
             handles.windows(2).all(|w| same_state(&w[0], &w[1]))
         })
         .await;
-        let state = handles[0].encode_state();
-        for h in &handles {
-            assert_eq!(h.encode_state(), state, "{doc}: encoded states differ");
+        for h in &handles[1..] {
+            assert_identical(&handles[0], h);
         }
     }
     let text: String = ["doc0", "doc1"]

@@ -38,7 +38,7 @@ async fn ten_thousand_documents_reach_a_new_device_and_a_reconnect_costs_what_ch
     let mut writes = Vec::with_capacity(MANY);
     for i in 0..MANY {
         let doc = a.open_doc(&format!("note/{i:05}")).unwrap();
-        writes.push(doc.set_map_value_deferred("m", "k", i as i64));
+        writes.push(doc.set_map_value_deferred("m", "k", i as i64).unwrap());
     }
     for write in writes {
         write.wait().await.unwrap();

@@ -260,6 +260,9 @@ pub enum ErrorCode {
     NoSuchSubscription,
     /// The connection's app token does not allow this (see `app_auth`).
     Forbidden,
+    /// A write names a root of another type (a map write onto a text, a text edit onto a map);
+    /// nothing was changed.
+    WrongType,
     Internal,
 }
 

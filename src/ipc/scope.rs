@@ -26,7 +26,13 @@ pub fn app_request(apps: &AppRegistry, body: RequestBody) -> Result<Value, (Erro
         }
         RequestBody::AppList => Ok(json!(apps.list().map_err(app_error)?)),
         RequestBody::AppRemove { name } => {
-            Ok(json!({ "removed": apps.remove(&name).map_err(app_error)? }))
+            if !apps.remove(&name).map_err(app_error)? {
+                return Err((
+                    ErrorCode::NotFound,
+                    format!("no app named {name:?} (`devicelink app list` lists them)"),
+                ));
+            }
+            Ok(json!({ "removed": true }))
         }
         _ => Err((ErrorCode::BadRequest, "not an app request".into())),
     }

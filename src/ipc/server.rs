@@ -365,7 +365,17 @@ impl Connection {
                 agent.open_doc(&doc).map_err(agent_error)?;
                 json!({ "doc": doc })
             }
-            RequestBody::DocGet { doc } => agent.open_doc(&doc).map_err(agent_error)?.to_json(),
+            RequestBody::DocGet { doc } => {
+                if !agent.doc_exists(&doc).map_err(agent_error)? {
+                    return Err((
+                        ErrorCode::NotFound,
+                        format!(
+                            "document {doc:?} does not exist on this device (`devicelink doc list` lists them)"
+                        ),
+                    ));
+                }
+                agent.open_doc(&doc).map_err(agent_error)?.to_json()
+            }
             RequestBody::DocSet {
                 doc,
                 map,
@@ -376,8 +386,9 @@ impl Connection {
                 crate::docs::check_json_numbers(&value)
                     .map_err(|e| (ErrorCode::InvalidArgument, e))?;
                 let handle = self.open(&doc)?;
-                let durable =
-                    handle.set_map_value_deferred(&map, &key, crate::docs::json_to_any(&value));
+                let durable = handle
+                    .set_map_value_deferred(&map, &key, crate::docs::json_to_any(&value))
+                    .map_err(doc_error)?;
                 return Ok(Reply::Later(durable, json!({})));
             }
             RequestBody::DocText {
@@ -400,8 +411,9 @@ impl Connection {
                     }
                 };
                 let handle = self.open(&doc)?;
-                let (len, durable) =
-                    handle.edit_text_in_deferred(&name, index, delete, &insert, offsets);
+                let (len, durable) = handle
+                    .edit_text_in_deferred(&name, index, delete, &insert, offsets)
+                    .map_err(doc_error)?;
                 return Ok(Reply::Later(
                     durable,
                     json!({ "len": len, "offsets": unit }),
@@ -891,6 +903,7 @@ fn doc_error(e: DocError) -> (ErrorCode, String) {
         DocError::NotDurable { .. } => (ErrorCode::NotDurable, e.to_string()),
         DocError::Store(e) => store_error(e),
         DocError::Deleted(_) | DocError::NotFound(_) => (ErrorCode::NotFound, e.to_string()),
+        DocError::WrongType { .. } => (ErrorCode::WrongType, e.to_string()),
         DocError::AgentStopped => (ErrorCode::Internal, e.to_string()),
     }
 }

@@ -636,6 +636,28 @@ impl Network {
     }
 
     fn connect(&mut self, target: ConnectTarget, reply: oneshot::Sender<Result<PeerId, String>>) {
+        if let ConnectTarget::Addr(addr) = &target {
+            let local = *self.swarm.local_peer_id();
+            let plain: Multiaddr = addr
+                .iter()
+                .filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+                .collect();
+            let own = addr
+                .iter()
+                .any(|p| p == libp2p::multiaddr::Protocol::P2p(local))
+                || self
+                    .listen_addrs
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&plain);
+            if own {
+                let _ = reply.send(Err(format!(
+                    "{addr} is this device's own address: give the address of the other device \
+                     (`devicelink pair` on it prints it)"
+                )));
+                return;
+            }
+        }
         let opts = match target {
             ConnectTarget::Peer(peer, _) if self.swarm.is_connected(&peer) => {
                 let _ = reply.send(Ok(peer));
