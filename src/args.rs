@@ -172,7 +172,12 @@ mod tests {
 
     #[test]
     fn devices_by_name_or_id_prefix() {
-        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let id = || {
+            libp2p::identity::Keypair::generate_ed25519()
+                .public()
+                .to_peer_id()
+        };
+        let (a, b, c) = (id(), id(), id());
         let devices = vec![
             (a, "laptop".to_string()),
             (b, "phone".to_string()),

@@ -119,10 +119,14 @@ fn content(doc: &yrs::Doc) -> serde_json::Value {
                     })
                 })
                 .collect();
-            roots.insert(
-                format!("{name} (formatted)"),
-                serde_json::Value::Array(runs),
-            );
+            // An empty text is left out, as in the JSON view (whether a root was declared is
+            // not stored, so an emptied text reads the same as one never used).
+            if !runs.is_empty() {
+                roots.insert(
+                    format!("{name} (formatted)"),
+                    serde_json::Value::Array(runs),
+                );
+            }
         }
     }
     view

@@ -943,15 +943,29 @@ async fn doc(global: &Global, command: DocCommand) -> Result<()> {
     let client = global.client().await?;
     match command {
         DocCommand::List => {
+            // Who made the last change, by name ("this device" for this one).
+            let mut names: std::collections::HashMap<String, String> = your_devices(&client)
+                .await?
+                .into_iter()
+                .map(|(id, name)| (id.to_string(), name))
+                .collect();
+            if let Some(me) = client.status().await?["device_id"].as_str() {
+                names.insert(me.to_string(), "this device".into());
+            }
             let mut after = None;
             loop {
                 let page = client.doc_list_page(after.take(), None).await?;
                 for doc in page["docs"].as_array().into_iter().flatten() {
+                    let by = doc["by"].as_str().unwrap_or_default();
                     println!(
-                        "{}\t{} bytes\t{}",
+                        "{}\t{} bytes\t{}\t{}",
                         doc["name"].as_str().unwrap_or_default(),
                         doc["bytes"],
-                        doc["by"].as_str().unwrap_or_default()
+                        names.get(by).map_or(by, String::as_str),
+                        doc["updated_at"]
+                            .as_f64()
+                            .map(devicelink::status::local_time)
+                            .unwrap_or_default()
                     );
                 }
                 match page["next"].as_str() {
@@ -1243,6 +1257,12 @@ fn service(global: &Global, command: ServiceCommand) -> Result<()> {
                 system,
                 run_as: user,
             };
+            if let Some(why) = service::fragile_binary(&spec.exe) {
+                eprintln!(
+                    "warning: the service runs {why}; install the binary first (`cargo install \
+                     --locked --path .`) and run `devicelink service install` from there"
+                );
+            }
             let installed = service::install(&spec, !no_start)?;
             println!("wrote {}", installed.path.display());
             println!("runs: {}", spec.command().join(" "));
@@ -1255,7 +1275,7 @@ fn service(global: &Global, command: ServiceCommand) -> Result<()> {
             }
             match installed.started {
                 Ok(()) => println!("enabled and started"),
-                Err(e) if no_start => println!("{e}"),
+                Err(e) if no_start || e.starts_with("systemd is not running") => println!("{e}"),
                 Err(e) => bail!("the service file is written, but {e}"),
             }
             Ok(())

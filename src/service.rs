@@ -202,7 +202,15 @@ pub fn install(spec: &ServiceSpec, start: bool) -> Result<Installed, ServiceErro
         path: path.clone(),
         source,
     })?;
-    let started = if start {
+    let started = if start && !cfg!(target_os = "macos") && !systemd_running() {
+        Err(format!(
+            "systemd is not running on this machine (no /run/systemd/system, e.g. a container or \
+             WSL without systemd), so nothing was started: the unit was written to {}; start the \
+             agent yourself with: {}",
+            path.display(),
+            spec.command().join(" ")
+        ))
+    } else if start {
         enable(spec.system, &path)
     } else {
         Err(format!(
@@ -236,6 +244,27 @@ pub fn uninstall(system: bool, stop: bool) -> Result<Option<PathBuf>, ServiceErr
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(ServiceError::Remove { path, source }),
+    }
+}
+
+/// Whether systemd is the running service manager (its own test: sd_booted).
+fn systemd_running() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// Why `exe` is a poor binary for a service to run (a build or temporary folder that goes
+/// away with `cargo clean` or a reboot), if it is one.
+pub fn fragile_binary(exe: &Path) -> Option<String> {
+    let in_build = exe.components().any(|c| c.as_os_str() == "target");
+    if exe.starts_with(std::env::temp_dir()) || exe.starts_with("/tmp") {
+        Some(format!("{} is in a temporary folder", exe.display()))
+    } else if in_build {
+        Some(format!(
+            "{} is in a build folder (cargo clean removes it)",
+            exe.display()
+        ))
+    } else {
+        None
     }
 }
 

@@ -312,6 +312,8 @@ fn service_install_writes_a_unit_that_runs_the_agent() {
         "svc",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // The test binary lives in the build folder: the user is warned.
+    assert!(stderr(&out).contains("build folder"), "{}", stderr(&out));
     let unit_path = config.join("systemd/user/devicelink.service");
     let unit = std::fs::read_to_string(&unit_path).expect("the unit is written");
     assert!(unit.contains("WantedBy=default.target"), "{unit}");
@@ -348,6 +350,17 @@ fn service_install_writes_a_unit_that_runs_the_agent() {
     let status: serde_json::Value = serde_json::from_str(&stdout(&status)).unwrap();
     assert_eq!(status["device_name"], "svc", "{status}");
 
+    // Where systemd is not running, installing with a start says so plainly and how to run it.
+    if !std::path::Path::new("/run/systemd/system").exists() {
+        let out = devicelink(&["service", "install", "--name", "svc"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        assert!(
+            text.contains("systemd is not running")
+                && text.contains("start the agent yourself with:"),
+            "{text}"
+        );
+    }
     let out = devicelink(&["service", "uninstall", "--no-stop"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("removed"), "{}", stdout(&out));

@@ -267,7 +267,7 @@ async fn garbage_on_the_socket_gets_errors_and_loses_nothing() {
         "one error per bad line and the long line, not 12, 13"
     );
     assert_eq!(seen_valid.unwrap()["result"]["m"]["k"], "v");
-    assert_eq!(doc.encode_state(), before, "stored data unchanged");
+    assert_same_as_state(&doc, &before, "stored data unchanged");
 
     // Abrupt disconnects mid-line and a fresh connection still served.
     for _ in 0..20 {
@@ -280,7 +280,11 @@ async fn garbage_on_the_socket_gets_errors_and_loses_nothing() {
     agent.shutdown().await.unwrap();
     drop(agent);
     let agent = start(dir.path(), "a").await;
-    assert_eq!(agent.open_doc("precious").unwrap().encode_state(), before);
+    assert_same_as_state(
+        &agent.open_doc("precious").unwrap(),
+        &before,
+        "stored data after a restart",
+    );
     agent.shutdown().await.unwrap();
 }
 

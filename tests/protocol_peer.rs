@@ -259,10 +259,10 @@ async fn untrusted_devices_cannot_read_or_write() {
     // Give C every chance (several redials) to push or pull anything.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(!a.is_syncing_with(&c.device_id()));
-    assert_eq!(
-        secret.encode_state(),
-        before,
-        "A's document was changed by an untrusted device"
+    assert_same_as_state(
+        &secret,
+        &before,
+        "A's document was changed by an untrusted device",
     );
     assert_eq!(secret.to_json()["m"]["pin"], "1234");
     assert_eq!(c_doc.to_json()["m"]["pin"], "6666", "C read A's document");
@@ -700,5 +700,91 @@ async fn no_feed_mark_before_the_feed_page() {
         }
         other => panic!("no FeedMark: {other:?}"),
     }
+    a.shutdown().await.unwrap();
+}
+
+/// A map value nested `depth` deep (`[[[...1...]]]`), as raw Yjs v1 bytes: built by hand, since
+/// yrs itself recurses to encode it.
+fn deeply_nested_update(depth: usize) -> Vec<u8> {
+    use yrs::{Map, Transact};
+    let doc = yrs::Doc::with_client_id(77);
+    let map = doc.get_or_insert_map("m");
+    let shallow = {
+        let mut txn = doc.transact_mut();
+        map.insert(&mut txn, "k", 1);
+        txn.encode_update_v1()
+    };
+    // ... Any content: 1 value, tag 125 (integer), 1, then an empty delete set.
+    assert!(shallow.ends_with(&[1, 125, 1, 0]), "{shallow:?}");
+    let mut bytes = shallow[..shallow.len() - 3].to_vec();
+    for _ in 0..depth {
+        bytes.extend_from_slice(&[117, 1]); // an array of one element
+    }
+    bytes.extend_from_slice(&[125, 1, 0]);
+    bytes
+}
+
+/// Issue 22, finding 1: one 51 KB update nested 25,000 deep crashed the agent (stack overflow)
+/// through IPC `doc_apply` and a linked peer's `Update`. Now it is refused on both paths and the
+/// agent keeps serving; a nesting within the limit is still accepted and readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_updates_are_refused_without_a_crash() {
+    let deep = deeply_nested_update(25_000);
+    assert!(deep.len() < 52 * 1024);
+
+    // IPC, against the real binary (a crash would end the process).
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = common::process::AgentProcess::start(dir.path(), &[]);
+    let client = agent.client().await;
+    match client.doc_apply("deep", &deep).await {
+        Err(devicelink::client::ClientError::Agent { code, message }) => {
+            assert_eq!(
+                code,
+                devicelink::ipc::ErrorCode::InvalidArgument,
+                "{message}"
+            );
+            assert!(message.contains("nests deeper than 128"), "{message}");
+        }
+        other => panic!("a 25,000-deep update through IPC: {other:?}"),
+    }
+    client
+        .doc_apply("fine", &deeply_nested_update(100))
+        .await
+        .unwrap();
+    let got = client.doc_get("fine").await.unwrap();
+    assert!(got["m"]["k"].is_array(), "{got}");
+    assert!(client.status().await.is_ok(), "the agent stopped answering");
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent exited"
+    );
+
+    // A linked peer's Update.
+    let da = tempfile::tempdir().unwrap();
+    let a = start(da.path(), "a").await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    a.trust_add(keypair.public().to_peer_id(), "raw").unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let mut transport = open(&mut raw, &a).await.unwrap();
+    send(&mut transport, &hello(PROTOCOL_VERSION)).await;
+    send(
+        &mut transport,
+        &Message::Update {
+            doc: "deep".into(),
+            update: deep,
+        },
+    )
+    .await;
+    let got = read_until(&mut transport, |m| matches!(m, Message::DocError { .. })).await;
+    match got.last() {
+        Some(Message::DocError { doc, message, .. }) => {
+            assert_eq!(doc, "deep");
+            assert!(message.contains("nests deeper"), "{message}");
+        }
+        other => panic!("no DocError for the deep update: {other:?} in {got:?}"),
+    }
+    assert!(!a.list_docs().unwrap().contains(&"deep".to_string()));
+    let ok = a.open_doc("after").unwrap();
+    ok.set_map_value("m", "k", 1).await.unwrap();
     a.shutdown().await.unwrap();
 }

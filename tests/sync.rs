@@ -181,7 +181,7 @@ async fn reopening_a_data_dir_restores_the_exact_state() {
     let agent = devicelink::Agent::start(config).await.unwrap();
     let doc = agent.open_doc("d").unwrap();
     assert_eq!(doc.to_json(), json);
-    assert_eq!(doc.encode_state(), state);
+    assert_same_as_state(&doc, &state, "the reopened document");
     agent.shutdown().await.unwrap();
 }
 

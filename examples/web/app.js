@@ -44,10 +44,12 @@ const showStatus = () => {
 provider.on('status', ({ status }) => { lastStatus = status; showStatus() })
 provider.on('sync', showStatus)
 provider.on('connection-error', () => {
-  // A browser is not told why an upgrade failed: a wrong token (401) and a foreign origin
-  // or document (403) look the same from here.
+  // A browser is not told why an upgrade failed: a wrong token (401), a foreign origin or
+  // document (403) and an agent that is not running look the same from here.
   if (!provider.synced) { lastStatus = 'refused or unreachable (check ws, token, origin, doc)'; showStatus() }
 })
+// The connection actually in use (the ws URL, the document; never the token itself).
+document.getElementById('connection').textContent = `${wsUrl}/${docName}${token ? ' (with a token)' : ''}`
 showStatus()
 
 // --- textarea -> Y.Text: apply the minimal diff ---------------------------------------------

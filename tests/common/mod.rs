@@ -77,6 +77,23 @@ pub fn assert_identical(a: &DocHandle, b: &DocHandle) {
     }
 }
 
+/// Asserts that `doc` holds the same document as `state` (an encoded state taken earlier, on
+/// this device or another), by the convergence rule, not byte for byte: a reload from a snapshot
+/// may squash items differently.
+pub fn assert_same_as_state(doc: &DocHandle, state: &[u8], what: &str) {
+    use yrs::updates::decoder::Decode;
+    use yrs::Transact;
+    let earlier = yrs::Doc::new();
+    let update = yrs::Update::decode_v1(state).expect("an encoded state");
+    earlier
+        .transact_mut()
+        .apply_update(update)
+        .expect("an encoded state applies");
+    if let Err(divergence) = devicelink::convergence::compare(doc.yrs_doc(), &earlier) {
+        panic!("{what}: {divergence}");
+    }
+}
+
 pub const LIMIT: Duration = Duration::from_secs(20);
 
 /// Resident memory of process `pid`, in KiB (0 if it cannot be read).
