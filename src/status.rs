@@ -98,6 +98,8 @@ pub fn local_time(unix_secs: f64) -> String {
 
 /// The local calendar fields of a Unix time (the C library's time zone rules).
 fn local_fields(unix_secs: i64) -> Option<libc::tm> {
+    // time_t is 32 bits on some targets.
+    #[allow(clippy::useless_conversion)]
     let time: libc::time_t = unix_secs.try_into().ok()?;
     // SAFETY: localtime_r only writes the `tm` it is given and reads `time`; a zeroed `tm` is a
     // valid value of this plain C struct.
