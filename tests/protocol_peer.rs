@@ -466,51 +466,10 @@ async fn declined_documents_do_not_stall_a_catch_up() {
     let raw_id = keypair.public().to_peer_id();
     a.trust_add(raw_id, "decliner").unwrap();
     let mut raw = raw_peer_with(keypair, &a).await;
-    let mut transport = open(&mut raw, &a).await.unwrap();
-    send(
-        &mut transport,
-        &Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            device_name: "raw".into(),
-            listen_addrs: vec![devicelink::sync::Features::ALL.entry()],
-        }),
-    )
-    .await;
-    let got = read_until(&mut transport, |m| matches!(m, Message::FeedRequest { .. })).await;
-    assert!(
-        matches!(got.last(), Some(Message::FeedRequest { .. })),
-        "{got:?}"
-    );
+    let (mut transport, _) = feature_session(&mut raw, &a).await;
     let listed: Vec<String> = (0..100).map(|i| format!("declined/{i}")).collect();
-    send(
-        &mut transport,
-        &Message::FeedPage {
-            epoch: 9,
-            head: 100,
-            docs: listed.clone(),
-            last: true,
-        },
-    )
-    .await;
-    let mut declined = 0;
-    while declined < listed.len() {
-        let frame = tokio::time::timeout(LIMIT, transport.next())
-            .await
-            .expect("the agent keeps asking")
-            .expect("stream open")
-            .expect("a frame");
-        if let Message::SyncStep1 { doc, .. } = Message::decode(&frame).unwrap() {
-            if doc.starts_with("declined/") {
-                declined += 1;
-                let error = Message::DocError {
-                    doc,
-                    code: devicelink::sync::DocErrorCode::Storage,
-                    message: "this device does not keep it".into(),
-                };
-                send(&mut transport, &error).await;
-            }
-        }
-    }
+    let listed: Vec<&str> = listed.iter().map(String::as_str).collect();
+    serve_listing(&mut transport, (9, 100), &listed, &listed).await;
     wait_until(LIMIT, "the catch-up completes", || {
         a.status()
             .unwrap()

@@ -142,32 +142,9 @@ exit 0
 impl Lan {
     /// Creates the two hosts, or says why it cannot (not root, no `ip`).
     pub fn create() -> Result<Self, String> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let found = Command::new("sh")
-            .args(["-c", "command -v ip"])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Err("`ip` is not installed (Debian: iproute2)".into());
-        }
-        let lan = Self {
-            tag: format!(
-                "{}{}",
-                std::process::id() % 100_000,
-                NEXT.fetch_add(1, Ordering::SeqCst)
-            ),
-        };
-        let out = Command::new("sh")
-            .args(["-c", LAN_SETUP, "setup", &lan.tag])
-            .output()
-            .map_err(|e| format!("cannot run sh: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cannot create network namespaces (needs root): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        require_tools(&["ip"])?;
+        let lan = Self { tag: unique_tag() };
+        run_script(LAN_SETUP, &["setup", &lan.tag])?;
         Ok(lan)
     }
 
@@ -179,10 +156,52 @@ impl Lan {
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        let _ = Command::new("sh")
-            .args(["-c", LAN_TEARDOWN, "teardown", &self.tag])
-            .status();
+        let _ = run_script(LAN_TEARDOWN, &["teardown", &self.tag]);
     }
+}
+
+/// A tag no other topology of this or another test process uses at the same time.
+fn unique_tag() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Says which of `tools` is missing, if one is.
+fn require_tools(tools: &[&str]) -> Result<(), String> {
+    for tool in tools {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            return Err(format!(
+                "`{tool}` is not installed (Debian: iproute2, nftables)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `sh -c script args...`; its stderr is the error (namespaces need root).
+fn run_script(script: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run sh: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cannot create network namespaces (needs root): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
 }
 
 /// The always-on device's address on the internet.
@@ -192,39 +211,13 @@ impl Topology {
     /// Creates the namespaces, or says why it cannot (not root, no `ip` or `nft`, no namespace
     /// support).
     pub fn create(nat: Nat) -> Result<Self, String> {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        for tool in ["ip", "nft"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !found {
-                return Err(format!(
-                    "`{tool}` is not installed (Debian: iproute2, nftables)"
-                ));
-            }
-        }
-        let tag = format!(
-            "{}{}",
-            std::process::id() % 100_000,
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
+        require_tools(&["ip", "nft"])?;
         let masquerade = match nat {
             Nat::EndpointIndependent => "masquerade",
             Nat::Symmetric => "masquerade fully-random",
         };
-        let topology = Self { tag };
-        let out = Command::new("sh")
-            .args(["-c", SETUP, "setup", &topology.tag, masquerade])
-            .output()
-            .map_err(|e| format!("cannot run sh: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cannot create network namespaces: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
+        let topology = Self { tag: unique_tag() };
+        run_script(SETUP, &["setup", &topology.tag, masquerade])?;
         Ok(topology)
     }
 
@@ -248,8 +241,6 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let _ = Command::new("sh")
-            .args(["-c", TEARDOWN, "teardown", &self.tag])
-            .status();
+        let _ = run_script(TEARDOWN, &["teardown", &self.tag]);
     }
 }
