@@ -1456,7 +1456,7 @@ fn status_summary(status: &serde_json::Value) -> String {
     );
     let _ = writeln!(
         out,
-        "documents:   {} stored, {} in memory",
+        "documents:   {} ({} loaded in memory, the agent's own included)",
         status["docs"].as_u64().unwrap_or(0),
         status["docs_loaded"].as_u64().unwrap_or(0)
     );
