@@ -184,6 +184,32 @@ impl PresenceHub {
         Ok(count)
     }
 
+    /// Everyone present now that `peer` did not tell this device about, per document: what a
+    /// sync session with `peer` sends when it starts (§23), so the peer sees who is here at once
+    /// rather than at the next renewal.
+    pub fn held_for(&self, peer: PeerId) -> Vec<(Arc<str>, AwarenessUpdate)> {
+        let docs = lock(&self.docs);
+        docs.iter()
+            .filter_map(|(doc, clients)| {
+                let clients: HashMap<ClientID, AwarenessUpdateEntry> = clients
+                    .iter()
+                    .filter(|(_, e)| e.source != Source::Peer(peer))
+                    .filter_map(|(id, e)| {
+                        let json = e.json.clone()?;
+                        Some((
+                            ClientID::new(*id),
+                            AwarenessUpdateEntry {
+                                clock: e.clock,
+                                json,
+                            },
+                        ))
+                    })
+                    .collect();
+                (!clients.is_empty()).then(|| (doc.clone(), AwarenessUpdate { clients }))
+            })
+            .collect()
+    }
+
     /// Everyone present in `doc` now, as one awareness update (empty if nobody).
     pub fn states(&self, doc: &str) -> AwarenessUpdate {
         self.snapshot(doc, false)

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use devicelink::yrs::{Map, Text};
+use std::time::Duration;
 
 /// Acceptance 1: both sides edit (Y.Text and Y.Map) before they connect; after connecting both
 /// hold identical state.
@@ -250,6 +251,32 @@ async fn dropped_peer_is_redialed_automatically() {
     })
     .await;
     assert_eq!(doc_b.text("t"), "written while b was away");
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// Issue 23 (§23): presence held before a session starts reaches the peer when the session
+/// starts, not at the next renewal (15 s later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_held_before_a_session_reaches_the_peer_at_session_start() {
+    use devicelink::presence::{single, Source};
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(da.path(), "a").await;
+    let b = start(db.path(), "b").await;
+    let alice = serde_json::json!({"user": {"name": "alice"}});
+    let local = a.presence().local_id();
+    a.presence()
+        .apply("notes", single(4242, 1, Some(&alice)), Source::Local(local))
+        .unwrap();
+    link(&a, &b);
+    let started = std::time::Instant::now();
+    wait_until(Duration::from_secs(5), "alice's presence on b", || {
+        devicelink::presence::to_json(&b.presence().states("notes"))
+            .to_string()
+            .contains("alice")
+    })
+    .await;
+    println!("presence on b {:?} after linking", started.elapsed());
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

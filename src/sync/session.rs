@@ -132,6 +132,16 @@ pub(crate) async fn run(
     } else {
         reader.announce_all();
     }
+    if features.awareness {
+        // Who is here now (subscribed above, so no later change is missed): the peer sees it at
+        // once, not at the next renewal 15 s away (§23).
+        for (doc, held) in ctx.presence.held_for(peer) {
+            reader.send(Message::Awareness {
+                doc: doc.to_string(),
+                update: yrs::updates::encoder::Encode::encode_v1(&held),
+            });
+        }
+    }
 
     let (sink, source) = transport.split();
     let marks = features.feed.then(|| FeedMarks {
