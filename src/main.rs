@@ -1259,8 +1259,8 @@ fn service(global: &Global, command: ServiceCommand) -> Result<()> {
             };
             if let Some(why) = service::fragile_binary(&spec.exe) {
                 eprintln!(
-                    "warning: the service runs {why}; install the binary first (`cargo install \
-                     --locked --path .`) and run `devicelink service install` from there"
+                    "warning: the service would run {why}; install the binary first (`cargo \
+                     install --locked --path .`) and run `devicelink service install` from there"
                 );
             }
             let installed = service::install(&spec, !no_start)?;

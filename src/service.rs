@@ -255,14 +255,13 @@ fn systemd_running() -> bool {
 /// Why `exe` is a poor binary for a service to run (a build or temporary folder that goes
 /// away with `cargo clean` or a reboot), if it is one.
 pub fn fragile_binary(exe: &Path) -> Option<String> {
-    let in_build = exe.components().any(|c| c.as_os_str() == "target");
-    if exe.starts_with(std::env::temp_dir()) || exe.starts_with("/tmp") {
-        Some(format!("{} is in a temporary folder", exe.display()))
-    } else if in_build {
+    if exe.components().any(|c| c.as_os_str() == "target") {
         Some(format!(
             "{} is in a build folder (cargo clean removes it)",
             exe.display()
         ))
+    } else if exe.starts_with(std::env::temp_dir()) || exe.starts_with("/tmp") {
+        Some(format!("{} is in a temporary folder", exe.display()))
     } else {
         None
     }

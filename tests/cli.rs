@@ -313,7 +313,12 @@ fn service_install_writes_a_unit_that_runs_the_agent() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     // The test binary lives in the build folder: the user is warned.
-    assert!(stderr(&out).contains("build folder"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("warning: the service would run")
+            && stderr(&out).contains("is in a build folder"),
+        "{}",
+        stderr(&out)
+    );
     let unit_path = config.join("systemd/user/devicelink.service");
     let unit = std::fs::read_to_string(&unit_path).expect("the unit is written");
     assert!(unit.contains("WantedBy=default.target"), "{unit}");
