@@ -160,8 +160,7 @@ fn scan_content(
             let len = r.var()?;
             let start = r.at;
             r.skip(len)?;
-            let text = String::from_utf8_lossy(&r.bytes[start..r.at]);
-            text.encode_utf16().count() as u64
+            utf16_len(&r.bytes[start..r.at])
         }
         3 | 5 => {
             // binary; embed (JSON text, parsed by serde_json with its own depth limit)
@@ -200,6 +199,14 @@ fn scan_content(
         }
         _ => return Err(Scan::Unreadable),
     })
+}
+
+/// UTF-16 length of UTF-8 bytes without decoding them: one unit per character (every byte
+/// that is not a continuation byte), two for characters of four bytes.
+fn utf16_len(utf8: &[u8]) -> u64 {
+    utf8.iter()
+        .map(|&b| u64::from(b & 0xc0 != 0x80) + u64::from(b >= 0xf0))
+        .sum()
 }
 
 /// Skips one lib0 `Any` value without recursion, refusing nesting beyond [`MAX_VALUE_DEPTH`].
@@ -321,6 +328,17 @@ mod tests {
         }
         let bytes = txn.encode_update_v1();
         assert_eq!(check_update_v1(&bytes), Err(NestingError::Type));
+    }
+
+    #[test]
+    fn utf16_lengths_match_the_standard_library() {
+        for text in ["", "abc", "é", "😀", "a😀é\u{10FFFF}x", "日本語"] {
+            assert_eq!(
+                utf16_len(text.as_bytes()),
+                text.encode_utf16().count() as u64,
+                "{text}"
+            );
+        }
     }
 
     #[test]
