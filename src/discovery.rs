@@ -4,7 +4,8 @@
 //! `id` (device id), `name`, `quic` (its QUIC port, when it listens on QUIC) and, while a pairing
 //! code is open, `pair` (the code's public slot), and browses for the others. The announcement
 //! follows the agent's listeners: [`Discovery::advertise`] is called again whenever a listen
-//! address comes or goes, and the A/AAAA records follow the interfaces (mdns-sd watches them). Nothing about documents is ever broadcast. An announcement is only a
+//! address comes or goes, and the A/AAAA records follow the interfaces (mdns-sd watches them).
+//! Nothing about documents is ever broadcast. An announcement is only a
 //! *claim*: the agent dials the claimed id, and the Noise handshake fails unless the device really
 //! holds that id's key, so a spoofed announcement cannot impersonate a trusted device.
 
@@ -208,6 +209,7 @@ impl Discovery {
                 let _ = self.daemon.unregister(&fullname);
             }
             self.announced = ListenPorts::default();
+            self.announced_slot = pair_slot;
             return Ok(false);
         }
         let version = PROTOCOL_VERSION.to_string();

@@ -84,9 +84,9 @@ for c in "$HOME 192.168.1.2 192.168.1.1" "$CAFE 192.168.2.2 192.168.2.1"; do
 done
 "#;
 
+/// Removes the namespaces named in its arguments, with every process inside.
 const TEARDOWN: &str = r#"
-TAG=$1
-for ns in dl-home-$TAG dl-cafe-$TAG dl-hnat-$TAG dl-cnat-$TAG dl-inet-$TAG; do
+for ns in "$@"; do
   [ -e "/var/run/netns/$ns" ] || continue
   pids=$(ip netns pids "$ns" 2>/dev/null)
   [ -n "$pids" ] && kill -9 $pids 2>/dev/null
@@ -94,7 +94,6 @@ for ns in dl-home-$TAG dl-cafe-$TAG dl-hnat-$TAG dl-cnat-$TAG dl-inet-$TAG; do
 done
 exit 0
 "#;
-
 /// Two hosts on one LAN segment: namespaces `dl-lan0-TAG` (198.51.100.1) and `dl-lan1-TAG`
 /// (198.51.100.2) joined by a veth pair, multicast on, like two devices on a home network.
 /// Removed (with every process inside) on drop.
@@ -128,17 +127,6 @@ for i in $(seq 50); do
 done
 "#;
 
-const LAN_TEARDOWN: &str = r#"
-TAG=$1
-for ns in dl-lan0-$TAG dl-lan1-$TAG; do
-  [ -e "/var/run/netns/$ns" ] || continue
-  pids=$(ip netns pids "$ns" 2>/dev/null)
-  [ -n "$pids" ] && kill -9 $pids 2>/dev/null
-  ip netns del "$ns" 2>/dev/null || true
-done
-exit 0
-"#;
-
 impl Lan {
     /// Creates the two hosts, or says why it cannot (not root, no `ip`).
     pub fn create() -> Result<Self, String> {
@@ -156,7 +144,7 @@ impl Lan {
 
 impl Drop for Lan {
     fn drop(&mut self) {
-        let _ = run_script(LAN_TEARDOWN, &["teardown", &self.tag]);
+        let _ = run_script(TEARDOWN, &["teardown", &self.ns(0), &self.ns(1)]);
     }
 }
 
@@ -241,6 +229,9 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        let _ = run_script(TEARDOWN, &["teardown", &self.tag]);
+        let names = ["home", "cafe", "hnat", "cnat", "internet"].map(|n| self.ns(n));
+        let mut args = vec!["teardown"];
+        args.extend(names.iter().map(String::as_str));
+        let _ = run_script(TEARDOWN, &args);
     }
 }
