@@ -16,7 +16,7 @@ soak:
 # Lints and formatting, as CI expects them.
 check:
     cargo fmt --all -- --check
-    cargo clippy --all-targets -- -D warnings
+    cargo clippy --workspace --all-targets -- -D warnings
 
 fmt:
     cargo fmt --all

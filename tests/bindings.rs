@@ -128,7 +128,14 @@ fn python_package_installs_and_passes_its_tests() {
     let pytest = run(
         "pytest bindings/python/tests",
         Command::new(&python)
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "bindings/python/tests"])
+            .args([
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "bindings/python/tests",
+            ])
             .env("DEVICELINK_BIN", env!("CARGO_BIN_EXE_devicelink"))
             .current_dir(repo()),
         TEST_LIMIT,
@@ -144,6 +151,18 @@ fn python_package_installs_and_passes_its_tests() {
     let printed = text(&example);
     assert!(printed.contains("phone sees: Groceries: milk"), "{printed}");
     assert!(printed.contains(r#""done":false"#), "{printed}");
+
+    // The library the wheel shipped, as Kotlin and Swift sources.
+    let package = run(
+        "locate the installed package",
+        Command::new(&python).args([
+            "-c",
+            "import devicelink, os; print(os.path.dirname(devicelink.__file__))",
+        ]),
+        TEST_LIMIT,
+    );
+    let library = PathBuf::from(text(&package).trim()).join("libdevicelink_ffi.so");
+    kotlin_and_swift_sources(&library);
 }
 
 #[test]
@@ -197,32 +216,21 @@ fn node_package_installs_and_passes_its_tests() {
     assert!(printed.contains(r#""done":false"#), "{printed}");
 }
 
-/// Generates the Kotlin and Swift sources (library mode, from the built bindings library);
-/// compiles them where kotlinc / swiftc are installed.
-#[test]
-fn kotlin_and_swift_sources_are_generated() {
+/// Generates the Kotlin and Swift sources from `library` (uniffi's library mode); compiles them
+/// where kotlinc / swiftc are installed.
+fn kotlin_and_swift_sources(library: &Path) {
     let out = work_dir().join("generated");
     let _ = std::fs::remove_dir_all(&out);
     run(
-        "cargo build --release -p devicelink-ffi",
-        Command::new(env!("CARGO"))
-            .args(["build", "--release", "-p", "devicelink-ffi"])
-            .current_dir(repo()),
-        BUILD_LIMIT,
-    );
-    let library = repo()
-        .join("target")
-        .join("release")
-        .join(format!("{}devicelink_ffi.so", "lib"));
-    run(
         "uniffi-bindgen generate kotlin swift",
         Command::new(env!("CARGO"))
-            .args(["run", "--release", "-q", "-p", "devicelink-uniffi-bindgen", "--"])
+            // The dev profile, as maturin builds it: one build of the generator serves both.
+            .args(["run", "-q", "-p", "devicelink-uniffi-bindgen", "--"])
             .args(["generate", "--no-format", "--language", "kotlin"])
             .args(["--language", "swift", "--out-dir"])
             .arg(&out)
             .arg("--library")
-            .arg(&library)
+            .arg(library)
             .current_dir(repo()),
         BUILD_LIMIT,
     );
@@ -238,7 +246,11 @@ fn kotlin_and_swift_sources_are_generated() {
         );
     }
     for needle in ["class Agent", "func pairOpen", "protocol DocListener"] {
-        assert!(swift_text.contains(needle), "{needle} not in {}", swift.display());
+        assert!(
+            swift_text.contains(needle),
+            "{needle} not in {}",
+            swift.display()
+        );
     }
     match has("kotlinc", "-version") {
         true => {

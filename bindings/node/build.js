@@ -18,5 +18,15 @@ const file = {
   darwin: 'libdevicelink_node.dylib',
   win32: 'devicelink_node.dll',
 }[process.platform] || 'libdevicelink_node.so';
-fs.copyFileSync(path.join(target, 'release', file), path.join(__dirname, 'devicelink.node'));
-console.log(`devicelink: addon built in ${((Date.now() - started) / 1000).toFixed(0)} s`);
+const addon = path.join(__dirname, 'devicelink.node');
+fs.copyFileSync(path.join(target, 'release', file), addon);
+// The release profile keeps line tables for the agent's backtraces; an app ships without them.
+if (process.platform !== 'win32') {
+  try {
+    execFileSync('strip', process.platform === 'darwin' ? ['-S', addon] : ['--strip-debug', addon]);
+  } catch (e) {
+    console.warn(`devicelink: could not strip the addon (${e.message}); it works, only larger`);
+  }
+}
+const mb = (fs.statSync(addon).size / 1e6).toFixed(1);
+console.log(`devicelink: addon built in ${((Date.now() - started) / 1000).toFixed(0)} s (${mb} MB)`);

@@ -192,7 +192,10 @@ impl AgentConfig {
         config.listen = if self.listen.is_empty() {
             parse_addrs(
                 "listen",
-                &["/ip4/0.0.0.0/tcp/0".into(), "/ip4/0.0.0.0/udp/0/quic-v1".into()],
+                &[
+                    "/ip4/0.0.0.0/tcp/0".into(),
+                    "/ip4/0.0.0.0/udp/0/quic-v1".into(),
+                ],
             )?
         } else {
             parse_addrs("listen", &self.listen)?

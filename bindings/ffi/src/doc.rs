@@ -61,9 +61,7 @@ impl Doc {
         let value = parse_json("the value", &json_text)?;
         let doc = self.handle()?;
         let any = devicelink::docs::json_to_any(&value);
-        Ok(self
-            .shared
-            .block_on(doc.set_map_value(&map, &key, any))?)
+        Ok(self.shared.block_on(doc.set_map_value(&map, &key, any))?)
     }
 
     /// `key` of the root map `map` as JSON (`null` when absent).
@@ -229,7 +227,10 @@ impl Feed {
                 listener.on_update(update, origin)
             }));
             if called.is_err() {
-                tracing::warn!("a listener of {:?} failed; it keeps getting changes", self.name);
+                tracing::warn!(
+                    "a listener of {:?} failed; it keeps getting changes",
+                    self.name
+                );
             }
         }
     }
