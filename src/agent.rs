@@ -988,9 +988,10 @@ async fn save_manifest(
 /// Writes detected conflicts into the replicated conflicts document.
 async fn record_conflicts(
     registry: Arc<DocRegistry>,
-    mut detected: mpsc::UnboundedReceiver<crate::conflict::Conflict>,
+    mut detected: mpsc::UnboundedReceiver<crate::docs::Overwrite>,
 ) {
-    while let Some(conflict) = detected.recv().await {
+    while let Some(overwrite) = detected.recv().await {
+        let conflict = crate::conflict::Conflict::from_overwrite(overwrite, registry.device_id());
         let doc = match registry.handle(crate::conflict::CONFLICTS_DOC) {
             Ok(doc) => doc,
             Err(e) => {

@@ -9,32 +9,19 @@
 //! `_devicelink/conflicts`, so every device lists it, and resolving it anywhere clears it
 //! everywhere. Text edits interleave by design and are never conflicts.
 
-use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use yrs::{Map, Out};
 
-use crate::docs::{DocError, DocHandle};
+use crate::docs::{DocError, DocHandle, Overwrite};
 
 /// The replicated document holding conflict records.
 pub const CONFLICTS_DOC: &str = "_devicelink/conflicts";
 const MAP: &str = "conflicts";
 
-/// The item a local map write created, and the value written.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LocalWrite {
-    pub client: u64,
-    pub clock: u32,
-    pub value: Value,
-}
-
-impl LocalWrite {
-    pub fn id(&self) -> yrs::ID {
-        yrs::ID::new(yrs::block::ClientID::new(self.client), self.clock)
-    }
-}
+pub use crate::store::{LocalWrite, LocalWrites};
 
 /// Two concurrent writes to one map key, and which one Yjs kept.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +85,31 @@ pub fn now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
+}
+
+impl Conflict {
+    /// The record of a local write another device's update replaced unseen, as detected on
+    /// this device (`me`).
+    pub fn from_overwrite(overwrite: Overwrite, me: &str) -> Self {
+        Self {
+            id: conflict_id(
+                &overwrite.doc,
+                &overwrite.map,
+                &overwrite.key,
+                &overwrite.lost,
+            ),
+            doc: overwrite.doc,
+            map: vec![overwrite.map],
+            key: overwrite.key,
+            winner_value: overwrite.winner_value,
+            winner_device: overwrite.winner_device.to_string(),
+            loser_value: overwrite.lost.value,
+            loser_device: me.to_string(),
+            detected_by: me.to_string(),
+            detected_at: now(),
+            resolution: None,
+        }
+    }
 }
 
 /// A stable id, so the same conflict detected twice is one record.
@@ -188,6 +200,3 @@ pub async fn mark_resolved(
     .await?;
     Ok(conflict)
 }
-
-/// Local writes per (map, key), as kept in memory by a live document.
-pub type LocalWrites = BTreeMap<(String, String), LocalWrite>;

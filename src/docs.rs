@@ -25,7 +25,7 @@ use yrs::{
 };
 
 use crate::store::writer::{Append, WriterHandle};
-use crate::store::{DocStore, StoreError};
+use crate::store::{DocStore, LocalWrite, LocalWrites, StoreError};
 
 /// Capacity of the agent-wide update channel the sync sessions read. A session that falls
 /// further behind than this ends and resynchronizes by state vector.
@@ -115,7 +115,7 @@ pub(crate) struct LiveDoc {
     /// Subscribers' channel, made on the first subscription (most documents never have one).
     events: Mutex<Option<broadcast::Sender<DocUpdate>>>,
     /// This device's last write to each map key, to tell concurrent overwrites from later ones.
-    local_writes: Mutex<crate::conflict::LocalWrites>,
+    local_writes: Mutex<LocalWrites>,
     /// Updates queued to the writer and not yet written.
     inflight: Arc<AtomicUsize>,
     /// Estimated memory, for the cache budget.
@@ -150,8 +150,9 @@ pub(crate) struct DocRegistry {
     writer: WriterHandle,
     bus: broadcast::Sender<DocUpdate>,
     device_id: String,
-    /// Detected conflicts go here, to be recorded in the conflicts document.
-    conflicts: mpsc::UnboundedSender<crate::conflict::Conflict>,
+    /// Local writes replaced unseen by a remote update go here (the conflict layer records
+    /// them).
+    overwrites: mpsc::UnboundedSender<Overwrite>,
     /// Memory budget of loaded documents, in (estimated) bytes.
     cache_budget: usize,
     /// Estimated memory of every loaded document.
@@ -160,6 +161,25 @@ pub(crate) struct DocRegistry {
     /// Deleted document names: the keys of the tombstones document, kept current by every
     /// change to it (so a sync session sees a lifted tombstone before the next message).
     tombstones: RwLock<HashSet<String>>,
+}
+
+/// Names starting with it are the agent's own documents: apps may read them, not write them,
+/// and they are never deleted.
+pub const RESERVED_PREFIX: &str = "_devicelink/";
+
+/// A local map write that a remote update replaced although its author never saw it: the two
+/// devices wrote the same key while apart. The document layer only reports it; `conflict`
+/// makes a record of it.
+#[derive(Debug, Clone)]
+pub struct Overwrite {
+    pub doc: String,
+    pub map: String,
+    pub key: String,
+    /// This device's write that lost.
+    pub lost: LocalWrite,
+    /// The value every device now has, and the device whose update brought it.
+    pub winner_value: serde_json::Value,
+    pub winner_device: PeerId,
 }
 
 /// The tombstones document (see `lifecycle`): root map [`DELETED_MAP`], name -> `{at, by}`.
@@ -171,7 +191,7 @@ impl DocRegistry {
         store: DocStore,
         writer: WriterHandle,
         device_id: String,
-        conflicts: mpsc::UnboundedSender<crate::conflict::Conflict>,
+        overwrites: mpsc::UnboundedSender<Overwrite>,
         cache_budget: usize,
     ) -> Self {
         Self {
@@ -180,7 +200,7 @@ impl DocRegistry {
             writer,
             bus: broadcast::channel(EVENT_CAPACITY).0,
             device_id,
-            conflicts,
+            overwrites,
             cache_budget,
             cached: AtomicUsize::new(0),
             clock: AtomicU64::new(0),
@@ -375,7 +395,7 @@ impl DocRegistry {
     /// Whether `name` was deleted (and not written to again since).
     pub fn is_deleted(&self, name: &str) -> bool {
         // The agent's own documents cannot be deleted, whatever a tombstone says (§22).
-        if name.starts_with(crate::group::RESERVED_PREFIX) {
+        if name.starts_with(RESERVED_PREFIX) {
             return false;
         }
         self.tombstones
@@ -629,32 +649,20 @@ impl DocRegistry {
                 .and_then(|m| m.get(txn, &key))
                 .map(|out| any_to_json(&yrs::types::ToJson::to_json(&out, txn)))
                 .unwrap_or(serde_json::Value::Null);
-            let conflict = crate::conflict::Conflict {
-                id: crate::conflict::conflict_id(&live.name, &map_name, &key, &write),
+            tracing::info!(doc = %live.name, map = map_name, key, "concurrent writes to one key");
+            let _ = self.overwrites.send(Overwrite {
                 doc: live.name.to_string(),
-                map: vec![map_name.clone()],
-                key: key.clone(),
+                map: map_name,
+                key,
+                lost: write,
                 winner_value: winner,
-                winner_device: peer.to_string(),
-                loser_value: write.value.clone(),
-                loser_device: self.device_id.clone(),
-                detected_by: self.device_id.clone(),
-                detected_at: crate::conflict::now(),
-                resolution: None,
-            };
-            tracing::info!(doc = %live.name, map = map_name, key, "concurrent writes to one key: recorded a conflict");
-            let _ = self.conflicts.send(conflict);
+                winner_device: peer,
+            });
         }
     }
 
-    /// Remembers a local map write (see [`crate::conflict`]).
-    fn remember_write(
-        &self,
-        live: &LiveDoc,
-        map: &str,
-        key: &str,
-        write: crate::conflict::LocalWrite,
-    ) {
+    /// Remembers a local map write (the conflict layer reads these back as [`Overwrite`]s).
+    fn remember_write(&self, live: &LiveDoc, map: &str, key: &str, write: LocalWrite) {
         if let Ok(store) = self.store() {
             if let Err(e) = store.set_local_write(&live.name, map, key, Some(&write)) {
                 tracing::warn!("cannot remember a local write: {e}");
@@ -854,7 +862,7 @@ impl DocHandle {
             root.insert(txn, key, value);
             Ok::<_, DocError>(clock)
         });
-        let write = crate::conflict::LocalWrite {
+        let write = LocalWrite {
             client: client.get(),
             clock: clock?,
             value: json,

@@ -20,8 +20,7 @@ use crate::store::{TrustStore, TrustedDevice};
 
 /// Name of the group document. Names starting with `_devicelink/` are reserved for the agent.
 pub const GROUP_DOC: &str = "_devicelink/devices";
-/// Prefix of documents apps may not write through IPC.
-pub const RESERVED_PREFIX: &str = "_devicelink/";
+pub use crate::docs::RESERVED_PREFIX;
 const MAP: &str = "devices";
 
 /// One member as stored in the group document.

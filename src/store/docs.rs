@@ -26,6 +26,24 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::record::{self, RecordError};
+
+/// The item a local map write created, and the value written: kept per (map, key) so a later
+/// remote update can be told to have replaced it unseen (a conflict, to the layers above).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LocalWrite {
+    pub client: u64,
+    pub clock: u32,
+    pub value: serde_json::Value,
+}
+
+impl LocalWrite {
+    pub fn id(&self) -> yrs::ID {
+        yrs::ID::new(yrs::block::ClientID::new(self.client), self.clock)
+    }
+}
+
+/// Local writes per (map, key), as kept in memory by a live document.
+pub type LocalWrites = std::collections::BTreeMap<(String, String), LocalWrite>;
 use super::StoreError;
 
 /// Longest accepted document name, in bytes.
@@ -491,8 +509,8 @@ impl DocStore {
     }
 
     /// The remembered last local write to each map key of `name` (for conflict detection).
-    pub fn local_writes(&self, name: &str) -> Result<crate::conflict::LocalWrites, StoreError> {
-        let mut out = crate::conflict::LocalWrites::new();
+    pub fn local_writes(&self, name: &str) -> Result<LocalWrites, StoreError> {
+        let mut out = LocalWrites::new();
         for entry in self.local_writes.scan_prefix(doc_prefix(name)) {
             let (key, value) = entry?;
             let decoded = postcard::from_bytes::<(String, String)>(&key[doc_prefix(name).len()..])
@@ -502,7 +520,7 @@ impl DocStore {
                 let value = serde_json::from_str(&json).unwrap_or(serde_json::Value::Null);
                 out.insert(
                     (map, k),
-                    crate::conflict::LocalWrite {
+                    LocalWrite {
                         client,
                         clock,
                         value,
@@ -519,7 +537,7 @@ impl DocStore {
         name: &str,
         map: &str,
         key: &str,
-        write: Option<&crate::conflict::LocalWrite>,
+        write: Option<&LocalWrite>,
     ) -> Result<(), StoreError> {
         let mut k = doc_prefix(name);
         k.extend(postcard::to_allocvec(&(map, key)).unwrap_or_default());

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use apps::{AppRecord, AppStore};
 pub(crate) use docs::now_ms;
-pub use docs::{DocMeta, DocStore, StoredDoc};
+pub use docs::{DocMeta, DocStore, LocalWrite, LocalWrites, StoredDoc};
 pub use manifest::{Manifest, StoreDamage};
 pub use trust::{TrustStore, TrustedDevice};
 
