@@ -312,15 +312,4 @@ impl Agent {
             shared.stop(Phase::Stopped).await
         })
     }
-
-    /// Document `name` (created by its first write). Names are up to 255 bytes; names starting
-    /// with `_devicelink/` belong to the agent.
-    pub fn doc(&self, name: String) -> Result<Arc<crate::doc::Doc>, DeviceLinkError> {
-        crate::doc::Doc::open(self.shared.clone(), name).map(Arc::new)
-    }
-
-    /// The names of this device's documents.
-    pub fn list_docs(&self) -> Result<Vec<String>, DeviceLinkError> {
-        Ok(self.shared.current()?.list_docs()?)
-    }
 }

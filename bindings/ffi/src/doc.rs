@@ -6,7 +6,7 @@ use std::sync::Arc;
 use devicelink::{DocHandle, Origin};
 use tokio::sync::{broadcast, watch};
 
-use crate::agent::{Phase, Shared};
+use crate::agent::{Agent, Phase, Shared};
 use crate::error::DeviceLinkError;
 
 /// What an app implements to hear of a document's changes.
@@ -17,6 +17,20 @@ pub trait DocListener: Send + Sync {
     /// or the device id of the device that made it. After a listener fell far behind it gets
     /// the whole document as one update, with origin `"resync"`.
     fn on_update(&self, update: Vec<u8>, origin: String);
+}
+
+#[uniffi::export]
+impl Agent {
+    /// Document `name` (created by its first write). Names are up to 255 bytes; names starting
+    /// with `_devicelink/` belong to the agent.
+    pub fn doc(&self, name: String) -> Result<Arc<Doc>, DeviceLinkError> {
+        Doc::open(self.shared.clone(), name).map(Arc::new)
+    }
+
+    /// The names of this device's documents.
+    pub fn list_docs(&self) -> Result<Vec<String>, DeviceLinkError> {
+        Ok(self.shared.current()?.list_docs()?)
+    }
 }
 
 /// A document of the embedded agent.
