@@ -95,36 +95,48 @@ fn has(program: &str, arg: &str) -> bool {
 const BUILD_LIMIT: Duration = Duration::from_secs(30 * 60);
 const TEST_LIMIT: Duration = Duration::from_secs(5 * 60);
 
+/// A virtualenv with the package installed the way the README says (once per test binary), or
+/// why there can be none.
+fn python_env() -> Option<PathBuf> {
+    static ENV: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        if !has("python3", "--version") {
+            skip("python3 is not installed");
+            return None;
+        }
+        let venv = work_dir().join("venv");
+        let python = venv.join("bin").join("python");
+        if !python.exists() {
+            run(
+                "python3 -m venv",
+                Command::new("python3").args(["-m", "venv"]).arg(&venv),
+                TEST_LIMIT,
+            );
+        }
+        let pip = |what: &str, args: &[&str]| {
+            run(
+                what,
+                Command::new(&python)
+                    .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
+                    .args(args)
+                    .current_dir(repo()),
+                BUILD_LIMIT,
+            )
+        };
+        pip("pip install pytest pycrdt", &["pytest", "pycrdt"]);
+        // What the README tells users to type.
+        pip(
+            "pip install ./bindings/python",
+            &["--force-reinstall", "--no-deps", "./bindings/python"],
+        );
+        Some(python)
+    })
+    .clone()
+}
+
 #[test]
 fn python_package_installs_and_passes_its_tests() {
-    if !has("python3", "--version") {
-        return skip("python3 is not installed");
-    }
-    let venv = work_dir().join("venv");
-    let python = venv.join("bin").join("python");
-    if !python.exists() {
-        run(
-            "python3 -m venv",
-            Command::new("python3").args(["-m", "venv"]).arg(&venv),
-            TEST_LIMIT,
-        );
-    }
-    let pip = |what: &str, args: &[&str]| {
-        run(
-            what,
-            Command::new(&python)
-                .args(["-m", "pip", "install", "--disable-pip-version-check", "-q"])
-                .args(args)
-                .current_dir(repo()),
-            BUILD_LIMIT,
-        )
-    };
-    pip("pip install pytest pycrdt", &["pytest", "pycrdt"]);
-    // What the README tells users to type.
-    pip(
-        "pip install ./bindings/python",
-        &["--force-reinstall", "--no-deps", "./bindings/python"],
-    );
+    let Some(python) = python_env() else { return };
     let pytest = run(
         "pytest bindings/python/tests",
         Command::new(&python)
@@ -163,6 +175,43 @@ fn python_package_installs_and_passes_its_tests() {
     );
     let library = PathBuf::from(text(&package).trim()).join("libdevicelink_ffi.so");
     kotlin_and_swift_sources(&library);
+}
+
+/// The defaults an app gets, on a real LAN segment: the embedded agent (`AgentConfig(data_dir)`
+/// alone) in one namespace, `devicelink --data-dir DIR agent` in the other, paired by code alone.
+#[test]
+fn python_embedded_with_defaults_pairs_on_a_lan_by_code_alone() {
+    let lan = match common::netns::Lan::create() {
+        Ok(lan) => lan,
+        Err(why) => return eprintln!("skipped: {why}"),
+    };
+    let Some(python) = python_env() else { return };
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let daemon = common::process::AgentProcess::start_as_user_in(&lan.ns(1), dir.path());
+    let lan_daemon = serde_json::json!({
+        "data_dir": daemon.data_dir,
+        "socket": daemon.socket,
+        "device_id": daemon.device_id,
+    });
+    let pytest = run(
+        "pytest test_lan_defaults.py (in a namespace)",
+        Command::new("ip")
+            .args(["netns", "exec", &lan.ns(0)])
+            .arg(&python)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .arg("bindings/python/tests/test_lan_defaults.py")
+            .env("DEVICELINK_BIN", env!("CARGO_BIN_EXE_devicelink"))
+            .env("DEVICELINK_LAN_DAEMON", lan_daemon.to_string())
+            .env_remove("XDG_RUNTIME_DIR")
+            .current_dir(repo()),
+        TEST_LIMIT,
+    );
+    let printed = text(&pytest);
+    assert!(
+        printed.contains("1 passed"),
+        "the LAN test did not run: {printed}"
+    );
+    drop(daemon);
 }
 
 #[test]
