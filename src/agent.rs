@@ -162,12 +162,13 @@ struct Inner {
     ws_endpoint: RwLock<Option<std::net::SocketAddr>>,
     ws_note: RwLock<Option<String>>,
     /// `None` once shut down, so the database can be reopened while handles remain.
-    trust: RwLock<Option<TrustStore>>,
+    trust: Arc<RwLock<Option<TrustStore>>>,
     peers: Arc<PeerTable>,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     commands: mpsc::UnboundedSender<NetCommand>,
     neighborhood: Arc<Neighborhood>,
-    control: tokio::sync::Mutex<libp2p_stream::Control>,
+    control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
+    activities: crate::handoff::Activities,
     failure: Arc<Failure>,
     manifest: Arc<store::Manifest>,
     /// What the start-up check found missing from the store, if anything.
@@ -345,6 +346,14 @@ impl Agent {
             failure.clone(),
         ));
         tracing::info!(device = %device_id, "agent started");
+        let control = Arc::new(tokio::sync::Mutex::new(control));
+        let trust = Arc::new(RwLock::new(Some(trust)));
+        let activities = crate::handoff::Activities::new(
+            registry.clone(),
+            device_id,
+            claim_stream_opener(commands.clone(), control.clone(), trust.clone()),
+            neighborhood.continued.clone(),
+        );
         Ok(AgentHandle {
             inner: Arc::new(Inner {
                 device_id,
@@ -355,12 +364,13 @@ impl Agent {
                 apps,
                 ws_endpoint: RwLock::new(None),
                 ws_note: RwLock::new(None),
-                trust: RwLock::new(Some(trust)),
+                trust,
                 peers,
                 listen_addrs,
                 commands,
                 neighborhood,
-                control: tokio::sync::Mutex::new(control),
+                control,
+                activities,
                 failure,
                 manifest,
                 damage,
@@ -1015,324 +1025,56 @@ impl AgentHandle {
         Ok(self.inner.registry.handle(name)?)
     }
 
-    /// Conflicts recorded on any device of the group, optionally only for `doc`; open ones
-    /// unless `include_resolved`.
-    pub fn conflicts(
-        &self,
-        doc: Option<&str>,
-        include_resolved: bool,
-    ) -> Result<Vec<crate::conflict::Conflict>, AgentError> {
-        let records = crate::conflict::list(
-            &self.system_doc(crate::conflict::CONFLICTS_DOC)?,
-            !include_resolved,
-        );
-        Ok(records
-            .into_iter()
-            .filter(|c| doc.is_none_or(|d| c.doc == d))
-            .map(|c| self.resolution_as_stored(c))
-            .collect())
+    /// Conflict reports: list them, resolve one.
+    pub fn conflicts(&self) -> crate::conflict::Conflicts {
+        crate::conflict::Conflicts::new(
+            self.inner.registry.clone(),
+            self.inner.device_id.to_string(),
+        )
     }
 
-    /// A resolved conflict as the document holds it. Two devices that resolved the same conflict
-    /// while apart each wrote a value and a record; Yjs keeps one of each independently, so the
-    /// record kept can name the value that lost. The document is the truth: the resolution shows
-    /// the value it holds (`kept`: winner, other or merged accordingly).
-    fn resolution_as_stored(
-        &self,
-        mut conflict: crate::conflict::Conflict,
-    ) -> crate::conflict::Conflict {
-        let Some(resolution) = conflict.resolution.as_mut() else {
-            return conflict;
-        };
-        let Ok(doc) = self.inner.registry.handle(&conflict.doc) else {
-            return conflict;
-        };
-        let map = conflict.map.first().cloned().unwrap_or_default();
-        let held = doc.map_value_json(&map, &conflict.key);
-        if held != resolution.value {
-            resolution.kept = if held == conflict.winner_value {
-                "winner"
-            } else if held == conflict.loser_value {
-                "other"
-            } else {
-                "merged"
-            }
-            .to_string();
-            resolution.value = held;
-        }
-        conflict
-    }
-
-    /// Settles a conflict: writes the kept value (unless it is already the winner) and marks the
-    /// conflict resolved on every device.
-    pub async fn resolve_conflict(
-        &self,
-        id: &str,
-        keep: crate::conflict::Keep,
-    ) -> Result<crate::conflict::Conflict, crate::conflict::ConflictError> {
-        use crate::conflict::{ConflictError, Resolution};
-        let records = self
-            .system_doc(crate::conflict::CONFLICTS_DOC)
-            .map_err(|e| match e {
-                AgentError::Doc(d) => ConflictError::Doc(d),
-                other => ConflictError::Doc(DocError::Store(StoreError::Open {
-                    path: self.inner.data_dir.clone(),
-                    source: sled::Error::Unsupported(other.to_string()),
-                })),
-            })?;
-        let conflict = crate::conflict::list(&records, false)
-            .into_iter()
-            .find(|c| c.id == id)
-            .ok_or_else(|| ConflictError::NotFound(id.to_string()))?;
-        if conflict.resolution.is_some() {
-            return Err(ConflictError::AlreadyResolved(id.to_string()));
-        }
-        let me = self.inner.device_id.to_string();
-        let (kept, value) = crate::conflict::choose(&conflict, &keep, &me)?;
-        if kept != "winner" {
-            let doc = self
-                .inner
-                .registry
-                .handle(&conflict.doc)
-                .map_err(ConflictError::Doc)?;
-            let map = conflict.map.first().cloned().unwrap_or_default();
-            doc.set_map_value(&map, &conflict.key, crate::docs::json_to_any(&value))
-                .await?;
-        }
-        let resolution = Resolution {
-            kept,
-            value,
-            by: me,
-            at: crate::conflict::now(),
-        };
-        Ok(crate::conflict::mark_resolved(&records, conflict, resolution).await?)
+    /// Handoff: publish what the user is doing, list it, continue it here.
+    pub fn activities(&self) -> crate::handoff::Activities {
+        self.inner.activities.clone()
     }
 }
 
-/// The result of a handoff, as delivered to the app on the claiming device.
-#[derive(Debug, Clone, Serialize)]
-pub struct Handoff {
-    pub activity: crate::handoff::Activity,
-    /// Every document the activity needs, as JSON, caught up to at least the recorded state.
-    pub docs: BTreeMap<String, serde_json::Value>,
-}
-
-impl AgentHandle {
-    fn activities_doc(&self) -> Result<DocHandle, crate::handoff::HandoffError> {
-        self.system_doc(crate::handoff::ACTIVITIES_DOC)
-            .map_err(|e| match e {
-                AgentError::Doc(d) => crate::handoff::HandoffError::Doc(d),
-                other => crate::handoff::HandoffError::Invalid(other.to_string()),
-            })
-    }
-
-    /// Publishes (or, with the id of one this device holds, updates) this device's activity.
-    /// Records the current state vector of each document it needs.
-    pub async fn publish_activity(
-        &self,
-        draft: crate::handoff::ActivityDraft,
-    ) -> Result<crate::handoff::Activity, crate::handoff::HandoffError> {
-        use crate::handoff::{ActivityDoc, HandoffError};
-        let mut docs = Vec::with_capacity(draft.docs.len());
-        for name in &draft.docs {
-            if name.starts_with(crate::group::RESERVED_PREFIX) {
-                return Err(HandoffError::Invalid(format!(
-                    "{name:?} is reserved for the agent"
-                )));
-            }
-            let doc = self
-                .open_doc(name)
-                .map_err(|e| HandoffError::Invalid(e.to_string()))?;
-            docs.push(ActivityDoc {
-                doc: name.clone(),
-                state_vector: crate::handoff::encode_sv(&doc.state_vector()),
-            });
-        }
-        let store = self.activities_doc()?;
-        let existing = draft
-            .id
+/// How a handoff reaches the device holding an activity: connect (at the addresses the trust
+/// store knows) within the time left, then open the handoff stream.
+fn claim_stream_opener(
+    commands: mpsc::UnboundedSender<NetCommand>,
+    control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
+    trust: Arc<RwLock<Option<TrustStore>>>,
+) -> crate::handoff::OpenClaimStream {
+    Arc::new(move |holder, limit| {
+        let (commands, control) = (commands.clone(), control.clone());
+        let addrs = trust
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .and_then(|id| crate::handoff::current(&store).remove(id));
-        let me = self.inner.device_id.to_string();
-        let activity = crate::handoff::prepare(draft, existing.as_ref(), &me, docs)?;
-        crate::handoff::write(&store, &activity).await?;
-        Ok(activity)
-    }
-
-    /// Live activities of every device in the group (newest first).
-    pub fn activities(
-        &self,
-    ) -> Result<Vec<crate::handoff::Activity>, crate::handoff::HandoffError> {
-        Ok(crate::handoff::live(&self.activities_doc()?))
-    }
-
-    /// Withdraws an activity (by its origin or holder); it disappears everywhere.
-    pub async fn unpublish_activity(&self, id: &str) -> Result<(), crate::handoff::HandoffError> {
-        use crate::handoff::{ActivityState, HandoffError};
-        let store = self.activities_doc()?;
-        let current = crate::handoff::current(&store)
-            .remove(id)
-            .ok_or_else(|| HandoffError::NotFound(id.to_string()))?;
-        let me = self.inner.device_id.to_string();
-        if current.origin != me && current.holder != me {
-            return Err(HandoffError::NotHolder {
-                id: id.to_string(),
-                holder: current.holder,
-            });
-        }
-        let withdrawn = crate::handoff::Activity {
-            state: ActivityState::Unpublished,
-            updated_at: crate::conflict::now(),
-            ..current
-        };
-        crate::handoff::write(&store, &withdrawn).await?;
-        Ok(())
-    }
-
-    /// Activities of this device that were continued on another one.
-    pub fn continued_elsewhere(
-        &self,
-    ) -> tokio::sync::broadcast::Receiver<crate::handoff::Activity> {
-        self.inner.neighborhood.continued.subscribe()
-    }
-
-    /// One claim attempt: connect to the holder and ask it.
-    async fn claim_once(
-        &self,
-        activity: &crate::handoff::Activity,
-        holder: PeerId,
-        addrs: Vec<Multiaddr>,
-        deadline: tokio::time::Instant,
-    ) -> Result<crate::handoff::Activity, crate::handoff::HandoffError> {
-        let unreachable = |reason: String| crate::handoff::HandoffError::HolderUnreachable {
-            id: activity.id.clone(),
-            holder: activity.holder.clone(),
-            reason,
-        };
-        let (reply, rx) = oneshot::channel();
-        self.notify(NetCommand::Connect {
-            target: ConnectTarget::Peer(holder, addrs),
-            reply,
-        })
-        .map_err(|e| unreachable(e.to_string()))?;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        tokio::time::timeout(left.max(std::time::Duration::from_secs(1)), rx)
-            .await
-            .map_err(|_| unreachable("no connection in time (is it online?)".into()))?
-            .map_err(|_| unreachable("the agent stopped".into()))?
-            .map_err(unreachable)?;
-        let stream = self
-            .inner
-            .control
-            .lock()
-            .await
-            .open_stream(holder, crate::handoff::HANDOFF_PROTOCOL)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        crate::handoff::request_claim(stream, activity).await
-    }
-
-    /// Continues activity `id` on this device: catches up every document it needs to at least
-    /// the recorded state (from any peer), then claims it from its holder, then returns its app
-    /// state and documents. Fails clearly, and hands nothing over, if either step cannot finish
-    /// within `timeout`.
-    pub async fn handoff(
-        &self,
-        id: &str,
-        timeout: std::time::Duration,
-    ) -> Result<Handoff, crate::handoff::HandoffError> {
-        use crate::handoff::HandoffError;
-        let store = self.activities_doc()?;
-        let me = self.inner.device_id.to_string();
-        let activity = crate::handoff::current(&store)
-            .remove(id)
-            .ok_or_else(|| HandoffError::NotFound(id.to_string()))?;
-        if !activity.is_live(crate::conflict::now()) {
-            return Err(HandoffError::Gone(id.to_string()));
-        }
-        if activity.holder == me {
-            return Err(HandoffError::AlreadyHere(id.to_string()));
-        }
-        // 1. Never hand over a document older than the one the user left.
-        let deadline = tokio::time::Instant::now() + timeout.min(crate::handoff::MAX_TIMEOUT);
-        for needed in &activity.docs {
-            let doc = self
-                .open_doc(&needed.doc)
-                .map_err(|e| HandoffError::Invalid(e.to_string()))?;
-            loop {
-                let missing =
-                    crate::handoff::missing(&doc.state_vector_decoded(), &needed.state_vector);
-                if missing == 0 {
-                    break;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(HandoffError::NotCaughtUp {
-                        doc: needed.doc.clone(),
-                        missing,
-                        secs: timeout.as_secs(),
-                    });
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        }
-        // 2. Claim it from its holder, which grants one claim per epoch.
-        let unreachable = |reason: String| HandoffError::HolderUnreachable {
-            id: id.to_string(),
-            holder: activity.holder.clone(),
-            reason,
-        };
-        let holder: PeerId = activity
-            .holder
-            .parse()
-            .map_err(|_| unreachable("bad device id".into()))?;
-        let addrs = self
-            .trust()
-            .ok()
             .and_then(|t| t.get(&holder).ok().flatten())
             .map(|d| d.multiaddrs())
             .unwrap_or_default();
-        let mut attempt = 0u64;
-        let granted = loop {
-            attempt += 1;
-            match self
-                .claim_once(&activity, holder, addrs.clone(), deadline)
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            commands
+                .send(NetCommand::Connect {
+                    target: ConnectTarget::Peer(holder, addrs),
+                    reply,
+                })
+                .map_err(|_| "the agent stopped".to_string())?;
+            tokio::time::timeout(limit, rx)
                 .await
-            {
-                Ok(granted) => break granted,
-                // The stream can die after the holder granted the claim: our replica then shows
-                // this device as the holder at a newer epoch.
-                Err(e) => {
-                    let mine = crate::handoff::current(&store)
-                        .remove(id)
-                        .filter(|a| a.holder == me && a.epoch > activity.epoch);
-                    if let Some(granted) = mine {
-                        break granted;
-                    }
-                    let retry = matches!(e, HandoffError::HolderUnreachable { .. })
-                        && attempt < 3
-                        && tokio::time::Instant::now() < deadline;
-                    if !retry {
-                        return Err(e);
-                    }
-                    tracing::debug!("claim attempt {attempt} failed ({e}); retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-                }
-            }
-        };
-        crate::handoff::write(&store, &granted).await?;
-        // 3. Deliver the app state with the caught-up documents.
-        let mut docs = BTreeMap::new();
-        for needed in &granted.docs {
-            let doc = self
-                .open_doc(&needed.doc)
-                .map_err(|e| HandoffError::Invalid(e.to_string()))?;
-            docs.insert(needed.doc.clone(), doc.to_json());
-        }
-        Ok(Handoff {
-            activity: granted,
-            docs,
+                .map_err(|_| "no connection in time (is it online?)".to_string())?
+                .map_err(|_| "the agent stopped".to_string())??;
+            control
+                .lock()
+                .await
+                .open_stream(holder, crate::handoff::HANDOFF_PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())
         })
-    }
+    })
 }
 
 /// Drops activity records that expired more than an hour ago (they are already invisible).

@@ -9,13 +9,14 @@
 //! `_devicelink/conflicts`, so every device lists it, and resolving it anywhere clears it
 //! everywhere. Text edits interleave by design and are never conflicts.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use yrs::{Map, Out};
 
-use crate::docs::{DocError, DocHandle, Overwrite};
+use crate::docs::{DocError, DocHandle, DocRegistry, Overwrite};
 
 /// The replicated document holding conflict records.
 pub const CONFLICTS_DOC: &str = "_devicelink/conflicts";
@@ -199,4 +200,89 @@ pub async fn mark_resolved(
     })
     .await?;
     Ok(conflict)
+}
+
+/// The conflict concern of one agent: `agent.conflicts()`.
+#[derive(Clone)]
+pub struct Conflicts {
+    registry: Arc<DocRegistry>,
+    me: String,
+}
+
+impl Conflicts {
+    pub(crate) fn new(registry: Arc<DocRegistry>, me: String) -> Self {
+        Self { registry, me }
+    }
+
+    fn records(&self) -> Result<DocHandle, ConflictError> {
+        Ok(self.registry.handle(CONFLICTS_DOC)?)
+    }
+
+    /// Conflicts recorded on any device of the group, optionally only for `doc`; open ones
+    /// unless `include_resolved`.
+    pub fn list(
+        &self,
+        doc: Option<&str>,
+        include_resolved: bool,
+    ) -> Result<Vec<Conflict>, ConflictError> {
+        Ok(list(&self.records()?, !include_resolved)
+            .into_iter()
+            .filter(|c| doc.is_none_or(|d| c.doc == d))
+            .map(|c| self.resolution_as_stored(c))
+            .collect())
+    }
+
+    /// A resolved conflict as the document holds it. Two devices that resolved the same conflict
+    /// while apart each wrote a value and a record; Yjs keeps one of each independently, so the
+    /// record kept can name the value that lost. The document is the truth: the resolution shows
+    /// the value it holds (`kept`: winner, other or merged accordingly).
+    fn resolution_as_stored(&self, mut conflict: Conflict) -> Conflict {
+        let Some(resolution) = conflict.resolution.as_mut() else {
+            return conflict;
+        };
+        let Ok(doc) = self.registry.handle(&conflict.doc) else {
+            return conflict;
+        };
+        let map = conflict.map.first().cloned().unwrap_or_default();
+        let held = doc.map_value_json(&map, &conflict.key);
+        if held != resolution.value {
+            resolution.kept = if held == conflict.winner_value {
+                "winner"
+            } else if held == conflict.loser_value {
+                "other"
+            } else {
+                "merged"
+            }
+            .to_string();
+            resolution.value = held;
+        }
+        conflict
+    }
+
+    /// Settles a conflict: writes the kept value (unless it is already the winner) and marks the
+    /// conflict resolved on every device.
+    pub async fn resolve(&self, id: &str, keep: Keep) -> Result<Conflict, ConflictError> {
+        let records = self.records()?;
+        let conflict = list(&records, false)
+            .into_iter()
+            .find(|c| c.id == id)
+            .ok_or_else(|| ConflictError::NotFound(id.to_string()))?;
+        if conflict.resolution.is_some() {
+            return Err(ConflictError::AlreadyResolved(id.to_string()));
+        }
+        let (kept, value) = choose(&conflict, &keep, &self.me)?;
+        if kept != "winner" {
+            let doc = self.registry.handle(&conflict.doc)?;
+            let map = conflict.map.first().cloned().unwrap_or_default();
+            doc.set_map_value(&map, &conflict.key, crate::docs::json_to_any(&value))
+                .await?;
+        }
+        let resolution = Resolution {
+            kept,
+            value,
+            by: self.me.clone(),
+            at: now(),
+        };
+        Ok(mark_resolved(&records, conflict, resolution).await?)
+    }
 }

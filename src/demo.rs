@@ -144,11 +144,12 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     );
 
     // 6. Handoff: the laptop publishes what the user is doing; the phone continues it.
-    let mut continued = a.continued_elsewhere();
+    let mut continued = a.activities().continued_elsewhere();
     notes_a.append_text("body", "Draft reply to Sam: ").await?;
     let cursor = notes_a.text("body").len();
     let activity = a
-        .publish_activity(crate::handoff::ActivityDraft {
+        .activities()
+        .publish(crate::handoff::ActivityDraft {
             id: None,
             activity_type: "com.example.notes.edit".into(),
             title: "Editing shopping notes".into(),
@@ -159,11 +160,12 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
         .await?;
     wait("the activity to reach the phone", || {
         b.activities()
+            .list()
             .is_ok_and(|list| list.iter().any(|x| x.id == activity.id))
     })
     .await?;
     let started = Instant::now();
-    let handoff = b.handoff(&activity.id, STEP_LIMIT).await?;
+    let handoff = b.activities().handoff(&activity.id, STEP_LIMIT).await?;
     let took = ms(started);
     let on_laptop = tokio::time::timeout(STEP_LIMIT, continued.recv())
         .await

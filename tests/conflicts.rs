@@ -57,7 +57,8 @@ async fn conflict_on_both() -> (
         .unwrap();
     reconnect(&a, &b).await;
     wait_until(LIMIT, "one conflict on each side", || {
-        a.conflicts(None, false).unwrap().len() == 1 && b.conflicts(None, false).unwrap().len() == 1
+        a.conflicts().list(None, false).unwrap().len() == 1
+            && b.conflicts().list(None, false).unwrap().len() == 1
     })
     .await;
     (a, b, da, db)
@@ -80,8 +81,8 @@ async fn concurrent_sets_of_one_key_make_one_conflict_resolved_everywhere() {
     // Settle for a moment: still exactly one on each side.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let (ca, cb) = (
-        a.conflicts(None, false).unwrap(),
-        b.conflicts(None, false).unwrap(),
+        a.conflicts().list(None, false).unwrap(),
+        b.conflicts().list(None, false).unwrap(),
     );
     assert_eq!(ca.len(), 1);
     assert_eq!(ca, cb, "the same record on both devices");
@@ -106,18 +107,18 @@ async fn concurrent_sets_of_one_key_make_one_conflict_resolved_everywhere() {
     assert_ne!(c.winner_device, c.loser_device);
 
     // Resolve on A by picking the value that lost: cleared on both, value everywhere.
-    let resolved = a.resolve_conflict(&c.id, Keep::Other).await.unwrap();
+    let resolved = a.conflicts().resolve(&c.id, Keep::Other).await.unwrap();
     assert_eq!(resolved.resolution.as_ref().unwrap().kept, "other");
     let lost = c.loser_value.clone();
     wait_until(LIMIT, "resolution to replicate", || {
-        b.conflicts(None, false).unwrap().is_empty()
+        b.conflicts().list(None, false).unwrap().is_empty()
             && b.open_doc("note").unwrap().to_json()["meta"]["title"] == lost
     })
     .await;
-    assert!(a.conflicts(None, false).unwrap().is_empty());
+    assert!(a.conflicts().list(None, false).unwrap().is_empty());
     assert_eq!(a.open_doc("note").unwrap().to_json()["meta"]["title"], lost);
     assert_eq!(
-        b.conflicts(None, true).unwrap().len(),
+        b.conflicts().list(None, true).unwrap().len(),
         1,
         "kept as resolved history"
     );
@@ -151,14 +152,14 @@ async fn different_keys_and_text_edits_are_not_conflicts() {
     assert!(json["body"].as_str().unwrap().contains("from a"));
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     assert!(
-        a.conflicts(None, true).unwrap().is_empty(),
+        a.conflicts().list(None, true).unwrap().is_empty(),
         "{:?}",
-        a.conflicts(None, true)
+        a.conflicts().list(None, true)
     );
     assert!(
-        b.conflicts(None, true).unwrap().is_empty(),
+        b.conflicts().list(None, true).unwrap().is_empty(),
         "{:?}",
-        b.conflicts(None, true)
+        b.conflicts().list(None, true)
     );
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
@@ -170,21 +171,23 @@ async fn different_keys_and_text_edits_are_not_conflicts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflict_resolved_on_two_devices_apart_reads_as_the_document_holds() {
     let (a, b, _da, db) = conflict_on_both().await;
-    let id = a.conflicts(None, false).unwrap()[0].id.clone();
+    let id = a.conflicts().list(None, false).unwrap()[0].id.clone();
     // Apart again, each device resolves it its own way.
     let (b_id, b_dir) = (b.device_id(), db);
     b.shutdown().await.unwrap();
     wait_until(LIMIT, "a to see b leave", || !a.is_syncing_with(&b_id)).await;
-    a.resolve_conflict(&id, Keep::Other).await.unwrap();
+    a.conflicts().resolve(&id, Keep::Other).await.unwrap();
     let b = restart_b(b_dir.path()).await;
-    b.resolve_conflict(&id, Keep::Value(serde_json::json!("merged title")))
+    b.conflicts()
+        .resolve(&id, Keep::Value(serde_json::json!("merged title")))
         .await
         .unwrap();
     reconnect(&a, &b).await;
     let settled = |agent: &AgentHandle| {
         let held = agent.open_doc("note").unwrap().to_json()["meta"]["title"].clone();
         let record = agent
-            .conflicts(None, true)
+            .conflicts()
+            .list(None, true)
             .unwrap()
             .into_iter()
             .find(|c| c.id == id)

@@ -32,7 +32,12 @@ fn trust_all(agents: &[&AgentHandle]) {
 }
 
 fn current(agent: &AgentHandle, id: &str) -> Option<Activity> {
-    agent.activities().unwrap().into_iter().find(|a| a.id == id)
+    agent
+        .activities()
+        .list()
+        .unwrap()
+        .into_iter()
+        .find(|a| a.id == id)
 }
 
 /// Acceptance 1: A edits and publishes while B is offline; B comes online and claims it; B's
@@ -58,8 +63,8 @@ async fn handoff_after_publishing_while_the_other_device_was_offline() {
     doc.set_map_value("meta", "title", "Quarterly plan")
         .await
         .unwrap();
-    let mut continued = a.continued_elsewhere();
-    let published = a.publish_activity(draft("draft")).await.unwrap();
+    let mut continued = a.activities().continued_elsewhere();
+    let published = a.activities().publish(draft("draft")).await.unwrap();
     assert_eq!(
         (published.epoch, published.holder.clone()),
         (1, a.device_id().to_string())
@@ -73,6 +78,7 @@ async fn handoff_after_publishing_while_the_other_device_was_offline() {
     })
     .await;
     let handoff = b
+        .activities()
         .handoff(&published.id, Duration::from_secs(10))
         .await
         .unwrap();
@@ -106,10 +112,10 @@ async fn handoff_after_publishing_while_the_other_device_was_offline() {
     .await;
     // Claiming it again on B is refused clearly; A can take it back.
     assert!(matches!(
-        b.handoff(&published.id, LIMIT).await,
+        b.activities().handoff(&published.id, LIMIT).await,
         Err(HandoffError::AlreadyHere(_))
     ));
-    let back = a.handoff(&published.id, LIMIT).await.unwrap();
+    let back = a.activities().handoff(&published.id, LIMIT).await.unwrap();
     assert_eq!(
         (back.activity.epoch, back.activity.holder),
         (3, a.device_id().to_string())
@@ -135,7 +141,7 @@ async fn origin_offline_fails_clearly_and_never_hands_over_stale_documents() {
 
     let doc = a.open_doc("report").unwrap();
     doc.append_text("body", "the final numbers").await.unwrap();
-    let published = a.publish_activity(draft("report")).await.unwrap();
+    let published = a.activities().publish(draft("report")).await.unwrap();
     let c_doc = c.open_doc("report").unwrap();
     wait_until(LIMIT, "c to have the data and the activity", || {
         same_state(&doc, &c_doc) && current(&c, &published.id).is_some()
@@ -146,7 +152,9 @@ async fn origin_offline_fails_clearly_and_never_hands_over_stale_documents() {
     // B knows the activity only if it could sync; isolated, it cannot even see it...
     let b = start(dirs[1].path(), "b").await;
     assert!(matches!(
-        b.handoff(&published.id, Duration::from_secs(1)).await,
+        b.activities()
+            .handoff(&published.id, Duration::from_secs(1))
+            .await,
         Err(HandoffError::NotFound(_))
     ));
     // ... connected to C it gets the activity and the documents, but the holder is offline.
@@ -156,6 +164,7 @@ async fn origin_offline_fails_clearly_and_never_hands_over_stale_documents() {
     })
     .await;
     let err = b
+        .activities()
         .handoff(&published.id, Duration::from_secs(3))
         .await
         .unwrap_err();
@@ -199,15 +208,16 @@ async fn simultaneous_claims_exactly_one_wins_everywhere() {
         .append_text("t", "x")
         .await
         .unwrap();
-    let published = a.publish_activity(draft("shared")).await.unwrap();
+    let published = a.activities().publish(draft("shared")).await.unwrap();
     wait_until(LIMIT, "b and c to see it", || {
         current(&b, &published.id).is_some() && current(&c, &published.id).is_some()
     })
     .await;
 
+    let (on_b, on_c) = (b.activities(), c.activities());
     let (rb, rc) = tokio::join!(
-        b.handoff(&published.id, LIMIT),
-        c.handoff(&published.id, LIMIT)
+        on_b.handoff(&published.id, LIMIT),
+        on_c.handoff(&published.id, LIMIT)
     );
     let winners: Vec<String> = [rb.as_ref().ok(), rc.as_ref().ok()]
         .into_iter()
@@ -246,20 +256,20 @@ async fn publishing_rules_and_unpublish() {
     let mut bad = draft("d");
     bad.activity_type = "notes".into();
     assert!(matches!(
-        a.publish_activity(bad).await,
+        a.activities().publish(bad).await,
         Err(HandoffError::BadType(_))
     ));
     let mut big = draft("d");
     big.app_state = json!({ "blob": "x".repeat(20_000) });
     assert!(matches!(
-        a.publish_activity(big).await,
+        a.activities().publish(big).await,
         Err(HandoffError::StateTooLarge(_))
     ));
     let mut reserved = draft("d");
     reserved.docs = vec!["_devicelink/devices".into()];
-    assert!(a.publish_activity(reserved).await.is_err());
+    assert!(a.activities().publish(reserved).await.is_err());
 
-    let published = a.publish_activity(draft("d")).await.unwrap();
+    let published = a.activities().publish(draft("d")).await.unwrap();
     wait_until(LIMIT, "b to see it", || {
         current(&b, &published.id).is_some()
     })
@@ -267,25 +277,28 @@ async fn publishing_rules_and_unpublish() {
     let mut update = draft("d");
     update.id = Some(published.id.clone());
     assert!(matches!(
-        b.publish_activity(update.clone()).await,
+        b.activities().publish(update.clone()).await,
         Err(HandoffError::NotHolder { .. })
     ));
     update.title = "Renamed".into();
-    assert_eq!(a.publish_activity(update).await.unwrap().title, "Renamed");
-    a.unpublish_activity(&published.id).await.unwrap();
+    assert_eq!(
+        a.activities().publish(update).await.unwrap().title,
+        "Renamed"
+    );
+    a.activities().unpublish(&published.id).await.unwrap();
     wait_until(LIMIT, "it to disappear on b", || {
         current(&b, &published.id).is_none()
     })
     .await;
     assert!(current(&a, &published.id).is_none());
     assert!(matches!(
-        b.handoff(&published.id, LIMIT).await,
+        b.activities().handoff(&published.id, LIMIT).await,
         Err(HandoffError::Gone(_))
     ));
 
     let mut short = draft("d");
     short.ttl_secs = Some(1);
-    let expiring = a.publish_activity(short).await.unwrap();
+    let expiring = a.activities().publish(short).await.unwrap();
     wait_until(LIMIT, "b to see the short one", || {
         current(&b, &expiring.id).is_some()
     })
@@ -306,8 +319,8 @@ async fn long_expired_activity_records_are_pruned() {
     let a = start(dir.path(), "a").await;
     let mut short = draft("d");
     short.ttl_secs = Some(0);
-    let gone = a.publish_activity(short).await.unwrap();
-    let kept = a.publish_activity(draft("d")).await.unwrap();
+    let gone = a.activities().publish(short).await.unwrap();
+    let kept = a.activities().publish(draft("d")).await.unwrap();
     let doc = a
         .open_system_doc(devicelink::handoff::ACTIVITIES_DOC)
         .unwrap();

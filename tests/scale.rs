@@ -370,7 +370,7 @@ async fn a_tombstone_cannot_delete_the_agents_own_documents() {
         app_state: json!({}),
         ttl_secs: None,
     };
-    a.publish_activity(draft("on a")).await.unwrap();
+    a.activities().publish(draft("on a")).await.unwrap();
     let activities = devicelink::handoff::ACTIVITIES_DOC;
     let tombstones = b.open_system_doc(devicelink::docs::DELETED_DOC).unwrap();
     tombstones
@@ -387,12 +387,21 @@ async fn a_tombstone_cannot_delete_the_agents_own_documents() {
     })
     .await;
     // A change to the activities after the tombstone still arrives, and nothing was purged.
-    b.publish_activity(draft("on b")).await.unwrap();
+    b.activities().publish(draft("on b")).await.unwrap();
     wait_until(Duration::from_secs(20), "b's activity reaches a", || {
-        a.activities().unwrap().iter().any(|x| x.title == "on b")
+        a.activities()
+            .list()
+            .unwrap()
+            .iter()
+            .any(|x| x.title == "on b")
     })
     .await;
-    assert!(a.activities().unwrap().iter().any(|x| x.title == "on a"));
+    assert!(a
+        .activities()
+        .list()
+        .unwrap()
+        .iter()
+        .any(|x| x.title == "on a"));
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }

@@ -621,13 +621,20 @@ impl Connection {
                 json!({ "paired": to_value(paired), "nearby": to_value(nearby) })
             }
             RequestBody::Doctor => to_value(agent.doctor().await.map_err(agent_error)?),
-            RequestBody::ActivityPublish { draft } => {
-                to_value(agent.publish_activity(draft).await.map_err(handoff_error)?)
+            RequestBody::ActivityPublish { draft } => to_value(
+                agent
+                    .activities()
+                    .publish(draft)
+                    .await
+                    .map_err(handoff_error)?,
+            ),
+            RequestBody::ActivityList => {
+                to_value(agent.activities().list().map_err(handoff_error)?)
             }
-            RequestBody::ActivityList => to_value(agent.activities().map_err(handoff_error)?),
             RequestBody::ActivityUnpublish { activity_id } => {
                 agent
-                    .unpublish_activity(&activity_id)
+                    .activities()
+                    .unpublish(&activity_id)
                     .await
                     .map_err(handoff_error)?;
                 json!({})
@@ -636,14 +643,15 @@ impl Connection {
                 let doc = agent
                     .open_system_doc(crate::handoff::ACTIVITIES_DOC)
                     .map_err(agent_error)?;
-                let (mut changes, mut continued) = (doc.subscribe(), agent.continued_elsewhere());
+                let (mut changes, mut continued) =
+                    (doc.subscribe(), agent.activities().continued_elsewhere());
                 let (out, agent) = (out.clone(), agent.clone());
                 let task = tokio::spawn(async move {
                     loop {
                         let event = tokio::select! {
                             change = changes.recv() => match change {
                                 Err(broadcast::error::RecvError::Closed) => return,
-                                _ => match agent.activities() {
+                                _ => match agent.activities().list() {
                                     Ok(activities) => Event::Activities { activities },
                                     Err(_) => continue,
                                 },
@@ -673,13 +681,15 @@ impl Connection {
                 )?);
                 to_value(
                     agent
+                        .activities()
                         .handoff(&activity_id, timeout)
                         .await
                         .map_err(handoff_error)?,
                 )
             }
             RequestBody::ConflictList { doc, all } => {
-                to_value(agent.conflicts(doc.as_deref(), all).map_err(agent_error)?)
+                let open = agent.conflicts().list(doc.as_deref(), all);
+                to_value(open.map_err(conflict_error)?)
             }
             RequestBody::ConflictResolve {
                 conflict_id: id,
@@ -704,15 +714,11 @@ impl Connection {
                         ))
                     }
                 };
-                let resolved = agent.resolve_conflict(&id, keep).await.map_err(|e| {
-                    use crate::conflict::ConflictError;
-                    let code = match &e {
-                        ConflictError::NotFound(_) => ErrorCode::NotFound,
-                        ConflictError::Doc(_) => ErrorCode::Storage,
-                        _ => ErrorCode::InvalidArgument,
-                    };
-                    (code, e.to_string())
-                })?;
+                let resolved = agent
+                    .conflicts()
+                    .resolve(&id, keep)
+                    .await
+                    .map_err(conflict_error)?;
                 to_value(resolved)
             }
             RequestBody::ConflictSubscribe => {
@@ -726,7 +732,7 @@ impl Connection {
                         if let Err(broadcast::error::RecvError::Closed) = changes.recv().await {
                             return;
                         }
-                        let Ok(open) = agent.conflicts(None, false) else {
+                        let Ok(open) = agent.conflicts().list(None, false) else {
                             continue;
                         };
                         if out.event(&Event::Conflicts { open }).is_err() {
@@ -909,7 +915,17 @@ fn doc_error(e: DocError) -> (ErrorCode, String) {
 }
 
 fn agent_activities(agent: &AgentHandle) -> Vec<crate::handoff::Activity> {
-    agent.activities().unwrap_or_default()
+    agent.activities().list().unwrap_or_default()
+}
+
+fn conflict_error(e: crate::conflict::ConflictError) -> (ErrorCode, String) {
+    use crate::conflict::ConflictError;
+    let code = match &e {
+        ConflictError::NotFound(_) => ErrorCode::NotFound,
+        ConflictError::Doc(_) => ErrorCode::Storage,
+        _ => ErrorCode::InvalidArgument,
+    };
+    (code, e.to_string())
 }
 
 fn handoff_error(e: crate::handoff::HandoffError) -> (ErrorCode, String) {

@@ -117,19 +117,27 @@ impl Agent {
             ttl_secs: draft.ttl_secs,
         };
         let handle = self.shared.current()?;
-        Ok(self.shared.block_on(handle.publish_activity(draft))?.into())
+        Ok(self
+            .shared
+            .block_on(handle.activities().publish(draft))?
+            .into())
     }
 
     /// Live activities of every device in the group, newest first.
     pub fn activities(&self) -> Result<Vec<Activity>, DeviceLinkError> {
         let handle = self.shared.current()?;
-        Ok(handle.activities()?.into_iter().map(Into::into).collect())
+        Ok(handle
+            .activities()
+            .list()?
+            .into_iter()
+            .map(Into::into)
+            .collect())
     }
 
     /// Withdraws an activity this device published or holds.
     pub fn unpublish_activity(&self, id: String) -> Result<(), DeviceLinkError> {
         let handle = self.shared.current()?;
-        Ok(self.shared.block_on(handle.unpublish_activity(&id))?)
+        Ok(self.shared.block_on(handle.activities().unpublish(&id))?)
     }
 
     /// Continues activity `id` here: catches its documents up to the published state, claims
@@ -138,7 +146,9 @@ impl Agent {
     pub fn handoff(&self, id: String, timeout_secs: u64) -> Result<HandoffResult, DeviceLinkError> {
         let handle = self.shared.current()?;
         let timeout = std::time::Duration::from_secs(timeout_secs.max(1));
-        let done = self.shared.block_on(handle.handoff(&id, timeout))?;
+        let done = self
+            .shared
+            .block_on(handle.activities().handoff(&id, timeout))?;
         Ok(HandoffResult {
             activity: done.activity.into(),
             docs_json: done
@@ -158,7 +168,8 @@ impl Agent {
     ) -> Result<Vec<Conflict>, DeviceLinkError> {
         let handle = self.shared.current()?;
         Ok(handle
-            .conflicts(doc.as_deref(), include_resolved)?
+            .conflicts()
+            .list(doc.as_deref(), include_resolved)?
             .into_iter()
             .map(Into::into)
             .collect())
@@ -178,7 +189,7 @@ impl Agent {
         let handle = self.shared.current()?;
         Ok(self
             .shared
-            .block_on(handle.resolve_conflict(&id, keep))?
+            .block_on(handle.conflicts().resolve(&id, keep))?
             .into())
     }
 }

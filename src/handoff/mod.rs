@@ -11,6 +11,9 @@
 //! then asks the holder, which grants one claim per epoch (serialized), writes epoch + 1 with the
 //! new holder, and tells its app the activity was continued elsewhere. Two devices claiming at
 //! once: exactly one gets the grant, the other a clear refusal.
+//!
+//! Apps use it through [`Activities`] (`agent.activities()`); this file owns the records and the
+//! claim protocol.
 
 use std::collections::BTreeMap;
 
@@ -25,7 +28,11 @@ use tokio_util::compat::FuturesAsyncReadCompatExt;
 use yrs::{Map, Out};
 
 use crate::docs::{DocError, DocHandle};
+
+mod activities;
 use crate::sync::message::{codec, Version, PROTOCOL_VERSION};
+pub(crate) use activities::OpenClaimStream;
+pub use activities::{Activities, Handoff};
 
 pub const ACTIVITIES_DOC: &str = "_devicelink/activities";
 pub const HANDOFF_PROTOCOL: StreamProtocol = StreamProtocol::new("/devicelink/handoff/1.4.0");
