@@ -163,6 +163,25 @@ pub(crate) struct DocRegistry {
     tombstones: RwLock<HashSet<String>>,
 }
 
+/// Checks that `name` can name a document (not empty, at most 255 bytes, no control
+/// characters); the error says what is wrong with it.
+pub fn validate_name(name: &str) -> Result<(), DocError> {
+    Ok(DocStore::validate_name(name)?)
+}
+
+impl DocError {
+    /// Whether the caller's input was at fault (a bad name, a corrupt update or state vector),
+    /// rather than the agent or its disk.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            DocError::InvalidUpdate { .. }
+                | DocError::InvalidStateVector { .. }
+                | DocError::Store(StoreError::InvalidDocName { .. })
+        )
+    }
+}
+
 /// Names starting with it are the agent's own documents: apps may read them, not write them,
 /// and they are never deleted.
 pub const RESERVED_PREFIX: &str = "_devicelink/";

@@ -27,6 +27,7 @@
 //! - [`bridge`]: the y-websocket endpoint, so unmodified Yjs apps use the agent as provider;
 //!   [`apps`]: the per-app tokens it (and a scoped IPC connection) requires;
 //!   [`presence`]: awareness (cursors, who is here), shared by apps and devices.
+//! - [`offline`]: a data dir whose agent is not running (trust and app tokens edited in place).
 //! - [`demo`]: the two-agent demonstration run by `devicelink demo`; [`args`]: parsing what
 //!   users type (durations, addresses, devices by name).
 //! - [`conformance`]: session transcripts replayed against another implementation;
@@ -52,6 +53,7 @@ pub mod ipc;
 pub mod lifecycle;
 pub mod nesting;
 pub mod net;
+pub mod offline;
 pub mod pairing;
 pub mod presence;
 pub mod service;

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use devicelink::client::{Client, ClientError};
 use devicelink::ipc::{self, Event, RequestBody};
-use devicelink::store::{self, TrustStore, TrustedDevice};
+use devicelink::offline::OfflineDevice;
 use devicelink::{Agent, AgentConfig, Multiaddr, PeerId};
 
 #[derive(Parser)]
@@ -819,34 +819,29 @@ async fn trust(global: &Global, command: TrustCommand) -> Result<()> {
         };
         return print_json(&client.request(body).await?);
     }
-    let data_dir = global.existing_data_dir()?;
-    let db = store::open_db(&data_dir)?;
-    let trust = TrustStore::open(&db)?;
+    let offline = OfflineDevice::open(&global.existing_data_dir()?)?;
     match command {
         TrustCommand::Add { device, name } => {
             let name = name.unwrap_or_else(|| device.to_string().chars().take(12).collect());
-            trust.unrevoke(&device)?;
-            trust.add(device, TrustedDevice::new(name.clone()))?;
+            offline.trust_add(device, &name)?;
             println!("trusted {device} ({name})");
         }
         TrustCommand::Remove { device } => {
-            let devices: Vec<(PeerId, String)> = trust
-                .list()?
+            let devices: Vec<(PeerId, String)> = offline
+                .trusted()?
                 .into_iter()
-                .map(|(id, d)| (id, d.name))
+                .map(|(id, name, _)| (id, name))
                 .collect();
             let device =
                 devicelink::args::resolve_device(&device, &devices).map_err(anyhow::Error::msg)?;
-            if !trust.is_trusted(&device) {
+            if !offline.trust_remove(&device)? {
                 bail!("{device} was not trusted");
             }
-            // Remembered as removed, so the device group does not bring it back at the next start.
-            trust.revoke(&device)?;
             println!("removed {device} on this device (with the agent running, `devicelink unpair {device}` removes it on every device)");
         }
         TrustCommand::List => {
-            for (id, device) in trust.list()? {
-                println!("{id}  {}  {}", device.name, device.addrs.join(" "));
+            for (id, name, addrs) in offline.trusted()? {
+                println!("{id}  {name}  {}", addrs.join(" "));
             }
         }
     }
@@ -908,9 +903,7 @@ async fn app(global: &Global, command: AppCommand) -> Result<()> {
                 Some(ClientError::NotRunning(_))
             ) =>
         {
-            let data_dir = global.existing_data_dir()?;
-            let db = store::open_db(&data_dir)?;
-            let apps = devicelink::apps::AppRegistry::load(store::AppStore::open(&db)?)?;
+            let apps = OfflineDevice::open(&global.existing_data_dir()?)?.apps()?;
             devicelink::ipc::scope::app_request(&apps, body)
                 .map_err(|(_, message)| anyhow::anyhow!(message))?
         }

@@ -175,13 +175,12 @@ fn trust_each_other(dirs: &[&Path]) -> Result<(), BenchError> {
         .map(|d| crate::identity::device_id(d).map_err(|e| BenchError::Spawn(e.to_string())))
         .collect::<Result<_, _>>()?;
     for (i, dir) in dirs.iter().enumerate() {
-        let db = crate::store::open_db(dir).map_err(|e| BenchError::Spawn(e.to_string()))?;
-        let trust =
-            crate::store::TrustStore::open(&db).map_err(|e| BenchError::Spawn(e.to_string()))?;
+        let device = crate::offline::OfflineDevice::open(dir)
+            .map_err(|e| BenchError::Spawn(e.to_string()))?;
         for (j, id) in ids.iter().enumerate() {
             if i != j {
-                trust
-                    .add(*id, crate::store::TrustedDevice::new(format!("bench-{j}")))
+                device
+                    .trust_add(*id, &format!("bench-{j}"))
                     .map_err(|e| BenchError::Spawn(e.to_string()))?;
             }
         }

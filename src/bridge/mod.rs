@@ -205,7 +205,7 @@ fn doc_name(path: &str) -> Result<String, String> {
         .decode_utf8()
         .map_err(|_| "the document name is not UTF-8".to_string())?
         .into_owned();
-    crate::store::DocStore::validate_name(&name).map_err(|e| e.to_string())?;
+    crate::docs::validate_name(&name).map_err(|e| e.to_string())?;
     Ok(name)
 }
 

@@ -19,7 +19,6 @@ use super::outbox::Outbox;
 use super::protocol::{ErrorCode, Event, Request, RequestBody, Response, MAX_LINE_LEN};
 use crate::agent::{AgentError, AgentHandle};
 use crate::docs::{DocError, Origin};
-use crate::store::StoreError;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -501,7 +500,7 @@ impl Connection {
                 answer
             }
             RequestBody::AwarenessSet { doc, state } => {
-                crate::store::DocStore::validate_name(&doc).map_err(store_error)?;
+                crate::docs::validate_name(&doc).map_err(doc_error)?;
                 json!({ "client": self.presence.set(&doc, state)? })
             }
             RequestBody::AwarenessGet { doc } => {
@@ -895,7 +894,7 @@ fn parse_device(text: &str) -> Result<libp2p::PeerId, (ErrorCode, String)> {
 fn agent_error(e: AgentError) -> (ErrorCode, String) {
     match e {
         AgentError::Doc(e) => doc_error(e),
-        AgentError::Store(e) => store_error(e),
+        AgentError::Store(e) => doc_error(DocError::Store(e)),
         AgentError::Refused(message) => (ErrorCode::InvalidArgument, message),
         other => (ErrorCode::Internal, other.to_string()),
     }
@@ -903,14 +902,15 @@ fn agent_error(e: AgentError) -> (ErrorCode, String) {
 
 fn doc_error(e: DocError) -> (ErrorCode, String) {
     match e {
+        _ if e.is_bad_input() => (ErrorCode::InvalidArgument, e.to_string()),
         DocError::InvalidUpdate { .. } | DocError::InvalidStateVector { .. } => {
             (ErrorCode::InvalidArgument, e.to_string())
         }
         DocError::NotDurable { .. } => (ErrorCode::NotDurable, e.to_string()),
-        DocError::Store(e) => store_error(e),
+        DocError::Store(_) => (ErrorCode::Storage, e.to_string()),
+        DocError::AgentStopped => (ErrorCode::Internal, e.to_string()),
         DocError::Deleted(_) | DocError::NotFound(_) => (ErrorCode::NotFound, e.to_string()),
         DocError::WrongType { .. } => (ErrorCode::WrongType, e.to_string()),
-        DocError::AgentStopped => (ErrorCode::Internal, e.to_string()),
     }
 }
 
@@ -941,11 +941,4 @@ fn handoff_error(e: crate::handoff::HandoffError) -> (ErrorCode, String) {
         }
     };
     (code, e.to_string())
-}
-
-fn store_error(e: StoreError) -> (ErrorCode, String) {
-    match e {
-        StoreError::InvalidDocName { .. } => (ErrorCode::InvalidArgument, e.to_string()),
-        _ => (ErrorCode::Storage, e.to_string()),
-    }
 }
