@@ -16,7 +16,6 @@ use crate::identity::{self, IdentityError};
 use crate::net::{
     self, ConnectTarget, Neighborhood, NetCommand, NetError, Network, NetworkDeps, RedialPolicy,
 };
-use crate::pairing::{self, HostEvent, LocalDevice, PairError, Paired, PairingCode};
 use crate::presence::PresenceHub;
 use crate::status::{PeerStatus, PeerTable};
 use crate::store::writer::{self, CompactionPolicy};
@@ -101,6 +100,8 @@ pub enum AgentError {
     Doc(#[from] DocError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DevicesError),
     #[error("cannot start the store writer thread: {0}")]
     Thread(std::io::Error),
     #[error("the agent has stopped")]
@@ -167,8 +168,8 @@ struct Inner {
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     commands: mpsc::UnboundedSender<NetCommand>,
     neighborhood: Arc<Neighborhood>,
-    control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
     activities: crate::handoff::Activities,
+    devices: crate::devices::Devices,
     failure: Arc<Failure>,
     manifest: Arc<store::Manifest>,
     /// What the start-up check found missing from the store, if anything.
@@ -354,6 +355,16 @@ impl Agent {
             claim_stream_opener(commands.clone(), control.clone(), trust.clone()),
             neighborhood.continued.clone(),
         );
+        let devices = crate::devices::Devices::new(
+            device_id,
+            config.device_name.clone(),
+            listen_addrs.clone(),
+            registry.clone(),
+            trust.clone(),
+            commands.clone(),
+            control.clone(),
+            neighborhood.clone(),
+        );
         Ok(AgentHandle {
             inner: Arc::new(Inner {
                 device_id,
@@ -369,8 +380,8 @@ impl Agent {
                 listen_addrs,
                 commands,
                 neighborhood,
-                control,
                 activities,
+                devices,
                 failure,
                 manifest,
                 damage,
@@ -473,7 +484,7 @@ impl AgentHandle {
             .iter()
             .any(|m| m.id == *device && !m.removed);
         if member {
-            return self.unpair(device).await;
+            return Ok(self.inner.devices.unpair(device).await?);
         }
         self.trust_remove(device)
     }
@@ -619,197 +630,9 @@ impl AgentHandle {
             .unwrap_or_else(|e| e.into_inner()) = addr;
     }
 
-    /// Opens a pairing code for `expiry` (advertised over mDNS while open). The receiver reports
-    /// failed attempts and the outcome.
-    pub async fn pair_open(
-        &self,
-        expiry: std::time::Duration,
-    ) -> Result<(PairingCode, tokio::sync::broadcast::Receiver<HostEvent>), AgentError> {
-        let (reply, rx) = oneshot::channel();
-        self.notify(NetCommand::PairOpen { expiry, reply })?;
-        rx.await.map_err(|_| AgentError::Stopped)
-    }
-
-    /// Pairs with the device that opened `code` on another network, through `relay`: the
-    /// relay's address (ending in `/p2p/ID`; the relay says which of its devices has the code's
-    /// slot open, see [`net::lookup`]) or the host's relayed address.
-    pub async fn pair_join_through_relay(
-        &self,
-        code: &PairingCode,
-        relay: Multiaddr,
-    ) -> Result<Paired, PairError> {
-        let host = if net::relay::is_relayed(&relay) {
-            relay
-        } else {
-            let joins = &self.inner.neighborhood.joins;
-            joins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let found = self.find_pairing_host(code, &relay).await;
-            joins.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            found?
-        };
-        self.pair_join(code, Some(host)).await
-    }
-
-    /// Asks the relay at `relay` which device has `code`'s slot open (for up to 10 s: the host
-    /// lists it in the device group within a second of opening it); returns its relayed address.
-    async fn find_pairing_host(
-        &self,
-        code: &PairingCode,
-        relay: &Multiaddr,
-    ) -> Result<Multiaddr, PairError> {
-        use libp2p::multiaddr::Protocol;
-        let (relay_id, _) = net::relay::parse_relay_addr(relay).map_err(PairError::Unreachable)?;
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let (reply, rx) = oneshot::channel();
-            self.notify(NetCommand::Connect {
-                target: ConnectTarget::Addr(relay.clone()),
-                reply,
-            })
-            .map_err(|e| PairError::Unreachable(e.to_string()))?;
-            rx.await
-                .map_err(|_| PairError::Unreachable("the agent stopped".into()))?
-                .map_err(|e| PairError::Unreachable(format!("the relay: {e}")))?;
-            let stream = self
-                .inner
-                .control
-                .lock()
-                .await
-                .open_stream(relay_id, net::lookup::PAIR_LOOKUP_PROTOCOL)
-                .await;
-            let answer = match stream {
-                Ok(stream) => net::lookup::ask(stream, code.slot()).await,
-                Err(e) => Err(e.to_string()),
-            };
-            match answer {
-                Ok(Some(host)) => {
-                    return Ok(relay
-                        .clone()
-                        .with(Protocol::P2pCircuit)
-                        .with(Protocol::P2p(host)))
-                }
-                Ok(None) => {}
-                Err(e) => tracing::debug!("pairing lookup on the relay failed: {e}"),
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(PairError::NotOnRelay(code.slot()));
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        }
-    }
-
-    /// Pairs with the device that opened `code`: found over mDNS by the code's slot, or dialed at
-    /// `addr`. Both devices then trust each other (and the rest of each other's group).
-    pub async fn pair_join(
-        &self,
-        code: &PairingCode,
-        addr: Option<Multiaddr>,
-    ) -> Result<Paired, PairError> {
-        let neighborhood = &self.inner.neighborhood;
-        neighborhood
-            .joins
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let result = self.pair_join_inner(code, addr).await;
-        neighborhood
-            .joins
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        let _ = self.notify(NetCommand::PairingEnded);
-        result
-    }
-
-    async fn pair_join_inner(
-        &self,
-        code: &PairingCode,
-        addr: Option<Multiaddr>,
-    ) -> Result<Paired, PairError> {
-        let target = match addr {
-            Some(addr) => ConnectTarget::Addr(addr),
-            None => {
-                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-                loop {
-                    let found = self
-                        .inner
-                        .neighborhood
-                        .nearby()
-                        .into_iter()
-                        .find(|a| a.pair_slot == Some(code.slot()));
-                    if let Some(a) = found {
-                        break ConnectTarget::Peer(a.claimed_id, a.addrs);
-                    }
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(PairError::NotFound(code.slot()));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        };
-        // A connection to the same device that is just closing can fail the first stream: retry.
-        let mut attempt = 0;
-        let (peer, stream) = loop {
-            attempt += 1;
-            let (reply, rx) = oneshot::channel();
-            self.notify(NetCommand::Connect {
-                target: target.clone(),
-                reply,
-            })
-            .map_err(|e| PairError::Unreachable(e.to_string()))?;
-            let peer = rx
-                .await
-                .map_err(|_| PairError::Unreachable("the agent stopped".into()))?
-                .map_err(PairError::Unreachable)?;
-            if peer == self.inner.device_id {
-                return Err(PairError::Unreachable("that address is this device".into()));
-            }
-            let opened = self
-                .inner
-                .control
-                .lock()
-                .await
-                .open_stream(peer, pairing::PAIR_PROTOCOL)
-                .await;
-            match opened {
-                Ok(stream) => break (peer, stream),
-                Err(e) if attempt >= 3 => return Err(PairError::Unreachable(e.to_string())),
-                Err(e) => {
-                    tracing::debug!(%peer, "pairing stream failed ({e}); retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
-                }
-            }
-        };
-        let me = LocalDevice {
-            id: self.inner.device_id,
-            name: self.inner.device_name.clone(),
-            listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
-        };
-        let trust = self.trust().map_err(|e| PairError::Store(e.to_string()))?;
-        let paired = pairing::join(&me, peer, stream, code, |p| {
-            net::save_paired(&trust, peer, p)
-        })
-        .await?;
-        net::record_in_group(&self.inner.registry, &me, peer, &paired).await;
-        let _ = self.notify(NetCommand::TrustChanged);
-        Ok(paired)
-    }
-
-    /// Removes `device` from the group on every device: it is disconnected and refused from now
-    /// on. Returns whether it was a member.
-    pub async fn unpair(&self, device: &PeerId) -> Result<bool, AgentError> {
-        if *device == self.inner.device_id {
-            return Err(AgentError::Refused(
-                "that is this device's own id: unpair it from one of your other devices".into(),
-            ));
-        }
-        let trust = self.trust()?;
-        let name = trust.get(device)?.map(|d| d.name);
-        let group = self.open_doc(crate::group::GROUP_DOC)?;
-        let known = name.is_some()
-            || crate::group::members(&group)
-                .iter()
-                .any(|m| m.id == *device && !m.removed);
-        crate::group::remove(&group, *device, name.as_deref().unwrap_or("")).await?;
-        trust.revoke(device)?;
-        self.notify(NetCommand::TrustChanged)?;
-        Ok(known)
+    /// Linking devices: pairing by code (here, on the LAN or through a relay) and unpairing.
+    pub fn devices(&self) -> crate::devices::Devices {
+        self.inner.devices.clone()
     }
 
     /// Agents announced over mDNS (claimed ids, not yet verified).

@@ -22,7 +22,8 @@
 //!   remote updates, subscriptions; [`lifecycle`]: deletion by replicated tombstones.
 //! - [`sync`]: the `/devicelink/sync/1.4.0` wire protocol and per-peer sessions.
 //! - [`net`]: the libp2p swarm, trust gating, redial.
-//! - [`agent`]: ties it together behind [`AgentHandle`].
+//! - [`agent`]: ties it together behind [`AgentHandle`], with a handle per concern:
+//!   [`devices`] (pairing), [`handoff::Activities`], [`conflict::Conflicts`].
 //! - [`ipc`]: the local JSON-lines socket apps use; [`client`]: its async Rust client.
 //! - [`bridge`]: the y-websocket endpoint, so unmodified Yjs apps use the agent as provider;
 //!   [`apps`]: the per-app tokens it (and a scoped IPC connection) requires;
@@ -44,6 +45,7 @@ pub mod conflict;
 pub mod conformance;
 pub mod convergence;
 pub mod demo;
+pub mod devices;
 pub mod discovery;
 pub mod docs;
 pub mod group;

@@ -284,7 +284,11 @@ async fn stalled_pairing_attempts_count_and_the_joiner_gets_the_true_reason() {
     let (dh, dj) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let host = start(dh.path(), "host").await;
     let joiner = start(dj.path(), "joiner").await;
-    let (code, mut events) = host.pair_open(Duration::from_secs(120)).await.unwrap();
+    let (code, mut events) = host
+        .devices()
+        .pair_open(Duration::from_secs(120))
+        .await
+        .unwrap();
 
     let started = std::time::Instant::now();
     let mut attacker = common::raw_peer::raw_peer_connected_to(&host).await;
@@ -340,6 +344,7 @@ async fn stalled_pairing_attempts_count_and_the_joiner_gets_the_true_reason() {
         "the host is told the code is burned: {closed:?}"
     );
     let err = joiner
+        .devices()
         .pair_join(&code, Some(host.listen_addrs()[0].clone()))
         .await
         .expect_err("a burned code");

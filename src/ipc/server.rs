@@ -561,7 +561,11 @@ impl Connection {
                         crate::pairing::MAX_EXPIRY.as_secs(),
                     )?),
                 };
-                let (code, mut events) = agent.pair_open(expiry).await.map_err(agent_error)?;
+                let (code, mut events) = agent
+                    .devices()
+                    .pair_open(expiry)
+                    .await
+                    .map_err(devices_error)?;
                 let out = out.clone();
                 tokio::spawn(async move {
                     while let Ok(update) = events.recv().await {
@@ -595,15 +599,17 @@ impl Connection {
                             "give addr or relay, not both".into(),
                         ))
                     }
-                    (addr, None) => agent.pair_join(&code, addr).await,
-                    (None, Some(relay)) => agent.pair_join_through_relay(&code, relay).await,
+                    (addr, None) => agent.devices().pair_join(&code, addr).await,
+                    (None, Some(relay)) => {
+                        agent.devices().pair_join_through_relay(&code, relay).await
+                    }
                 }
                 .map_err(|e| (ErrorCode::Pairing, e.to_string()))?;
                 to_value(paired)
             }
             RequestBody::Unpair { device } => {
                 let peer = parse_device(&device)?;
-                json!({ "removed": agent.unpair(&peer).await.map_err(agent_error)? })
+                json!({ "removed": agent.devices().unpair(&peer).await.map_err(devices_error)? })
             }
             RequestBody::Peers => {
                 let status = agent.status().map_err(agent_error)?;
@@ -896,6 +902,7 @@ fn agent_error(e: AgentError) -> (ErrorCode, String) {
         AgentError::Doc(e) => doc_error(e),
         AgentError::Store(e) => doc_error(DocError::Store(e)),
         AgentError::Refused(message) => (ErrorCode::InvalidArgument, message),
+        AgentError::Devices(e) => devices_error(e),
         other => (ErrorCode::Internal, other.to_string()),
     }
 }
@@ -916,6 +923,16 @@ fn doc_error(e: DocError) -> (ErrorCode, String) {
 
 fn agent_activities(agent: &AgentHandle) -> Vec<crate::handoff::Activity> {
     agent.activities().list().unwrap_or_default()
+}
+
+fn devices_error(e: crate::devices::DevicesError) -> (ErrorCode, String) {
+    use crate::devices::DevicesError;
+    match e {
+        DevicesError::Doc(e) => doc_error(e),
+        DevicesError::Store(e) => doc_error(DocError::Store(e)),
+        DevicesError::Refused(message) => (ErrorCode::InvalidArgument, message),
+        DevicesError::Stopped => (ErrorCode::Internal, e.to_string()),
+    }
 }
 
 fn conflict_error(e: crate::conflict::ConflictError) -> (ErrorCode, String) {

@@ -97,7 +97,7 @@ impl Agent {
         }
         let handle = self.shared.current()?;
         let expiry = std::time::Duration::from_secs(expires_secs);
-        let (code, events) = self.shared.block_on(handle.pair_open(expiry))?;
+        let (code, events) = self.shared.block_on(handle.devices().pair_open(expiry))?;
         Ok(Arc::new(PairHost {
             shared: self.shared.clone(),
             code: code.to_string(),
@@ -121,7 +121,9 @@ impl Agent {
             .transpose()
             .map_err(DeviceLinkError::InvalidArgument)?;
         let handle = self.shared.current()?;
-        let paired = self.shared.block_on(handle.pair_join(&code, addr))?;
+        let paired = self
+            .shared
+            .block_on(handle.devices().pair_join(&code, addr))?;
         Ok(paired.into())
     }
 
@@ -144,6 +146,6 @@ impl Agent {
     pub fn unpair(&self, device_id: String) -> Result<bool, DeviceLinkError> {
         let device = parse_device(&device_id)?;
         let handle = self.shared.current()?;
-        Ok(self.shared.block_on(handle.unpair(&device))?)
+        Ok(self.shared.block_on(handle.devices().unpair(&device))?)
     }
 }

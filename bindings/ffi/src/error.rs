@@ -74,6 +74,7 @@ impl From<AgentError> for DeviceLinkError {
         let message = e.to_string();
         match e {
             AgentError::Doc(doc) => doc.into(),
+            AgentError::Devices(devices) => devices.into(),
             AgentError::Stopped => Self::Stopped(message),
             AgentError::Net(_) => Self::Network(message),
             AgentError::Refused(_) => Self::InvalidArgument(message),
@@ -85,6 +86,19 @@ impl From<AgentError> for DeviceLinkError {
 impl From<devicelink::pairing::PairError> for DeviceLinkError {
     fn from(e: devicelink::pairing::PairError) -> Self {
         Self::Pairing(e.to_string())
+    }
+}
+
+impl From<devicelink::devices::DevicesError> for DeviceLinkError {
+    fn from(e: devicelink::devices::DevicesError) -> Self {
+        use devicelink::devices::DevicesError;
+        let message = e.to_string();
+        match e {
+            DevicesError::Doc(doc) => doc.into(),
+            DevicesError::Refused(_) => Self::InvalidArgument(message),
+            DevicesError::Stopped => Self::Stopped(message),
+            DevicesError::Store(_) => Self::Storage(message),
+        }
     }
 }
 

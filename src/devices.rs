@@ -1,0 +1,276 @@
+//! [`Devices`]: linking this device with the user's others, as `agent.devices()`: open a
+//! pairing code, join one (found over mDNS, dialed, or looked up through the relay), unpair.
+//! The code exchange itself is `pairing`; this module drives it over the agent's network and
+//! records the outcome in the trust store and the device group.
+
+use std::sync::{Arc, RwLock};
+
+use libp2p::{Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::docs::{DocError, DocRegistry};
+use crate::net::{self, ConnectTarget, Neighborhood, NetCommand};
+use crate::pairing::{self, HostEvent, LocalDevice, PairError, Paired, PairingCode};
+use crate::store::{StoreError, TrustStore};
+
+/// Errors of unpairing (pairing reports a [`PairError`]).
+#[derive(Debug, thiserror::Error)]
+pub enum DevicesError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Doc(#[from] DocError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("the agent has stopped")]
+    Stopped,
+}
+
+/// The pairing concern of one agent.
+#[derive(Clone)]
+pub struct Devices {
+    me: PeerId,
+    name: String,
+    listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    registry: Arc<DocRegistry>,
+    trust: Arc<RwLock<Option<TrustStore>>>,
+    commands: mpsc::UnboundedSender<NetCommand>,
+    control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
+    neighborhood: Arc<Neighborhood>,
+}
+
+impl Devices {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        me: PeerId,
+        name: String,
+        listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+        registry: Arc<DocRegistry>,
+        trust: Arc<RwLock<Option<TrustStore>>>,
+        commands: mpsc::UnboundedSender<NetCommand>,
+        control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
+        neighborhood: Arc<Neighborhood>,
+    ) -> Self {
+        Self {
+            me,
+            name,
+            listen_addrs,
+            registry,
+            trust,
+            commands,
+            control,
+            neighborhood,
+        }
+    }
+
+    fn trust(&self) -> Result<TrustStore, DevicesError> {
+        self.trust
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(DevicesError::Stopped)
+    }
+
+    fn notify(&self, command: NetCommand) -> Result<(), DevicesError> {
+        self.commands
+            .send(command)
+            .map_err(|_| DevicesError::Stopped)
+    }
+
+    fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.listen_addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Opens a pairing code for `expiry` (advertised over mDNS while open). The receiver reports
+    /// failed attempts and the outcome.
+    pub async fn pair_open(
+        &self,
+        expiry: std::time::Duration,
+    ) -> Result<(PairingCode, tokio::sync::broadcast::Receiver<HostEvent>), DevicesError> {
+        let (reply, rx) = oneshot::channel();
+        self.notify(NetCommand::PairOpen { expiry, reply })?;
+        rx.await.map_err(|_| DevicesError::Stopped)
+    }
+
+    /// Pairs with the device that opened `code` on another network, through `relay`: the
+    /// relay's address (ending in `/p2p/ID`; the relay says which of its devices has the code's
+    /// slot open, see [`net::lookup`]) or the host's relayed address.
+    pub async fn pair_join_through_relay(
+        &self,
+        code: &PairingCode,
+        relay: Multiaddr,
+    ) -> Result<Paired, PairError> {
+        let host = if net::relay::is_relayed(&relay) {
+            relay
+        } else {
+            let joins = &self.neighborhood.joins;
+            joins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let found = self.find_pairing_host(code, &relay).await;
+            joins.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            found?
+        };
+        self.pair_join(code, Some(host)).await
+    }
+
+    /// Asks the relay at `relay` which device has `code`'s slot open (for up to 10 s: the host
+    /// lists it in the device group within a second of opening it); returns its relayed address.
+    async fn find_pairing_host(
+        &self,
+        code: &PairingCode,
+        relay: &Multiaddr,
+    ) -> Result<Multiaddr, PairError> {
+        use libp2p::multiaddr::Protocol;
+        let (relay_id, _) = net::relay::parse_relay_addr(relay).map_err(PairError::Unreachable)?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.notify(NetCommand::Connect {
+                target: ConnectTarget::Addr(relay.clone()),
+                reply,
+            })
+            .map_err(|e| PairError::Unreachable(e.to_string()))?;
+            rx.await
+                .map_err(|_| PairError::Unreachable("the agent stopped".into()))?
+                .map_err(|e| PairError::Unreachable(format!("the relay: {e}")))?;
+            let stream = self
+                .control
+                .lock()
+                .await
+                .open_stream(relay_id, net::lookup::PAIR_LOOKUP_PROTOCOL)
+                .await;
+            let answer = match stream {
+                Ok(stream) => net::lookup::ask(stream, code.slot()).await,
+                Err(e) => Err(e.to_string()),
+            };
+            match answer {
+                Ok(Some(host)) => {
+                    return Ok(relay
+                        .clone()
+                        .with(Protocol::P2pCircuit)
+                        .with(Protocol::P2p(host)))
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!("pairing lookup on the relay failed: {e}"),
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(PairError::NotOnRelay(code.slot()));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Pairs with the device that opened `code`: found over mDNS by the code's slot, or dialed at
+    /// `addr`. Both devices then trust each other (and the rest of each other's group).
+    pub async fn pair_join(
+        &self,
+        code: &PairingCode,
+        addr: Option<Multiaddr>,
+    ) -> Result<Paired, PairError> {
+        let neighborhood = &self.neighborhood;
+        neighborhood
+            .joins
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let result = self.pair_join_inner(code, addr).await;
+        neighborhood
+            .joins
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.notify(NetCommand::PairingEnded);
+        result
+    }
+
+    async fn pair_join_inner(
+        &self,
+        code: &PairingCode,
+        addr: Option<Multiaddr>,
+    ) -> Result<Paired, PairError> {
+        let target = match addr {
+            Some(addr) => ConnectTarget::Addr(addr),
+            None => {
+                let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+                loop {
+                    let found = self
+                        .neighborhood
+                        .nearby()
+                        .into_iter()
+                        .find(|a| a.pair_slot == Some(code.slot()));
+                    if let Some(a) = found {
+                        break ConnectTarget::Peer(a.claimed_id, a.addrs);
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(PairError::NotFound(code.slot()));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        };
+        // A connection to the same device that is just closing can fail the first stream: retry.
+        let mut attempt = 0;
+        let (peer, stream) = loop {
+            attempt += 1;
+            let (reply, rx) = oneshot::channel();
+            self.notify(NetCommand::Connect {
+                target: target.clone(),
+                reply,
+            })
+            .map_err(|e| PairError::Unreachable(e.to_string()))?;
+            let peer = rx
+                .await
+                .map_err(|_| PairError::Unreachable("the agent stopped".into()))?
+                .map_err(PairError::Unreachable)?;
+            if peer == self.me {
+                return Err(PairError::Unreachable("that address is this device".into()));
+            }
+            let opened = self
+                .control
+                .lock()
+                .await
+                .open_stream(peer, pairing::PAIR_PROTOCOL)
+                .await;
+            match opened {
+                Ok(stream) => break (peer, stream),
+                Err(e) if attempt >= 3 => return Err(PairError::Unreachable(e.to_string())),
+                Err(e) => {
+                    tracing::debug!(%peer, "pairing stream failed ({e}); retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                }
+            }
+        };
+        let me = LocalDevice {
+            id: self.me,
+            name: self.name.clone(),
+            listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
+        };
+        let trust = self.trust().map_err(|e| PairError::Store(e.to_string()))?;
+        let paired = pairing::join(&me, peer, stream, code, |p| {
+            net::save_paired(&trust, peer, p)
+        })
+        .await?;
+        net::record_in_group(&self.registry, &me, peer, &paired).await;
+        let _ = self.notify(NetCommand::TrustChanged);
+        Ok(paired)
+    }
+
+    /// Removes `device` from the group on every device: it is disconnected and refused from now
+    /// on. Returns whether it was a member.
+    pub async fn unpair(&self, device: &PeerId) -> Result<bool, DevicesError> {
+        if *device == self.me {
+            return Err(DevicesError::Refused(
+                "that is this device's own id: unpair it from one of your other devices".into(),
+            ));
+        }
+        let trust = self.trust()?;
+        let name = trust.get(device)?.map(|d| d.name);
+        let group = self.registry.handle(crate::group::GROUP_DOC)?;
+        let known = name.is_some()
+            || crate::group::members(&group)
+                .iter()
+                .any(|m| m.id == *device && !m.removed);
+        crate::group::remove(&group, *device, name.as_deref().unwrap_or("")).await?;
+        trust.revoke(device)?;
+        self.notify(NetCommand::TrustChanged)?;
+        Ok(known)
+    }
+}
