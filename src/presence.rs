@@ -153,7 +153,9 @@ impl PresenceHub {
             for (client, incoming) in update.clients {
                 let removal = &*incoming.json == REMOVED;
                 let accept = match clients.get(&client.get()) {
-                    None => !removal && clients.len() < MAX_CLIENTS_PER_DOC,
+                    // As y-protocols: a client not held counts as held at clock 0, so its
+                    // first entry needs a clock above 0 (§23).
+                    None => !removal && incoming.clock > 0 && clients.len() < MAX_CLIENTS_PER_DOC,
                     Some(current) => {
                         incoming.clock > current.clock
                             || (incoming.clock == current.clock
@@ -421,6 +423,13 @@ mod tests {
         assert_eq!(events.try_recv().unwrap().update.clients.len(), 1);
         assert!(events.try_recv().is_ok());
         assert!(events.try_recv().is_err());
+        // A client never seen before at clock 0 is dropped, as y-protocols drops it.
+        assert_eq!(
+            hub.apply("d", single(2, 0, Some(&alice)), Source::Local(9))
+                .unwrap(),
+            0
+        );
+        assert!(hub.states("d").clients.is_empty());
     }
 
     #[test]

@@ -747,3 +747,139 @@ async fn deeply_nested_updates_are_refused_without_a_crash() {
     ok.set_map_value("m", "k", 1).await.unwrap();
     a.shutdown().await.unwrap();
 }
+
+/// Issue 23, item 3 (§2): a stock js-libp2p peer (TCP + Noise + Yamux with its default settings,
+/// whose muxer writes data frames as large as the window it was granted) sends an 8 MB update on
+/// the sync stream. The agent's muxer refuses data frames over 1 MiB, so it must never grant a
+/// stream window over 1 MiB: the connection stays up and the document arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_js_libp2p_peer_sends_large_updates() {
+    if let Some(reason) = common::node::unavailable() {
+        eprintln!("skipping: {reason}");
+        return;
+    }
+    let da = tempfile::tempdir().unwrap();
+    let a = start(da.path(), "a").await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    a.trust_add(keypair.public().to_peer_id(), "js-libp2p").unwrap();
+
+    // Incompressible text, so every byte crosses the wire.
+    let mut rng = Rng::seeded("a_stock_js_libp2p_peer_sends_large_updates");
+    let text: String = (0..8_000_000)
+        .map(|_| char::from(b'a' + rng.below(26) as u8))
+        .collect();
+    let update = {
+        use yrs::{Text, Transact};
+        let doc = yrs::Doc::with_client_id(4242);
+        let body = doc.get_or_insert_text("body");
+        let mut txn = doc.transact_mut();
+        body.insert(&mut txn, 0, &text);
+        txn.encode_update_v1()
+    };
+    let mut payload = Vec::new();
+    for message in [
+        hello(PROTOCOL_VERSION),
+        Message::Update {
+            doc: "large".into(),
+            update,
+        },
+    ] {
+        let body = message.encode().unwrap();
+        payload.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        payload.extend_from_slice(&body);
+    }
+    let work = tempfile::tempdir().unwrap();
+    let send_path = work.path().join("send.bin");
+    std::fs::write(&send_path, &payload).unwrap();
+    let config_path = work.path().join("config.json");
+    let addr = format!("{}/p2p/{}", a.listen_addrs()[0], a.device_id());
+    let config = serde_json::json!({
+        "addr": addr,
+        "key": keypair
+            .to_protobuf_encoding()
+            .unwrap()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        "protocol": devicelink::sync::SYNC_PROTOCOL.to_string(),
+        "send": send_path,
+        "hold_ms": 2000,
+        "limit_ms": 60000,
+    });
+    std::fs::write(&config_path, config.to_string()).unwrap();
+
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("node")
+            .arg(common::node::node_dir().join("libp2p_peer.mjs"))
+            .arg(&config_path)
+            .output()
+    })
+    .await
+    .unwrap()
+    .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: serde_json::Value = stdout
+        .lines()
+        .rev()
+        .find_map(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no report from the js-libp2p peer: {stdout} {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    assert_eq!(report["error"], serde_json::Value::Null, "{report}");
+    assert_eq!(report["sent"], payload.len(), "{report}");
+    assert_eq!(report["connection_closed"], false, "{report}");
+    assert!(
+        report["received"].as_u64().unwrap_or(0) > 0,
+        "the agent answered the Hello: {report}"
+    );
+    wait_until(LIMIT, "the large document on the agent", || {
+        a.open_doc("large")
+            .map(|doc| doc.text("body").len() == text.len())
+            .unwrap_or(false)
+    })
+    .await;
+    assert_eq!(a.open_doc("large").unwrap().text("body"), text);
+    a.shutdown().await.unwrap();
+}
+
+/// Issue 23, spec gaps (§9.5): a listing that repeats a name and lists an invalid one. The
+/// repeated name is asked for once, the invalid one not at all, and neither keeps the catch-up
+/// from completing: the next session asks from the recorded checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_and_invalid_names_in_a_listing_lose_nothing() {
+    let da = tempfile::tempdir().unwrap();
+    let a = start(da.path(), "a").await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    a.trust_add(keypair.public().to_peer_id(), "raw").unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let feed = (11_u64, 3_u64);
+    let (mut transport, _) = feature_session(&mut raw, &a).await;
+    let page = |docs: Vec<&str>, last: bool| Message::FeedPage {
+        epoch: feed.0,
+        head: feed.1,
+        docs: docs.into_iter().map(String::from).collect(),
+        last,
+    };
+    send(&mut transport, &page(vec!["twice", "", "twice"], false)).await;
+    send(&mut transport, &page(vec!["twice", "bad\u{7}name"], true)).await;
+    // Answer what the agent asks for; count its questions.
+    let mut asked = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, transport.next()).await {
+        if let Message::SyncStep1 { doc, .. } = Message::decode(&frame).unwrap() {
+            asked.push(doc.clone());
+            let update = update_setting("from", "raw");
+            send(&mut transport, &Message::SyncStep2 { doc, update }).await;
+        }
+    }
+    assert_eq!(asked, vec!["twice".to_string()], "asked once, invalid names never");
+    assert_eq!(a.open_doc("twice").unwrap().to_json()["m"]["from"], "raw");
+    drop(transport);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_transport, checkpoint) = feature_session(&mut raw, &a).await;
+    assert_eq!(checkpoint, feed, "the catch-up completed and recorded its checkpoint");
+    a.shutdown().await.unwrap();
+}

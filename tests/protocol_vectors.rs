@@ -918,7 +918,7 @@ fn invalid_vectors() -> Vec<(&'static str, Vec<u8>, Reject)> {
         ),
         ("unknown_message_tag.bin", frame(&[0x0b]), Reject::Decode),
         (
-            "part_bad_bool.bin",
+            "feed_page_bad_bool.bin",
             frame(&[0x07, 0x01, 0x00, 0x00, 0x02]),
             Reject::Decode,
         ),

@@ -109,6 +109,20 @@ fn hello_with_features() -> Step {
     send(&msg, "Hello 1.4 announcing feed, parts and awareness")
 }
 
+/// A feed-announcing peer answers the target's FeedRequest with `pages`, which break §9.5: the
+/// target refuses the stream with `ProtocolViolation`.
+fn feed_violation(name: &str, description: &str, pages: Vec<(Message, &str)>) -> Transcript {
+    let mut steps = vec![
+        Step::Open { may_fail: false },
+        hello_with_features(),
+        expect("Hello"),
+        expect("FeedRequest"),
+    ];
+    steps.extend(pages.iter().map(|(page, note)| send(page, note)));
+    steps.extend([expect_code("Refuse", "ProtocolViolation"), expect("End")]);
+    transcript(name, description, Identity::TrustedLow, steps)
+}
+
 /// A peer announcing `major.minor` gets the target's Hello, then `UnsupportedVersion`.
 fn refused_version(major: u16, minor: u16, description: &str) -> Transcript {
     transcript(
@@ -329,6 +343,78 @@ fn transcripts() -> Vec<Transcript> {
                 },
             ),
         ),
+        featured(
+            "parts",
+            transcript(
+                "part_invalid_doc_name",
+                "An Update in two Parts for the invalid document name \"\" (§9.6): not a stream error; once whole it is answered with DocError { InvalidDocName } and the stream goes on (a SyncStep1 is still answered). Skipped against a target without `parts`.",
+                Identity::TrustedLow,
+                {
+                    let update = map_update(6, "m", "k", "never stored");
+                    let half = update.len() / 2;
+                    let part = |data: &[u8]| Message::Part {
+                        doc: String::new(),
+                        kind: 4,
+                        total: update.len() as u64,
+                        data: data.to_vec(),
+                    };
+                    vec![
+                        Step::Open { may_fail: false },
+                        hello_with_features(),
+                        expect("Hello"),
+                        send(&part(&update[..half]), "Part 1 of 2 of an Update of the document \"\""),
+                        send(&part(&update[half..]), "Part 2 of 2"),
+                        expect_code("DocError", "InvalidDocName"),
+                        send(&step1("conformance/after-parts"), "SyncStep1 conformance/after-parts"),
+                        expect_doc("SyncStep2", "conformance/after-parts", None),
+                        Step::Close,
+                    ]
+                },
+            ),
+        ),
+        featured(
+            "feed",
+            feed_violation(
+                "feed_page_after_last",
+                "A FeedPage after the last page of its answer (§9.5, §10): the target refuses with ProtocolViolation. Skipped against a target without `feed`.",
+                vec![
+                    (Message::FeedPage { epoch: 1, head: 0, docs: vec![], last: true }, "FeedPage: nothing changed here (epoch 1, head 0, last)"),
+                    (Message::FeedPage { epoch: 1, head: 0, docs: vec![], last: true }, "FeedPage again, after the last one"),
+                ],
+            ),
+        ),
+        featured(
+            "feed",
+            feed_violation(
+                "feed_page_other_head",
+                "Pages of one answer with different heads (§9.5, §10): the target refuses with ProtocolViolation. Skipped against a target without `feed`.",
+                vec![
+                    (Message::FeedPage { epoch: 1, head: 7, docs: vec!["conformance/listed".into()], last: false }, "FeedPage 1: epoch 1, head 7, one name, not last"),
+                    (Message::FeedPage { epoch: 1, head: 8, docs: vec![], last: true }, "FeedPage 2: head 8, not the answer's head"),
+                ],
+            ),
+        ),
+        featured(
+            "feed",
+            feed_violation(
+                "feed_page_epoch_0",
+                "A FeedPage with epoch 0 (§9.5, §10): the target refuses with ProtocolViolation. Skipped against a target without `feed`.",
+                vec![(Message::FeedPage { epoch: 0, head: 0, docs: vec![], last: true }, "FeedPage with epoch 0")],
+            ),
+        ),
+        transcript(
+            "feature_not_in_use",
+            "A FeedRequest from a peer whose Hello announced no feature (§6.1): the feature is not in use, so the target refuses with ProtocolViolation, whatever it announced itself.",
+            Identity::TrustedLow,
+            vec![
+                Step::Open { may_fail: false },
+                send(&hello(1, 4), "Hello 1.4, no features"),
+                expect("Hello"),
+                send(&Message::FeedRequest { epoch: 0, after: 0 }, "FeedRequest without the feature in use"),
+                expect_code("Refuse", "ProtocolViolation"),
+                expect("End"),
+            ],
+        ),
     ]
 }
 
@@ -384,7 +470,7 @@ async fn transcripts_replay_against_the_agent() {
     )
     .await;
     assert!(report.passed(), "\n{}", report.table());
-    assert_eq!(report.outcomes.len(), 12);
+    assert_eq!(report.outcomes.len(), conformance::builtin().len());
     // The agent announces every optional feature: nothing may be skipped.
     assert!(
         report
@@ -430,7 +516,7 @@ fn the_conformance_command_passes_against_an_agent() {
     let out = run(&target);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert!(
-        stdout(&out).contains("12 of 12 passed: conforms"),
+        stdout(&out).contains("17 of 17 passed: conforms"),
         "{}",
         stdout(&out)
     );

@@ -15,7 +15,6 @@
 mod peer;
 
 use std::path::Path;
-use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
@@ -105,6 +104,11 @@ pub fn builtin() -> Vec<Transcript> {
         include_str!("../../protocol/vectors/sessions/second_hello.json"),
         include_str!("../../protocol/vectors/sessions/feature_feed.json"),
         include_str!("../../protocol/vectors/sessions/feature_parts.json"),
+        include_str!("../../protocol/vectors/sessions/part_invalid_doc_name.json"),
+        include_str!("../../protocol/vectors/sessions/feed_page_after_last.json"),
+        include_str!("../../protocol/vectors/sessions/feed_page_other_head.json"),
+        include_str!("../../protocol/vectors/sessions/feed_page_epoch_0.json"),
+        include_str!("../../protocol/vectors/sessions/feature_not_in_use.json"),
     ]
     .iter()
     .filter_map(|text| match serde_json::from_str(text) {
@@ -466,6 +470,3 @@ fn decode_hex(hex: &str) -> Result<Vec<u8>, String> {
 pub fn to_hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
-
-/// How long a whole run may take per transcript (for callers that bound it).
-pub const TRANSCRIPT_TIMEOUT: Duration = Duration::from_secs(60);

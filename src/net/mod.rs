@@ -31,6 +31,7 @@ use crate::sync::session::{self, SessionCtx, SessionError};
 use crate::sync::SYNC_PROTOCOL;
 
 pub mod lookup;
+pub mod muxer;
 pub mod reach;
 pub mod relay;
 pub mod swarm;

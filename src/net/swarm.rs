@@ -1,9 +1,9 @@
 //! The libp2p swarm: transports (TCP and QUIC, plus circuits through a relay) and the composed
 //! network behaviour.
 //!
-//! - TCP (nodelay) + Noise + Yamux, with a short handshake timeout; QUIC (TLS 1.3 built in) beside
-//!   it. Both reuse their listening port when dialing, so the address a NAT shows for outgoing
-//!   connections is the one a hole punch needs.
+//! - TCP (nodelay) + Noise + Yamux (stream windows bounded by [`super::muxer`]), with a short
+//!   handshake timeout; QUIC (TLS 1.3 built in) beside it. Both reuse their listening port when
+//!   dialing, so the address a NAT shows for outgoing connections is the one a hole punch needs.
 //! - `/p2p-circuit`: connections relayed by the user's always-on device (circuit relay v2).
 //! - Behaviours: connection limits; raw protocol streams (sync, pairing, handoff); identify (each
 //!   side learns its address as the other sees it); the relay client; DCUtR (hole punching over a
@@ -15,9 +15,10 @@ use std::time::Duration;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
-    autonat, connection_limits, dcutr, identify, identity::Keypair, noise, relay, tcp, yamux, Swarm,
+    autonat, connection_limits, dcutr, identify, identity::Keypair, noise, relay, tcp, Swarm,
 };
 
+use super::muxer::Yamux;
 use super::relay::RelayAccess;
 use super::NetError;
 
@@ -85,12 +86,12 @@ pub fn build_swarm_with(
                 tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
                     .upgrade(libp2p::core::upgrade::Version::V1)
                     .authenticate(noise)
-                    .multiplex(yamux::Config::default())
+                    .multiplex(Yamux::default())
                     .timeout(HANDSHAKE_TIMEOUT),
             )
         })
         .map_err(|e| transport_error(&e))?
-        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .with_relay_client(noise::Config::new, Yamux::default)
         .map_err(|e| transport_error(&e))?
         .with_behaviour(|key, relay_client| {
             let local = key.public().to_peer_id();

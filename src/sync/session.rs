@@ -307,7 +307,9 @@ struct Pull {
     epoch: u64,
     head: u64,
     /// Names listed by the peer, not yet asked for.
-    queue: VecDeque<String>,
+    queue: VecDeque<Arc<str>>,
+    /// Every name listed in this answer (a repeated name is asked for once).
+    seen: HashSet<Arc<str>>,
     /// Asked for (`SyncStep1` sent), answer not yet applied.
     asked: HashSet<String>,
     listed: usize,
@@ -324,7 +326,12 @@ struct Pull {
 
 struct Reassembly {
     total: u64,
+    /// Bytes received so far.
+    received: u64,
+    /// The pieces, unless the document name is invalid (then they are counted, not kept).
     data: Vec<u8>,
+    /// The document name breaks §12: answered with `DocError` once whole.
+    invalid_name: Option<DocError>,
     last_piece: tokio::time::Instant,
 }
 
@@ -607,20 +614,38 @@ impl<'a> Reader<'a> {
         last: bool,
     ) -> Result<(), SessionError> {
         let pull = &mut self.pull;
+        let violation = |message: String| SessionError::RefusedPeer {
+            code: RefuseCode::ProtocolViolation,
+            message,
+        };
         if pull.listed_all || docs.len() > FEED_PAGE_LEN || pull.listed + docs.len() > MAX_LISTED {
-            return Err(SessionError::RefusedPeer {
-                code: RefuseCode::ProtocolViolation,
-                message: format!(
-                    "FeedPage after the last one, over {FEED_PAGE_LEN} names, or over {MAX_LISTED} in all"
-                ),
-            });
+            return Err(violation(format!(
+                "FeedPage after the last one, over {FEED_PAGE_LEN} names, or over {MAX_LISTED} in all"
+            )));
+        }
+        if epoch == 0 {
+            return Err(violation("FeedPage with epoch 0".into()));
+        }
+        // Every page of one answer carries the same epoch and head (the first page's).
+        if pull.epoch != 0 && (epoch, head) != (pull.epoch, pull.head) {
+            return Err(violation(format!(
+                "FeedPage of epoch {epoch} head {head} in an answer of epoch {} head {}",
+                pull.epoch, pull.head
+            )));
         }
         pull.epoch = epoch;
         pull.head = head;
         pull.listed += docs.len();
         pull.listed_all = last;
         for doc in docs {
-            if self.ctx.registry.is_deleted(&doc) {
+            if let Err(e) = crate::docs::validate_name(&doc) {
+                // No device can hold such a document (§12): nothing to pull.
+                tracing::warn!(peer = %self.peer, "the peer listed an invalid document name: {e}");
+                pull.done += 1;
+                continue;
+            }
+            let doc: Arc<str> = doc.into();
+            if !pull.seen.insert(doc.clone()) || self.ctx.registry.is_deleted(&doc) {
                 pull.done += 1;
             } else {
                 pull.queue.push_back(doc);
@@ -639,8 +664,11 @@ impl<'a> Reader<'a> {
             };
             match self.ctx.registry.state_vector_of(&doc) {
                 Ok(state_vector) => {
-                    self.pull.asked.insert(doc.clone());
-                    self.send(Message::SyncStep1 { doc, state_vector });
+                    self.pull.asked.insert(doc.to_string());
+                    self.send(Message::SyncStep1 {
+                        doc: doc.to_string(),
+                        state_vector,
+                    });
                 }
                 Err(e) => {
                     self.pull.failed = true;
@@ -703,23 +731,34 @@ impl<'a> Reader<'a> {
         }
         let entry = self.parts.entry(key.clone()).or_insert_with(|| Reassembly {
             total,
+            received: 0,
             data: Vec::new(),
+            invalid_name: crate::docs::validate_name(&key.0).err(),
             last_piece: tokio::time::Instant::now(),
         });
-        if entry.total != total || entry.data.len() as u64 + data.len() as u64 > total {
+        if entry.total != total || entry.received + data.len() as u64 > total {
             return Err(violation(format!(
                 "Part of {:?} overruns its announced {total} bytes",
                 key.0
             )));
         }
-        entry.data.extend_from_slice(&data);
+        entry.received += data.len() as u64;
+        if entry.invalid_name.is_none() {
+            entry.data.extend_from_slice(&data);
+        }
         entry.last_piece = tokio::time::Instant::now();
-        if (entry.data.len() as u64) < total {
+        if entry.received < total {
             return Ok(None);
         }
         let Some(whole) = self.parts.remove(&key) else {
             return Ok(None);
         };
+        if let Some(e) = whole.invalid_name {
+            self.pull.failed = true;
+            self.ctx.peers.doc_failed(self.peer, &key.0, &e.to_string());
+            self.doc_error(key.0, e);
+            return Ok(None);
+        }
         let (doc, update) = (key.0, whole.data);
         Ok(Some(match kind {
             3 => Message::SyncStep2 { doc, update },
@@ -741,7 +780,7 @@ impl<'a> Reader<'a> {
                 self.pull.failed = true;
                 let reason = format!(
                     "a transfer in parts stalled at {} of {} bytes for {PART_STALL:?}; dropped",
-                    r.data.len(),
+                    r.received,
                     r.total
                 );
                 tracing::warn!(peer = %self.peer, doc = key.0, "{reason}");

@@ -33,7 +33,11 @@ fn setup() -> Option<String> {
     if Command::new("node").arg("--version").output().is_err() {
         return Some("node is not installed".to_string());
     }
-    if node_dir().join("node_modules/y-websocket-3").exists() {
+    let installed = ["y-websocket-3", "@chainsafe/libp2p-yamux"];
+    if installed
+        .iter()
+        .all(|package| node_dir().join("node_modules").join(package).exists())
+    {
         return None;
     }
     let installed = Command::new("npm")
