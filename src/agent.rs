@@ -799,16 +799,18 @@ impl AgentHandle {
     }
 }
 
-/// Saves the manifest once a second when something changed (see [`store::manifest`]).
+/// Saves the manifest a second after documents change (one save per burst), and checks the
+/// trusted devices at least every 30 s (see [`store::manifest`]); idle, it sleeps.
 async fn save_manifest(
     registry: Arc<DocRegistry>,
     trust: TrustStore,
     manifest: Arc<store::Manifest>,
 ) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        manifest
+            .changed_or_after(std::time::Duration::from_secs(30))
+            .await;
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         let Ok(store) = registry.store() else { return };
         let (manifest, trust) = (manifest.clone(), trust.clone());
         let saved = tokio::task::spawn_blocking(move || manifest.save(&store, &trust)).await;

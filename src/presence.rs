@@ -88,6 +88,8 @@ pub struct PresenceHub {
     docs: Mutex<HashMap<Arc<str>, HashMap<u64, Entry>>>,
     events: broadcast::Sender<PresenceEvent>,
     next_local: AtomicU64,
+    /// Signalled when an entry is stored, so expiry sleeps while nobody is present.
+    stored: tokio::sync::Notify,
 }
 
 impl Default for PresenceHub {
@@ -96,6 +98,7 @@ impl Default for PresenceHub {
             docs: Mutex::new(HashMap::new()),
             events: broadcast::channel(EVENT_CAPACITY).0,
             next_local: AtomicU64::new(1),
+            stored: tokio::sync::Notify::new(),
         }
     }
 }
@@ -181,6 +184,7 @@ impl PresenceHub {
         };
         let count = changed.len();
         if count > 0 {
+            self.stored.notify_one();
             self.emit(name, changed, source, true);
         }
         Ok(count)
@@ -271,14 +275,18 @@ impl PresenceHub {
         });
     }
 
-    /// Runs [`PresenceHub::expire`] every few seconds, until the hub is dropped.
+    /// Runs [`PresenceHub::expire`] every few seconds while anyone is present, until the hub
+    /// is dropped; with nobody present it sleeps until someone is (checking for the drop
+    /// every minute).
     pub async fn expire_forever(hub: std::sync::Weak<PresenceHub>) {
-        let mut tick = tokio::time::interval(OUTDATED / 10);
         loop {
-            tick.tick().await;
-            match hub.upgrade() {
-                Some(hub) => hub.expire(),
-                None => return,
+            let Some(strong) = hub.upgrade() else { return };
+            if lock(&strong.docs).is_empty() {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(60), strong.stored.notified()).await;
+            } else {
+                tokio::time::sleep(OUTDATED / 10).await;
+                strong.expire();
             }
         }
     }

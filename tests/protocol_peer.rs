@@ -761,7 +761,8 @@ async fn a_stock_js_libp2p_peer_sends_large_updates() {
     let da = tempfile::tempdir().unwrap();
     let a = start(da.path(), "a").await;
     let keypair = libp2p::identity::Keypair::generate_ed25519();
-    a.trust_add(keypair.public().to_peer_id(), "js-libp2p").unwrap();
+    a.trust_add(keypair.public().to_peer_id(), "js-libp2p")
+        .unwrap();
 
     // Incompressible text, so every byte crosses the wire.
     let mut rng = Rng::seeded("a_stock_js_libp2p_peer_sends_large_updates");
@@ -875,11 +876,18 @@ async fn repeated_and_invalid_names_in_a_listing_lose_nothing() {
             send(&mut transport, &Message::SyncStep2 { doc, update }).await;
         }
     }
-    assert_eq!(asked, vec!["twice".to_string()], "asked once, invalid names never");
+    assert_eq!(
+        asked,
+        vec!["twice".to_string()],
+        "asked once, invalid names never"
+    );
     assert_eq!(a.open_doc("twice").unwrap().to_json()["m"]["from"], "raw");
     drop(transport);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (_transport, checkpoint) = feature_session(&mut raw, &a).await;
-    assert_eq!(checkpoint, feed, "the catch-up completed and recorded its checkpoint");
+    assert_eq!(
+        checkpoint, feed,
+        "the catch-up completed and recorded its checkpoint"
+    );
     a.shutdown().await.unwrap();
 }

@@ -44,6 +44,8 @@ pub struct BenchConfig {
     pub large_doc_mb: usize,
     /// Run the automerge-repo comparison (needs node and bench/automerge).
     pub automerge_dir: Option<PathBuf>,
+    /// How long an idle agent with a linked peer is watched for wake-ups, in seconds.
+    pub idle_secs: u64,
 }
 
 impl BenchConfig {
@@ -58,6 +60,7 @@ impl BenchConfig {
             docs: 1_000,
             large_doc_mb: 8,
             automerge_dir: None,
+            idle_secs: 5,
         }
     }
 }
@@ -73,6 +76,7 @@ impl Default for BenchConfig {
             docs: 10_000,
             large_doc_mb: 100,
             automerge_dir: None,
+            idle_secs: 20,
         }
     }
 }
@@ -271,6 +275,69 @@ fn proc_usage(pid: u32) -> (u64, u64) {
     (ticks, rss)
 }
 
+/// Context switches per second of an idle process, over `window`.
+struct Wakeups {
+    total: f64,
+    /// Of those, sled's worker threads (`sled-io-*`), which wait with a 1 s timeout.
+    sled: f64,
+    /// Per thread name (threads of one name summed).
+    by_thread: Value,
+}
+
+/// Voluntary and involuntary context switches of each thread of `pid`, by thread id.
+fn switches(pid: u32) -> std::collections::BTreeMap<u32, (String, u64)> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let count = status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        out.insert(tid, (name.trim().to_string(), count));
+    }
+    out
+}
+
+async fn idle_wakeups(pid: u32, window: Duration) -> Wakeups {
+    let before = switches(pid);
+    tokio::time::sleep(window).await;
+    let after = switches(pid);
+    let secs = window.as_secs_f64().max(1e-3);
+    let mut by_name: std::collections::BTreeMap<String, u64> = Default::default();
+    for (tid, (name, count)) in &after {
+        let start = before.get(tid).map_or(0, |(_, c)| *c);
+        *by_name.entry(name.clone()).or_default() += count.saturating_sub(start);
+    }
+    let per_sec = |n: u64| (n as f64 / secs * 10.0).round() / 10.0;
+    let total = by_name.values().sum();
+    let sled = by_name
+        .iter()
+        .filter(|(name, _)| name.starts_with("sled-io"))
+        .map(|(_, n)| n)
+        .sum();
+    Wakeups {
+        total: per_sec(total),
+        sled: per_sec(sled),
+        by_thread: by_name
+            .into_iter()
+            .map(|(name, n)| (name, json!(per_sec(n))))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -335,6 +402,8 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     let ticks_per_sec = 100.0;
     let idle_cpu =
         ((t1a - t0a).max(t1b - t0b)) as f64 / ticks_per_sec / idle_window.as_secs_f64() * 100.0;
+    // Wake-ups of an idle agent with a linked peer: context switches of all its threads.
+    let idle_wakeups = idle_wakeups(a.pid(), Duration::from_secs(config.idle_secs)).await;
 
     // Latency: write on A through IPC, event seen on B through IPC.
     let mut events = cb
@@ -436,6 +505,9 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         "agent_rss_load_mb": (rss_load as f64 / 1024.0 * 10.0).round() / 10.0,
         "agent_rss_10mb_doc_mb": (rss_big as f64 / 1024.0 * 10.0).round() / 10.0,
         "agent_idle_cpu_percent": (idle_cpu * 100.0).round() / 100.0,
+        "idle_wakeups_per_sec": idle_wakeups.total,
+        "idle_wakeups_per_sec_sled_threads": idle_wakeups.sled,
+        "idle_wakeups_per_sec_by_thread": idle_wakeups.by_thread,
     });
     let yjs = match &config.yjs_dir {
         Some(dir) => run_yjs(dir, config),

@@ -90,8 +90,15 @@ pub(crate) enum NetCommand {
     Shutdown(oneshot::Sender<()>),
 }
 
-/// How often the loop redials, expires pairing codes and drops lingering untrusted connections.
+/// How often the loop redials, expires pairing codes and drops lingering untrusted connections
+/// while any of that is pending ([`Network::pending`]).
 const TICK: Duration = Duration::from_millis(100);
+/// How often it looks when nothing is pending (every linked device connected and syncing, no
+/// code open, no stranger connected): an idle agent sleeps. Any event wakes it sooner.
+const IDLE_TICK: Duration = Duration::from_secs(30);
+/// After start, the loop ticks for this long whatever else: listeners, observed addresses,
+/// reservations and reachability settle.
+const SETTLING: Duration = Duration::from_secs(10);
 
 /// How long an untrusted device may stay connected (to pair) when no pairing is open here.
 const UNTRUSTED_GRACE: Duration = Duration::from_secs(5);
@@ -471,9 +478,10 @@ impl Network {
         };
         let (discovered_tx, mut discovered) = mpsc::unbounded_channel();
         self.start_discovery(discovered_tx);
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let tick = tokio::time::sleep(TICK);
+        tokio::pin!(tick);
         let done = loop {
+            let mut ticked = false;
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
                 Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream),
@@ -513,7 +521,8 @@ impl Network {
                     Some(NetCommand::Shutdown(done)) => break Some(done),
                     None => break None,
                 },
-                _ = tick.tick() => {
+                _ = &mut tick => {
+                    ticked = true;
                     if self.neighborhood.host.expire() {
                         self.advertise();
                         self.enforce_trust();
@@ -538,6 +547,15 @@ impl Network {
                         }
                     }
                 }
+            }
+            // After an event, look again soon (it may have left work: a dial, a session to
+            // reopen); after a tick, sleep long unless something is still pending.
+            let now = tokio::time::Instant::now();
+            if ticked {
+                let next = if self.pending() { TICK } else { IDLE_TICK };
+                tick.as_mut().reset(now + next);
+            } else if tick.deadline() > now + TICK {
+                tick.as_mut().reset(now + TICK);
             }
         };
         self.sessions.shutdown().await;
@@ -1324,6 +1342,28 @@ impl Network {
         }
         self.backoffs.clear();
         self.maintain_connections();
+    }
+
+    /// Whether the loop has work due within a tick or two: a code open, strangers connected, a
+    /// linked device or `--peer` address not connected (redial, or a pause that ends), a sync
+    /// session to reopen, a reservation or hole punch to retry, or the agent just started.
+    fn pending(&self) -> bool {
+        let local = *self.swarm.local_peer_id();
+        self.started.elapsed() < SETTLING
+            || self.neighborhood.pairing_window()
+            || !self.untrusted.is_empty()
+            || self.reservations.pending(local)
+            || self.reach.punches_pending()
+            || self
+                .static_peers
+                .iter()
+                .any(|s| !s.peer.is_some_and(|p| self.swarm.is_connected(&p)))
+            || self.session_of.iter().any(|(peer, session)| {
+                local < *peer && session.is_finished() && self.swarm.is_connected(peer)
+            })
+            || self.trusted().into_iter().any(|(peer, addrs)| {
+                peer != local && !addrs.is_empty() && !self.swarm.is_connected(&peer)
+            })
     }
 
     fn drop_untrusted_after_grace(&mut self) {

@@ -195,7 +195,10 @@ mod tests {
         // yamux grows a stream's window up to what the connection's total leaves once every
         // stream has its initial window: 1 MiB at most.
         let total = MAX_STREAMS * INITIAL_WINDOW + (MAX_FRAME_BODY - INITIAL_WINDOW);
-        assert_eq!(total - MAX_STREAMS * INITIAL_WINDOW + INITIAL_WINDOW, MAX_FRAME_BODY);
+        assert_eq!(
+            total - MAX_STREAMS * INITIAL_WINDOW + INITIAL_WINDOW,
+            MAX_FRAME_BODY
+        );
         // The configuration is accepted (yamux asserts the total covers the initial windows).
         let _ = Yamux::default();
     }

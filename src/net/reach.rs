@@ -178,6 +178,15 @@ impl Reach {
 
     /// Peers still only relayed whose last punch failed a while ago and may be tried again
     /// (by closing the relayed connections: the redial makes a new one, which punches).
+    /// Whether a failed hole punch will be retried.
+    pub fn punches_pending(&self) -> bool {
+        self.punches.iter().any(|(peer, p)| {
+            p.error.is_some()
+                && p.failures <= PUNCH_RETRIES
+                && self.best(peer) == Some(LinkKind::Relayed)
+        })
+    }
+
     pub fn punch_retries_due(&self) -> Vec<(PeerId, Vec<ConnectionId>)> {
         self.punches
             .iter()

@@ -4,8 +4,9 @@
 //! truncates its log at the first bad checksum) or empty, and would otherwise be served as if
 //! nothing happened; comparing it with the manifest at start names what was lost.
 //!
-//! The manifest is written from memory at most once a second (and at shutdown), after a flush of
-//! the database, so it never claims a change the disk does not hold: a crash just before a write
+//! The manifest is written from memory a second after documents change (trust changes are
+//! compared at each save and at least every 30 s; nothing wakes an idle agent sooner) and at
+//! shutdown, after a flush of the database, so it never claims a change the disk does not hold: a crash just before a write
 //! leaves an older manifest, which only under-reports. It is written atomically (temp file,
 //! fsync, rename).
 
@@ -13,6 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +38,8 @@ pub struct Manifest {
     path: PathBuf,
     state: Mutex<ManifestFile>,
     dirty: AtomicBool,
+    /// Signalled on every document change, so the saver sleeps while nothing changes.
+    changes: tokio::sync::Notify,
 }
 
 /// What the start-up check found: the store holds less than it had acknowledged.
@@ -75,6 +79,7 @@ impl Manifest {
             path: data_dir.join(FILE_NAME),
             state: Mutex::new(state),
             dirty: AtomicBool::new(true),
+            changes: tokio::sync::Notify::new(),
         })
     }
 
@@ -93,12 +98,19 @@ impl Manifest {
             }
         }
         self.dirty.store(true, Ordering::SeqCst);
+        self.changes.notify_one();
     }
 
     /// A document was purged (deleted on purpose).
     pub(crate) fn removed(&self, name: &str) {
         self.lock().docs.remove(name);
         self.dirty.store(true, Ordering::SeqCst);
+        self.changes.notify_one();
+    }
+
+    /// Returns once a document changed since the last call, or after `at_most`.
+    pub async fn changed_or_after(&self, at_most: Duration) {
+        let _ = tokio::time::timeout(at_most, self.changes.notified()).await;
     }
 
     /// Writes the manifest if anything changed: flushes `store` first, so the file never claims

@@ -56,6 +56,9 @@ const MAX_REASSEMBLIES: usize = 4;
 const PART_STALL: Duration = Duration::from_secs(60);
 /// How often the sender tells the peer how far of its feed has been sent (feature `feed`).
 const MARK_EVERY: Duration = Duration::from_millis(250);
+/// How many times a mark is checked after the last change went by (the change may take a
+/// moment to become durable).
+const MARK_CHECKS: u32 = 4;
 /// The empty Yjs update (no structs, empty delete set).
 const EMPTY_UPDATE: [u8; 2] = [0, 0];
 
@@ -393,7 +396,7 @@ impl<'a> Reader<'a> {
                 _ = self.budget.wait_for_room(), if !self.deferred.is_empty() => {
                     self.answer_deferred();
                 }
-                _ = tick.tick() => self.expire_parts(),
+                _ = tick.tick(), if !self.parts.is_empty() => self.expire_parts(),
             }
         }
     }
@@ -780,8 +783,7 @@ impl<'a> Reader<'a> {
                 self.pull.failed = true;
                 let reason = format!(
                     "a transfer in parts stalled at {} of {} bytes for {PART_STALL:?}; dropped",
-                    r.received,
-                    r.total
+                    r.received, r.total
                 );
                 tracing::warn!(peer = %self.peer, doc = key.0, "{reason}");
                 self.ctx.peers.doc_failed(self.peer, &key.0, &reason);
@@ -949,7 +951,12 @@ impl Writer {
         marks: Option<FeedMarks>,
         mut presence: Option<broadcast::Receiver<PresenceEvent>>,
     ) -> Result<(), SessionError> {
-        let mut mark_tick = tokio::time::interval(MARK_EVERY);
+        // A mark is checked MARK_EVERY after a change went by on the bus (every change the feed
+        // numbers is published there first), and a few times more while it is not durable yet;
+        // with nothing changing, no timer runs.
+        let mark_timer = tokio::time::sleep(MARK_EVERY);
+        tokio::pin!(mark_timer);
+        let mut mark_checks = 0_u32;
         let mut marked = 0;
         // Marks start once the last `FeedPage` answering the peer's `FeedRequest` went out:
         // changes up to its head are listed there, not sent as `Update`, and a mark may only
@@ -1002,6 +1009,12 @@ impl Writer {
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     };
                     self.push_live(first, &mut bus).await?;
+                    if marks.is_some() {
+                        if mark_checks == 0 {
+                            mark_timer.as_mut().reset(tokio::time::Instant::now() + MARK_EVERY);
+                        }
+                        mark_checks = MARK_CHECKS;
+                    }
                 }
                 event = recv_presence(&mut presence), if presence.is_some() => {
                     // Presence is ephemeral: a missed change is renewed within 15 s.
@@ -1032,8 +1045,12 @@ impl Writer {
                         }
                     }
                 }
-                _ = mark_tick.tick(), if marks.is_some() && paged && self.bulk.is_empty() => {
+                _ = &mut mark_timer, if mark_checks > 0 && paged && self.bulk.is_empty() => {
                     let Some(marks) = &marks else { continue };
+                    mark_checks -= 1;
+                    if mark_checks > 0 {
+                        mark_timer.as_mut().reset(tokio::time::Instant::now() + MARK_EVERY);
+                    }
                     // Every change numbered up to `head` was published before it was numbered:
                     // once the bus is drained, all of them have gone out (or came from the peer).
                     let head = marks.writer.durable_head();
@@ -1048,7 +1065,9 @@ impl Writer {
                         }
                     }
                     if !self.bulk.is_empty() {
-                        continue; // a large update still in parts: mark once it is out
+                        // A large update still in parts: mark once it is out.
+                        mark_checks = mark_checks.max(1);
+                        continue;
                     }
                     self.feed(&Message::FeedMark { epoch: marks.epoch, head }).await?;
                     self.sink.flush().await?;
