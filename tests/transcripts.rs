@@ -109,6 +109,27 @@ fn hello_with_features() -> Step {
     send(&msg, "Hello 1.4 announcing feed, parts and awareness")
 }
 
+/// Opens a stream announcing every feature and sends `update` of `doc` as two `Part`s
+/// (`what` names it in the notes), then `then`.
+fn in_two_parts(doc: &str, update: &[u8], what: &str, then: Vec<Step>) -> Vec<Step> {
+    let half = update.len() / 2;
+    let part = |data: &[u8]| Message::Part {
+        doc: doc.into(),
+        kind: 4,
+        total: update.len() as u64,
+        data: data.to_vec(),
+    };
+    let mut steps = vec![
+        Step::Open { may_fail: false },
+        hello_with_features(),
+        expect("Hello"),
+        send(&part(&update[..half]), &format!("Part 1 of 2 of {what}")),
+        send(&part(&update[half..]), "Part 2 of 2"),
+    ];
+    steps.extend(then);
+    steps
+}
+
 /// A feed-announcing peer answers the target's FeedRequest with `pages`, which break §9.5: the
 /// target refuses the stream with `ProtocolViolation`.
 fn feed_violation(name: &str, description: &str, pages: Vec<(Message, &str)>) -> Transcript {
@@ -321,26 +342,16 @@ fn transcripts() -> Vec<Transcript> {
                 "feature_parts",
                 "Both Hellos announce `parts`: an Update sent as two Parts is reassembled and applied (a SyncStep1 then gets it back). Skipped against a target without `parts`.",
                 Identity::TrustedLow,
-                {
-                    let update = map_update(5, "m", "sent", "in two parts");
-                    let half = update.len() / 2;
-                    let part = |data: &[u8]| Message::Part {
-                        doc: "conformance/parts".into(),
-                        kind: 4,
-                        total: update.len() as u64,
-                        data: data.to_vec(),
-                    };
+                in_two_parts(
+                    "conformance/parts",
+                    &map_update(5, "m", "sent", "in two parts"),
+                    "an Update of conformance/parts (client 5)",
                     vec![
-                        Step::Open { may_fail: false },
-                        hello_with_features(),
-                        expect("Hello"),
-                        send(&part(&update[..half]), "Part 1 of 2 of an Update of conformance/parts (client 5)"),
-                        send(&part(&update[half..]), "Part 2 of 2"),
                         send(&step1("conformance/parts"), "SyncStep1 conformance/parts"),
                         expect_doc("SyncStep2", "conformance/parts", Some(json!({"m": {"sent": "in two parts"}}))),
                         Step::Close,
-                    ]
-                },
+                    ],
+                ),
             ),
         ),
         featured(
@@ -349,27 +360,17 @@ fn transcripts() -> Vec<Transcript> {
                 "part_invalid_doc_name",
                 "An Update in two Parts for the invalid document name \"\" (§9.6): not a stream error; once whole it is answered with DocError { InvalidDocName } and the stream goes on (a SyncStep1 is still answered). Skipped against a target without `parts`.",
                 Identity::TrustedLow,
-                {
-                    let update = map_update(6, "m", "k", "never stored");
-                    let half = update.len() / 2;
-                    let part = |data: &[u8]| Message::Part {
-                        doc: String::new(),
-                        kind: 4,
-                        total: update.len() as u64,
-                        data: data.to_vec(),
-                    };
+                in_two_parts(
+                    "",
+                    &map_update(6, "m", "k", "never stored"),
+                    "an Update of the document \"\"",
                     vec![
-                        Step::Open { may_fail: false },
-                        hello_with_features(),
-                        expect("Hello"),
-                        send(&part(&update[..half]), "Part 1 of 2 of an Update of the document \"\""),
-                        send(&part(&update[half..]), "Part 2 of 2"),
                         expect_code("DocError", "InvalidDocName"),
                         send(&step1("conformance/after-parts"), "SyncStep1 conformance/after-parts"),
                         expect_doc("SyncStep2", "conformance/after-parts", None),
                         Step::Close,
-                    ]
-                },
+                    ],
+                ),
             ),
         ),
         featured(
