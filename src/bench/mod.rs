@@ -87,6 +87,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// An agent child process on 127.0.0.1, killed on drop.
 struct AgentProc {
     child: Child,
+    started: Instant,
     socket: PathBuf,
     addr: String,
     /// The y-websocket endpoint, `ws://127.0.0.1:PORT`.
@@ -122,6 +123,7 @@ impl AgentProc {
         for p in peers {
             cmd.args(["--peer", p]);
         }
+        let started = Instant::now();
         let mut child = cmd.spawn().map_err(|e| BenchError::Spawn(e.to_string()))?;
         let stdout = child
             .stdout
@@ -145,6 +147,7 @@ impl AgentProc {
         }
         Ok(Self {
             child,
+            started,
             socket,
             addr,
             ws,
@@ -402,7 +405,10 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     let ticks_per_sec = 100.0;
     let idle_cpu =
         ((t1a - t0a).max(t1b - t0b)) as f64 / ticks_per_sec / idle_window.as_secs_f64() * 100.0;
-    // Wake-ups of an idle agent with a linked peer: context switches of all its threads.
+    // Wake-ups of an idle agent with a linked peer: context switches of all its threads, once
+    // its start-up has settled (the network looks after things more often for its first 10 s).
+    let settled = a.started + Duration::from_secs(12);
+    tokio::time::sleep(settled.saturating_duration_since(Instant::now())).await;
     let idle_wakeups = idle_wakeups(a.pid(), Duration::from_secs(config.idle_secs)).await;
 
     // Latency: write on A through IPC, event seen on B through IPC.

@@ -478,7 +478,8 @@ impl Network {
         };
         let (discovered_tx, mut discovered) = mpsc::unbounded_channel();
         self.start_discovery(discovered_tx);
-        let tick = tokio::time::sleep(TICK);
+        // The first tick at once: linked devices are dialed as soon as the agent starts.
+        let tick = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(tick);
         let done = loop {
             let mut ticked = false;
