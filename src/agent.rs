@@ -1,23 +1,24 @@
 //! The agent: wires identity, store, documents and network together and exposes them through
 //! [`AgentHandle`], the API used by the CLI, the demo, the tests and the local IPC server.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use libp2p::{Multiaddr, PeerId};
-use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::apps::AppRegistry;
-use crate::discovery::{Announcement, DiscoveryConfig, InterfaceReport};
+use crate::diagnostics::Diagnostics;
+pub use crate::diagnostics::{AgentStatus, DoctorReport, StoreDamageStatus};
+use crate::discovery::DiscoveryConfig;
 use crate::docs::{DocError, DocHandle, DocRegistry};
+use crate::documents::Documents;
 use crate::identity::{self, IdentityError};
 use crate::net::{
     self, ConnectTarget, Neighborhood, NetCommand, NetError, Network, NetworkDeps, RedialPolicy,
 };
 use crate::presence::PresenceHub;
-use crate::status::{PeerStatus, PeerTable};
+use crate::status::PeerTable;
 use crate::store::writer::{self, CompactionPolicy};
 use crate::store::{self as store, AppStore, DocStore, StoreError, TrustStore, TrustedDevice};
 use crate::sync::session::SessionCtx;
@@ -102,6 +103,8 @@ pub enum AgentError {
     Net(#[from] NetError),
     #[error(transparent)]
     Devices(#[from] crate::devices::DevicesError),
+    #[error(transparent)]
+    Diagnostics(#[from] crate::diagnostics::DiagnosticsError),
     #[error("cannot start the store writer thread: {0}")]
     Thread(std::io::Error),
     #[error("the agent has stopped")]
@@ -112,47 +115,6 @@ pub enum AgentError {
     Config(String),
 }
 
-/// A damaged store as `status` shows it: what was lost, and whether linked devices sent it back.
-#[derive(Debug, Clone, Serialize)]
-pub struct StoreDamageStatus {
-    #[serde(flatten)]
-    pub report: store::StoreDamage,
-    /// Linked devices this device has caught up with since (they sent back what they have).
-    pub healed_from: Vec<String>,
-}
-
-/// The agent's view of itself and its peers.
-#[derive(Debug, Clone, Serialize)]
-pub struct AgentStatus {
-    pub device_id: String,
-    pub device_name: String,
-    pub listen_addrs: Vec<String>,
-    /// How many documents this device stores (`doc_list` lists them).
-    pub docs: usize,
-    /// Documents in memory now, and their estimated bytes against the budget.
-    pub docs_loaded: usize,
-    pub cache_bytes: usize,
-    pub cache_budget_bytes: usize,
-    /// Where the y-websocket endpoint listens (`None`: not serving; `ws_note` says why).
-    pub ws_endpoint: Option<String>,
-    /// Why there is no y-websocket endpoint, when there is none.
-    pub ws_note: Option<String>,
-    /// mDNS: "advertising and browsing", or why other devices cannot find this one nearby.
-    pub mdns: String,
-    /// Clients present (awareness states) over all documents, local and from other devices.
-    pub present: usize,
-    /// Your devices, then at most [`crate::status::MAX_STRANGERS`] recently seen devices that
-    /// are not (`trusted: false`).
-    pub peers: Vec<PeerStatus>,
-    /// How many of `peers` are not your devices.
-    pub others: usize,
-    /// Set when the store came up holding less than it had acknowledged (a damaged disk).
-    pub store_damage: Option<StoreDamageStatus>,
-    /// Whether devices on other networks can reach this one: public or behind a NAT, relay
-    /// reservations and the relayed addresses they give.
-    pub reach: net::reach::ReachReport,
-}
-
 struct Inner {
     device_id: PeerId,
     device_name: String,
@@ -160,20 +122,17 @@ struct Inner {
     registry: Arc<DocRegistry>,
     presence: Arc<PresenceHub>,
     apps: Arc<AppRegistry>,
-    ws_endpoint: RwLock<Option<std::net::SocketAddr>>,
-    ws_note: RwLock<Option<String>>,
     /// `None` once shut down, so the database can be reopened while handles remain.
     trust: Arc<RwLock<Option<TrustStore>>>,
     peers: Arc<PeerTable>,
     listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
     commands: mpsc::UnboundedSender<NetCommand>,
-    neighborhood: Arc<Neighborhood>,
     activities: crate::handoff::Activities,
     devices: crate::devices::Devices,
+    docs: Documents,
+    diagnostics: Diagnostics,
     failure: Arc<Failure>,
     manifest: Arc<store::Manifest>,
-    /// What the start-up check found missing from the store, if anything.
-    damage: Option<store::StoreDamage>,
     threads: Mutex<Option<Tasks>>,
 }
 
@@ -365,26 +324,39 @@ impl Agent {
             control.clone(),
             neighborhood.clone(),
         );
+        let docs = Documents::new(registry.clone());
+        let diagnostics = Diagnostics {
+            device_id,
+            device_name: config.device_name.clone(),
+            listen_addrs: listen_addrs.clone(),
+            trust: trust.clone(),
+            peers: peers.clone(),
+            registry: registry.clone(),
+            presence: presence.clone(),
+            apps: apps.clone(),
+            devices: devices.clone(),
+            neighborhood: neighborhood.clone(),
+            damage,
+            endpoint: Arc::default(),
+        };
         Ok(AgentHandle {
             inner: Arc::new(Inner {
+                docs,
                 device_id,
                 device_name: config.device_name,
                 data_dir: config.data_dir,
                 registry,
                 presence,
                 apps,
-                ws_endpoint: RwLock::new(None),
-                ws_note: RwLock::new(None),
                 trust,
                 peers,
                 listen_addrs,
                 commands,
-                neighborhood,
                 activities,
                 devices,
                 failure,
                 manifest,
-                damage,
+                diagnostics,
                 threads: Mutex::new(Some(Tasks {
                     net: net_task,
                     group: group_task,
@@ -418,93 +390,49 @@ impl AgentHandle {
             .clone()
     }
 
-    /// Opens (or creates) a document.
+    /// Documents: open, check, list, delete, flush (see [`Documents`]).
+    pub fn docs(&self) -> &Documents {
+        &self.inner.docs
+    }
+
+    /// Shorthand for `docs().open(name)`.
     pub fn open_doc(&self, name: &str) -> Result<DocHandle, AgentError> {
-        Ok(self.inner.registry.handle(name)?)
+        Ok(self.inner.docs.open(name)?)
     }
 
-    /// Whether this device has document `name` (stored, or open in memory), without creating it.
+    /// Shorthand for `docs().exists(name)`.
     pub fn doc_exists(&self, name: &str) -> Result<bool, AgentError> {
-        Ok(self.inner.registry.exists(name)? && !self.inner.registry.is_deleted(name))
+        Ok(self.inner.docs.exists(name)?)
     }
 
-    /// Names of the documents this device has (the agent's own `_devicelink/` documents aside).
+    /// Shorthand for `docs().list()`.
     pub fn list_docs(&self) -> Result<Vec<String>, AgentError> {
-        let mut docs = self.inner.registry.list()?;
-        docs.retain(|d| !d.starts_with(crate::group::RESERVED_PREFIX));
-        Ok(docs)
+        Ok(self.inner.docs.list()?)
     }
 
-    /// A page of documents with their metadata (size, last change, which device), names after
-    /// `after`, at most `limit`. Reads metadata only; nothing is loaded.
-    pub fn list_docs_meta(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, crate::store::DocMeta)>, AgentError> {
-        let mut page = self
-            .inner
-            .registry
-            .store()?
-            .list_meta(after, limit.saturating_add(8))?;
-        page.retain(|(name, _)| !name.starts_with(crate::group::RESERVED_PREFIX));
-        page.truncate(limit);
-        Ok(page)
-    }
-
-    /// Deletes a document on every device (see [`crate::lifecycle`]). Returns whether this device
-    /// had it; an unknown name is an error.
+    /// Shorthand for `docs().delete(name)`.
     pub async fn delete_doc(&self, name: &str) -> Result<bool, AgentError> {
-        if name.starts_with(crate::group::RESERVED_PREFIX) {
-            return Err(AgentError::Doc(DocError::Store(
-                StoreError::InvalidDocName {
-                    name: name.to_string(),
-                    reason: "reserved for the agent",
-                },
-            )));
-        }
-        Ok(crate::lifecycle::delete(&self.inner.registry, name).await?)
+        Ok(self.inner.docs.delete(name).await?)
     }
 
-    /// Adds a device to the trust store (lifting an earlier removal: the user asked for it); the
-    /// agent starts syncing with it when connected.
+    /// Shorthand for `devices().trust_add(device, name)`.
     pub fn trust_add(&self, device: PeerId, name: &str) -> Result<(), AgentError> {
-        let trust = self.trust()?;
-        trust.unrevoke(&device)?;
-        trust.add(device, TrustedDevice::new(name))?;
-        self.notify(NetCommand::TrustChanged)
+        Ok(self.inner.devices.trust_add(device, name)?)
     }
 
-    /// What `devicelink trust remove` does: a member of the device group is unpaired (on every
-    /// device; the group would otherwise trust it again), any other device is removed here.
-    /// Returns whether it was trusted or a member.
-    pub async fn forget(&self, device: &PeerId) -> Result<bool, AgentError> {
-        let group = self.open_doc(crate::group::GROUP_DOC)?;
-        let member = crate::group::members(&group)
-            .iter()
-            .any(|m| m.id == *device && !m.removed);
-        if member {
-            return Ok(self.inner.devices.unpair(device).await?);
-        }
-        self.trust_remove(device)
-    }
-
-    /// Removes a device from this device's trust store and disconnects it (this device only: a
-    /// member of the device group is trusted again from the group; see [`Self::forget`]).
+    /// Shorthand for `devices().trust_remove(device)`.
     pub fn trust_remove(&self, device: &PeerId) -> Result<bool, AgentError> {
-        let existed = self.trust()?.remove(device)?;
-        self.notify(NetCommand::TrustChanged)?;
-        Ok(existed)
+        Ok(self.inner.devices.trust_remove(device)?)
     }
 
-    /// The trusted devices.
+    /// Shorthand for `devices().trusted()`.
     pub fn trusted(&self) -> Result<Vec<(PeerId, TrustedDevice)>, AgentError> {
-        Ok(self.trust()?.list()?)
+        Ok(self.inner.devices.trusted()?)
     }
 
-    /// Dials `addr` now and keeps redialing it when it drops.
+    /// Shorthand for `devices().dial(addr)`.
     pub fn dial(&self, addr: Multiaddr) -> Result<(), AgentError> {
-        self.notify(NetCommand::Dial(addr))
+        Ok(self.inner.devices.dial(addr)?)
     }
 
     fn trust(&self) -> Result<TrustStore, AgentError> {
@@ -514,13 +442,6 @@ impl AgentHandle {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .ok_or(AgentError::Stopped)
-    }
-
-    fn notify(&self, command: NetCommand) -> Result<(), AgentError> {
-        self.inner
-            .commands
-            .send(command)
-            .map_err(|_| AgentError::Stopped)
     }
 
     /// Resolves if the agent can no longer work (one of its tasks panicked or stopped), with the
@@ -536,62 +457,29 @@ impl AgentHandle {
             .unwrap_or_default()
     }
 
-    /// Devices, connections, and per-peer sync progress.
+    /// Devices, connections, and per-peer sync progress (see [`crate::diagnostics`]).
     pub fn status(&self) -> Result<AgentStatus, AgentError> {
-        let trusted: BTreeMap<PeerId, String> = self
-            .trust()?
-            .list()?
-            .into_iter()
-            .map(|(id, d)| (id, d.name))
-            .collect();
-        // Pending work is shown for loaded documents only: status never loads documents.
-        let mut peers = self.inner.peers.snapshot(&trusted, |doc| {
-            use yrs::{ReadTxn, Transact};
-            self.inner
-                .registry
-                .peek(doc)
-                .map(|live| live.yrs().transact().state_vector())
-        });
-        // Your devices first (in id order), then the strangers.
-        peers.sort_by_key(|p| !p.trusted);
-        let others = peers.iter().filter(|p| !p.trusted).count();
-        let store_damage = self.inner.damage.clone().map(|report| StoreDamageStatus {
-            report,
-            healed_from: peers
-                .iter()
-                .filter(|p| p.trusted && p.caught_up && p.syncing)
-                .map(|p| p.device_id.clone())
-                .collect(),
-        });
-        Ok(AgentStatus {
-            device_id: self.inner.device_id.to_string(),
-            device_name: self.inner.device_name.clone(),
-            listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
-            docs: self.inner.registry.store()?.count(),
-            docs_loaded: self.inner.registry.cache_usage().0,
-            cache_bytes: self.inner.registry.cache_usage().1,
-            cache_budget_bytes: self.inner.registry.cache_budget(),
-            ws_endpoint: self.ws_endpoint().map(|a| format!("ws://{a}")),
-            ws_note: match self.ws_endpoint() {
-                Some(_) => None,
-                None => Some(
-                    self.inner
-                        .ws_note
-                        .read()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clone()
-                        .unwrap_or_else(|| "not serving (started with --no-ws)".into()),
-                ),
-            },
-            mdns: self
-                .mdns_error()
-                .unwrap_or_else(|| "advertising and browsing".into()),
-            present: self.inner.presence.present(),
-            peers,
-            others,
-            store_damage,
-            reach: self.inner.neighborhood.reach(),
-        })
+        Ok(self.inner.diagnostics.status()?)
+    }
+
+    /// Discovery and connectivity diagnosis: multicast per interface, how each peer was found,
+    /// whether it is connected, how far behind it is per document.
+    pub async fn doctor(&self) -> Result<DoctorReport, AgentError> {
+        Ok(self.inner.diagnostics.doctor().await?)
+    }
+
+    /// Where the y-websocket endpoint listens, once [`crate::bridge::serve`] started it.
+    pub fn ws_endpoint(&self) -> Option<std::net::SocketAddr> {
+        self.inner.diagnostics.endpoint().addr()
+    }
+
+    /// Why there is no y-websocket endpoint (shown by `status` and `doctor`).
+    pub fn set_ws_note(&self, note: Option<String>) {
+        self.inner.diagnostics.endpoint().set_note(note);
+    }
+
+    pub(crate) fn set_ws_endpoint(&self, addr: Option<std::net::SocketAddr>) {
+        self.inner.diagnostics.endpoint().set_addr(addr);
     }
 
     /// Presence (Yjs awareness) of every document: local apps' and other devices'.
@@ -604,50 +492,14 @@ impl AgentHandle {
         &self.inner.apps
     }
 
-    /// Where the y-websocket endpoint listens, once [`crate::bridge::serve`] started it.
-    pub fn ws_endpoint(&self) -> Option<std::net::SocketAddr> {
-        *self
-            .inner
-            .ws_endpoint
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Why there is no y-websocket endpoint (shown by `status` and `doctor`).
-    pub fn set_ws_note(&self, note: Option<String>) {
-        *self
-            .inner
-            .ws_note
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = note;
-    }
-
-    pub(crate) fn set_ws_endpoint(&self, addr: Option<std::net::SocketAddr>) {
-        *self
-            .inner
-            .ws_endpoint
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = addr;
-    }
-
     /// Linking devices: pairing by code (here, on the LAN or through a relay) and unpairing.
     pub fn devices(&self) -> crate::devices::Devices {
         self.inner.devices.clone()
     }
 
-    /// Agents announced over mDNS (claimed ids, not yet verified).
-    pub fn nearby(&self) -> Vec<Announcement> {
-        self.inner.neighborhood.nearby()
-    }
-
-    /// Why mDNS is not running, if it is not.
+    /// Shorthand for `devices().mdns_error()`.
     pub fn mdns_error(&self) -> Option<String> {
-        self.inner
-            .neighborhood
-            .mdns_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.inner.devices.mdns_error()
     }
 
     /// Whether a sync session with `peer` is running.
@@ -655,9 +507,9 @@ impl AgentHandle {
         self.inner.peers.has_session(peer)
     }
 
-    /// Makes everything written so far durable.
+    /// Shorthand for `docs().flush()`.
     pub async fn flush(&self) -> Result<(), AgentError> {
-        Ok(self.inner.registry.writer().flush().await?)
+        Ok(self.inner.docs.flush().await?)
     }
 
     /// Stops networking, flushes every pending write, and closes the database (it can be reopened
@@ -736,69 +588,6 @@ async fn reconcile_group(
     }
 }
 
-/// What `devicelink doctor` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct DoctorReport {
-    pub device_id: String,
-    pub listen_addrs: Vec<String>,
-    pub mdns: String,
-    pub interfaces: Vec<InterfaceReport>,
-    pub nearby: Vec<Announcement>,
-    pub peers: Vec<PeerStatus>,
-    /// The y-websocket endpoint for Yjs apps: where it listens and how many apps have tokens.
-    pub yjs_apps: String,
-    /// The store: fine, or what a damaged disk lost and whether it was pulled back.
-    pub store: String,
-    /// Reachability: public or behind a NAT (AutoNAT), relay reservations; per peer, the link
-    /// kind and the last hole punch are in `peers`.
-    pub reach: net::reach::ReachReport,
-}
-
-impl AgentHandle {
-    /// Discovery and connectivity diagnosis: multicast per interface, how each peer was found,
-    /// whether it is connected, how far behind it is per document.
-    pub async fn doctor(&self) -> Result<DoctorReport, AgentError> {
-        let interfaces = tokio::task::spawn_blocking(crate::discovery::probe_interfaces)
-            .await
-            .unwrap_or_default();
-        let status = self.status()?;
-        let store = match &status.store_damage {
-            None => "fine (it holds everything acknowledged)".to_string(),
-            Some(d) if d.healed_from.is_empty() => format!(
-                "{} Missing: {:?}; rolled back: {:?}. Not yet caught up with a linked device.",
-                d.report.summary, d.report.missing, d.report.rolled_back
-            ),
-            Some(d) => format!(
-                "{} Missing: {:?}; rolled back: {:?}. Caught up since with {} linked device(s), which sent back what they have.",
-                d.report.summary,
-                d.report.missing,
-                d.report.rolled_back,
-                d.healed_from.len()
-            ),
-        };
-        Ok(DoctorReport {
-            store,
-            reach: status.reach.clone(),
-            device_id: status.device_id,
-            listen_addrs: status.listen_addrs,
-            mdns: self
-                .mdns_error()
-                .unwrap_or_else(|| "advertising and browsing".into()),
-            interfaces,
-            nearby: self.nearby(),
-            peers: status.peers,
-            yjs_apps: match status.ws_endpoint {
-                Some(endpoint) => format!(
-                    "serving {endpoint}; {} app(s) with a token; {} client(s) present",
-                    self.apps().list().map(|a| a.len()).unwrap_or(0),
-                    status.present
-                ),
-                None => status.ws_note.unwrap_or_else(|| "not serving".into()),
-            },
-        })
-    }
-}
-
 /// Saves the manifest a second after documents change (one save per burst), and checks the
 /// trusted devices at least every 30 s (see [`store::manifest`]); idle, it sleeps.
 async fn save_manifest(
@@ -841,15 +630,6 @@ async fn record_conflicts(
 }
 
 impl AgentHandle {
-    /// One of the agent's own `_devicelink/` documents (read it; the agent writes it).
-    pub fn open_system_doc(&self, name: &str) -> Result<DocHandle, AgentError> {
-        self.system_doc(name)
-    }
-
-    fn system_doc(&self, name: &str) -> Result<DocHandle, AgentError> {
-        Ok(self.inner.registry.handle(name)?)
-    }
-
     /// Conflict reports: list them, resolve one.
     pub fn conflicts(&self) -> crate::conflict::Conflicts {
         crate::conflict::Conflicts::new(

@@ -26,6 +26,8 @@ pub enum DemoError {
     Diverged,
     #[error(transparent)]
     Handoff(#[from] crate::handoff::HandoffError),
+    #[error(transparent)]
+    Devices(#[from] crate::devices::DevicesError),
 }
 
 /// Runs the demo, writing its narration to `out`.
@@ -48,8 +50,8 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     say(out, format!("phone   {}  {}", b.device_id(), addrs(&b)));
 
     // 1. Both edit the same document before they know each other.
-    let notes_a = a.open_doc("notes")?;
-    let notes_b = b.open_doc("notes")?;
+    let notes_a = a.docs().open("notes")?;
+    let notes_b = b.docs().open("notes")?;
     notes_a.append_text("body", "Buy milk. ").await?;
     notes_a.set_map_value("meta", "title", "Shopping").await?;
     notes_b.append_text("body", "Call mum. ").await?;
@@ -60,8 +62,8 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
 
     // 2. Pair (trust each other) and connect.
     let started = Instant::now();
-    a.trust_add(b.device_id(), "phone")?;
-    b.trust_add(a.device_id(), "laptop")?;
+    a.devices().trust_add(b.device_id(), "phone")?;
+    b.devices().trust_add(a.device_id(), "laptop")?;
     a.dial(b.listen_addrs()[0].clone())?;
     wait("the first sync", || converged(&notes_a, &notes_b)).await?;
     say(
@@ -133,7 +135,7 @@ pub async fn run(out: &mut impl Write) -> Result<(), DemoError> {
     let started = Instant::now();
     b = Agent::start(config(dir_b.path(), "phone")).await?;
     b.dial(a.listen_addrs()[0].clone())?;
-    let notes_b = b.open_doc("notes")?;
+    let notes_b = b.docs().open("notes")?;
     wait("the catch-up", || converged(&notes_a, &notes_b)).await?;
     say(
         out,

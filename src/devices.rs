@@ -1,5 +1,6 @@
 //! [`Devices`]: linking this device with the user's others, as `agent.devices()`: open a
-//! pairing code, join one (found over mDNS, dialed, or looked up through the relay), unpair.
+//! pairing code, join one (found over mDNS, dialed, or looked up through the relay), unpair;
+//! the trust store (add, remove, list), addresses to dial, devices announced nearby.
 //! The code exchange itself is `pairing`; this module drives it over the agent's network and
 //! records the outcome in the trust store and the device group.
 
@@ -8,10 +9,11 @@ use std::sync::{Arc, RwLock};
 use libp2p::{Multiaddr, PeerId};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::discovery::Announcement;
 use crate::docs::{DocError, DocRegistry};
 use crate::net::{self, ConnectTarget, Neighborhood, NetCommand};
 use crate::pairing::{self, HostEvent, LocalDevice, PairError, Paired, PairingCode};
-use crate::store::{StoreError, TrustStore};
+use crate::store::{StoreError, TrustStore, TrustedDevice};
 
 /// Errors of unpairing (pairing reports a [`PairError`]).
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +77,61 @@ impl Devices {
         self.commands
             .send(command)
             .map_err(|_| DevicesError::Stopped)
+    }
+
+    /// Adds a device to the trust store (lifting an earlier removal: the user asked for it);
+    /// the agent starts syncing with it when connected.
+    pub fn trust_add(&self, device: PeerId, name: &str) -> Result<(), DevicesError> {
+        let trust = self.trust()?;
+        trust.unrevoke(&device)?;
+        trust.add(device, TrustedDevice::new(name))?;
+        self.notify(NetCommand::TrustChanged)
+    }
+
+    /// Removes a device from this device's trust store and disconnects it (this device only: a
+    /// member of the device group is trusted again from the group; see [`Self::forget`]).
+    pub fn trust_remove(&self, device: &PeerId) -> Result<bool, DevicesError> {
+        let existed = self.trust()?.remove(device)?;
+        self.notify(NetCommand::TrustChanged)?;
+        Ok(existed)
+    }
+
+    /// What `devicelink trust remove` does: a member of the device group is unpaired (on every
+    /// device; the group would otherwise trust it again), any other device is removed here.
+    /// Returns whether it was trusted or a member.
+    pub async fn forget(&self, device: &PeerId) -> Result<bool, DevicesError> {
+        let group = self.registry.handle(crate::group::GROUP_DOC)?;
+        let member = crate::group::members(&group)
+            .iter()
+            .any(|m| m.id == *device && !m.removed);
+        if member {
+            return self.unpair(device).await;
+        }
+        self.trust_remove(device)
+    }
+
+    /// The trusted devices.
+    pub fn trusted(&self) -> Result<Vec<(PeerId, TrustedDevice)>, DevicesError> {
+        Ok(self.trust()?.list()?)
+    }
+
+    /// Dials `addr` now and keeps redialing it when it drops.
+    pub fn dial(&self, addr: Multiaddr) -> Result<(), DevicesError> {
+        self.notify(NetCommand::Dial(addr))
+    }
+
+    /// Agents announced over mDNS (claimed ids, not yet verified).
+    pub fn nearby(&self) -> Vec<Announcement> {
+        self.neighborhood.nearby()
+    }
+
+    /// Why mDNS is not running, if it is not.
+    pub fn mdns_error(&self) -> Option<String> {
+        self.neighborhood
+            .mdns_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn listen_addrs(&self) -> Vec<Multiaddr> {

@@ -23,7 +23,8 @@
 //! - [`sync`]: the `/devicelink/sync/1.4.0` wire protocol and per-peer sessions.
 //! - [`net`]: the libp2p swarm, trust gating, redial.
 //! - [`agent`]: ties it together behind [`AgentHandle`], with a handle per concern:
-//!   [`devices`] (pairing), [`handoff::Activities`], [`conflict::Conflicts`].
+//!   [`documents`] (`docs()`), [`devices`] (pairing, trust), [`handoff::Activities`],
+//!   [`conflict::Conflicts`]; [`diagnostics`]: its `status` and `doctor` reports.
 //! - [`ipc`]: the local JSON-lines socket apps use; [`client`]: its async Rust client.
 //! - [`bridge`]: the y-websocket endpoint, so unmodified Yjs apps use the agent as provider;
 //!   [`apps`]: the per-app tokens it (and a scoped IPC connection) requires;
@@ -46,8 +47,10 @@ pub mod conformance;
 pub mod convergence;
 pub mod demo;
 pub mod devices;
+pub mod diagnostics;
 pub mod discovery;
 pub mod docs;
+pub mod documents;
 pub mod group;
 pub mod handoff;
 pub mod identity;

@@ -196,9 +196,11 @@ async fn a_conflict_resolved_on_two_devices_apart_reads_as_the_document_holds() 
     };
     wait_until(LIMIT, "the records to settle", || {
         let (conflicts_a, conflicts_b) = (
-            a.open_system_doc(devicelink::conflict::CONFLICTS_DOC)
+            a.docs()
+                .open_system(devicelink::conflict::CONFLICTS_DOC)
                 .unwrap(),
-            b.open_system_doc(devicelink::conflict::CONFLICTS_DOC)
+            b.docs()
+                .open_system(devicelink::conflict::CONFLICTS_DOC)
                 .unwrap(),
         );
         same_state(&conflicts_a, &conflicts_b)

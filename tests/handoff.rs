@@ -322,7 +322,8 @@ async fn long_expired_activity_records_are_pruned() {
     let gone = a.activities().publish(short).await.unwrap();
     let kept = a.activities().publish(draft("d")).await.unwrap();
     let doc = a
-        .open_system_doc(devicelink::handoff::ACTIVITIES_DOC)
+        .docs()
+        .open_system(devicelink::handoff::ACTIVITIES_DOC)
         .unwrap();
     assert!(devicelink::handoff::current(&doc).contains_key(&gone.id));
     tokio::time::sleep(Duration::from_millis(20)).await;

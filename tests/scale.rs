@@ -372,7 +372,7 @@ async fn a_tombstone_cannot_delete_the_agents_own_documents() {
     };
     a.activities().publish(draft("on a")).await.unwrap();
     let activities = devicelink::handoff::ACTIVITIES_DOC;
-    let tombstones = b.open_system_doc(devicelink::docs::DELETED_DOC).unwrap();
+    let tombstones = b.docs().open_system(devicelink::docs::DELETED_DOC).unwrap();
     tombstones
         .set_map_value(
             "deleted",
@@ -381,7 +381,7 @@ async fn a_tombstone_cannot_delete_the_agents_own_documents() {
         )
         .await
         .unwrap();
-    let on_a = a.open_system_doc(devicelink::docs::DELETED_DOC).unwrap();
+    let on_a = a.docs().open_system(devicelink::docs::DELETED_DOC).unwrap();
     wait_until(Duration::from_secs(20), "the tombstone reaches a", || {
         on_a.to_json()["deleted"].get(activities).is_some()
     })

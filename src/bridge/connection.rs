@@ -59,7 +59,7 @@ type Ws = WebSocketStream<TcpStream>;
 pub(super) async fn run(agent: AgentHandle, ws: Ws, doc: String, grant: Arc<AppGrant>) {
     let hub = agent.presence().clone();
     let id = hub.local_id();
-    let handle = match agent.open_doc(&doc) {
+    let handle = match agent.docs().open(&doc) {
         Ok(handle) => handle.for_client(id),
         Err(e) => {
             tracing::warn!(doc, "y-websocket: cannot open the document: {e}");

@@ -250,8 +250,9 @@ impl Connection {
     fn open(&self, doc: &str) -> Result<crate::DocHandle, (ErrorCode, String)> {
         Ok(self
             .agent
-            .open_doc(doc)
-            .map_err(agent_error)?
+            .docs()
+            .open(doc)
+            .map_err(doc_error)?
             .for_client(self.id))
     }
 
@@ -335,8 +336,9 @@ impl Connection {
             RequestBody::DocList { after, limit } => {
                 let limit = limit.unwrap_or(1000).clamp(1, 10_000);
                 let page = agent
-                    .list_docs_meta(after.as_deref(), limit)
-                    .map_err(agent_error)?;
+                    .docs()
+                    .list_meta(after.as_deref(), limit)
+                    .map_err(doc_error)?;
                 let next = (page.len() == limit)
                     .then(|| page.last().map(|(name, _)| name.clone()))
                     .flatten();
@@ -357,15 +359,15 @@ impl Connection {
                 json!({ "docs": docs, "next": next })
             }
             RequestBody::DocDelete { doc } => {
-                let existed = agent.delete_doc(&doc).await.map_err(agent_error)?;
+                let existed = agent.docs().delete(&doc).await.map_err(doc_error)?;
                 json!({ "deleted": doc, "existed": existed })
             }
             RequestBody::DocOpen { doc } => {
-                agent.open_doc(&doc).map_err(agent_error)?;
+                agent.docs().open(&doc).map_err(doc_error)?;
                 json!({ "doc": doc })
             }
             RequestBody::DocGet { doc } => {
-                if !agent.doc_exists(&doc).map_err(agent_error)? {
+                if !agent.docs().exists(&doc).map_err(doc_error)? {
                     return Err((
                         ErrorCode::NotFound,
                         format!(
@@ -373,7 +375,7 @@ impl Connection {
                         ),
                     ));
                 }
-                agent.open_doc(&doc).map_err(agent_error)?.to_json()
+                agent.docs().open(&doc).map_err(doc_error)?.to_json()
             }
             RequestBody::DocSet {
                 doc,
@@ -443,12 +445,12 @@ impl Connection {
                 return Ok(Reply::Later(durable, json!({})));
             }
             RequestBody::DocStateVector { doc } => {
-                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                let handle = agent.docs().open(&doc).map_err(doc_error)?;
                 json!({ "state_vector": B64.encode(handle.state_vector()) })
             }
             RequestBody::DocDiff { doc, state_vector } => {
                 let sv = decode_b64(&state_vector, "state_vector")?;
-                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                let handle = agent.docs().open(&doc).map_err(doc_error)?;
                 let update = if sv.is_empty() {
                     handle.encode_state()
                 } else {
@@ -457,7 +459,7 @@ impl Connection {
                 json!({ "update": B64.encode(update) })
             }
             RequestBody::DocSubscribe { doc, state_vector } => {
-                let handle = agent.open_doc(&doc).map_err(agent_error)?;
+                let handle = agent.docs().open(&doc).map_err(doc_error)?;
                 let app_sv = state_vector
                     .map(|sv| decode_b64(&sv, "state_vector"))
                     .transpose()?;
@@ -536,17 +538,21 @@ impl Connection {
             RequestBody::TrustAdd { device, name } => {
                 let peer = parse_device(&device)?;
                 let name = name.unwrap_or_else(|| device.chars().take(12).collect());
-                agent.trust_add(peer, &name).map_err(agent_error)?;
+                agent
+                    .devices()
+                    .trust_add(peer, &name)
+                    .map_err(devices_error)?;
                 json!({ "device": device, "name": name })
             }
             RequestBody::TrustRemove { device } => {
                 let peer = parse_device(&device)?;
-                json!({ "removed": agent.forget(&peer).await.map_err(agent_error)? })
+                json!({ "removed": agent.devices().forget(&peer).await.map_err(devices_error)? })
             }
             RequestBody::TrustList => {
                 let list: Vec<_> = agent
+                    .devices()
                     .trusted()
-                    .map_err(agent_error)?
+                    .map_err(devices_error)?
                     .into_iter()
                     .map(|(id, d)| json!({ "device": id.to_string(), "name": d.name, "addrs": d.addrs, "added_at": d.added_at }))
                     .collect();
@@ -615,6 +621,7 @@ impl Connection {
                 let status = agent.status().map_err(agent_error)?;
                 let paired: Vec<_> = status.peers.iter().filter(|p| p.trusted).cloned().collect();
                 let nearby: Vec<_> = agent
+                    .devices()
                     .nearby()
                     .into_iter()
                     .filter(|a| {
@@ -646,8 +653,9 @@ impl Connection {
             }
             RequestBody::ActivitySubscribe => {
                 let doc = agent
-                    .open_system_doc(crate::handoff::ACTIVITIES_DOC)
-                    .map_err(agent_error)?;
+                    .docs()
+                    .open_system(crate::handoff::ACTIVITIES_DOC)
+                    .map_err(doc_error)?;
                 let (mut changes, mut continued) =
                     (doc.subscribe(), agent.activities().continued_elsewhere());
                 let (out, agent) = (out.clone(), agent.clone());
@@ -728,8 +736,9 @@ impl Connection {
             }
             RequestBody::ConflictSubscribe => {
                 let doc = agent
-                    .open_system_doc(crate::conflict::CONFLICTS_DOC)
-                    .map_err(agent_error)?;
+                    .docs()
+                    .open_system(crate::conflict::CONFLICTS_DOC)
+                    .map_err(doc_error)?;
                 let mut changes = doc.subscribe();
                 let (out, agent) = (out.clone(), agent.clone());
                 let task = tokio::spawn(async move {
@@ -903,6 +912,10 @@ fn agent_error(e: AgentError) -> (ErrorCode, String) {
         AgentError::Store(e) => doc_error(DocError::Store(e)),
         AgentError::Refused(message) => (ErrorCode::InvalidArgument, message),
         AgentError::Devices(e) => devices_error(e),
+        AgentError::Diagnostics(crate::diagnostics::DiagnosticsError::Doc(e)) => doc_error(e),
+        AgentError::Diagnostics(crate::diagnostics::DiagnosticsError::Store(e)) => {
+            doc_error(DocError::Store(e))
+        }
         other => (ErrorCode::Internal, other.to_string()),
     }
 }

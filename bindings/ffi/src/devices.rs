@@ -131,6 +131,7 @@ impl Agent {
     pub fn devices(&self) -> Result<Vec<LinkedDevice>, DeviceLinkError> {
         let handle = self.shared.current()?;
         Ok(handle
+            .devices()
             .trusted()?
             .into_iter()
             .map(|(id, device)| LinkedDevice {

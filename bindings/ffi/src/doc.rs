@@ -29,7 +29,7 @@ impl Agent {
 
     /// The names of this device's documents.
     pub fn list_docs(&self) -> Result<Vec<String>, DeviceLinkError> {
-        Ok(self.shared.current()?.list_docs()?)
+        Ok(self.shared.current()?.docs().list()?)
     }
 }
 
@@ -42,12 +42,12 @@ pub struct Doc {
 
 impl Doc {
     pub(crate) fn open(shared: Arc<Shared>, name: String) -> Result<Self, DeviceLinkError> {
-        shared.current()?.open_doc(&name)?;
+        shared.current()?.docs().open(&name)?;
         Ok(Self { shared, name })
     }
 
     fn handle(&self) -> Result<DocHandle, DeviceLinkError> {
-        Ok(self.shared.current()?.open_doc(&self.name)?)
+        Ok(self.shared.current()?.docs().open(&self.name)?)
     }
 }
 
@@ -196,7 +196,7 @@ impl Feed {
                         return;
                     }
                 }
-                Phase::Running(handle) => match handle.open_doc(&self.name) {
+                Phase::Running(handle) => match handle.docs().open(&self.name) {
                     Ok(doc) => {
                         let updates = doc.subscribe();
                         current = Some((doc, updates));

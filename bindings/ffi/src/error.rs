@@ -75,7 +75,10 @@ impl From<AgentError> for DeviceLinkError {
         match e {
             AgentError::Doc(doc) => doc.into(),
             AgentError::Devices(devices) => devices.into(),
-            AgentError::Stopped => Self::Stopped(message),
+            AgentError::Stopped
+            | AgentError::Diagnostics(devicelink::diagnostics::DiagnosticsError::Stopped) => {
+                Self::Stopped(message)
+            }
             AgentError::Net(_) => Self::Network(message),
             AgentError::Refused(_) => Self::InvalidArgument(message),
             _ => Self::Storage(message),
