@@ -314,16 +314,16 @@ impl Agent {
             claim_stream_opener(commands.clone(), control.clone(), trust.clone()),
             neighborhood.continued.clone(),
         );
-        let devices = crate::devices::Devices::new(
-            device_id,
-            config.device_name.clone(),
-            listen_addrs.clone(),
-            registry.clone(),
-            trust.clone(),
-            commands.clone(),
-            control.clone(),
-            neighborhood.clone(),
-        );
+        let devices = crate::devices::Devices {
+            me: device_id,
+            name: config.device_name.clone(),
+            listen_addrs: listen_addrs.clone(),
+            registry: registry.clone(),
+            trust: trust.clone(),
+            commands: commands.clone(),
+            control: control.clone(),
+            neighborhood: neighborhood.clone(),
+        };
         let docs = Documents::new(registry.clone());
         let diagnostics = Diagnostics {
             device_id,

@@ -28,43 +28,20 @@ pub enum DevicesError {
     Stopped,
 }
 
-/// The pairing concern of one agent.
+/// The devices concern of one agent, over shared views of its parts (the agent wires it).
 #[derive(Clone)]
 pub struct Devices {
-    me: PeerId,
-    name: String,
-    listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
-    registry: Arc<DocRegistry>,
-    trust: Arc<RwLock<Option<TrustStore>>>,
-    commands: mpsc::UnboundedSender<NetCommand>,
-    control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
-    neighborhood: Arc<Neighborhood>,
+    pub(crate) me: PeerId,
+    pub(crate) name: String,
+    pub(crate) listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
+    pub(crate) registry: Arc<DocRegistry>,
+    pub(crate) trust: Arc<RwLock<Option<TrustStore>>>,
+    pub(crate) commands: mpsc::UnboundedSender<NetCommand>,
+    pub(crate) control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
+    pub(crate) neighborhood: Arc<Neighborhood>,
 }
 
 impl Devices {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        me: PeerId,
-        name: String,
-        listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
-        registry: Arc<DocRegistry>,
-        trust: Arc<RwLock<Option<TrustStore>>>,
-        commands: mpsc::UnboundedSender<NetCommand>,
-        control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
-        neighborhood: Arc<Neighborhood>,
-    ) -> Self {
-        Self {
-            me,
-            name,
-            listen_addrs,
-            registry,
-            trust,
-            commands,
-            control,
-            neighborhood,
-        }
-    }
-
     fn trust(&self) -> Result<TrustStore, DevicesError> {
         self.trust
             .read()
