@@ -326,16 +326,10 @@ impl Agent {
         };
         let docs = Documents::new(registry.clone());
         let diagnostics = Diagnostics {
-            device_id,
-            device_name: config.device_name.clone(),
-            listen_addrs: listen_addrs.clone(),
-            trust: trust.clone(),
+            devices: devices.clone(),
             peers: peers.clone(),
-            registry: registry.clone(),
             presence: presence.clone(),
             apps: apps.clone(),
-            devices: devices.clone(),
-            neighborhood: neighborhood.clone(),
             damage,
             endpoint: Arc::default(),
         };

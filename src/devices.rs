@@ -111,7 +111,8 @@ impl Devices {
             .clone()
     }
 
-    fn listen_addrs(&self) -> Vec<Multiaddr> {
+    /// The addresses the agent listens on.
+    pub(crate) fn listen_addrs(&self) -> Vec<Multiaddr> {
         self.listen_addrs
             .read()
             .unwrap_or_else(|p| p.into_inner())

@@ -7,27 +7,26 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 use serde::Serialize;
 
 use crate::apps::AppRegistry;
-use crate::devices::Devices;
+use crate::devices::{Devices, DevicesError};
 use crate::discovery::{Announcement, InterfaceReport};
-use crate::docs::{DocError, DocRegistry};
-use crate::net::{self, Neighborhood};
+use crate::docs::DocError;
+use crate::net;
 use crate::presence::PresenceHub;
 use crate::status::{PeerStatus, PeerTable};
-use crate::store::{self, StoreError, TrustStore};
+use crate::store;
 
 /// Why a report could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum DiagnosticsError {
+    /// The trust store could not be read (or the agent has stopped).
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Devices(#[from] DevicesError),
     #[error(transparent)]
     Doc(#[from] DocError),
-    #[error("the agent has stopped")]
-    Stopped,
 }
 
 /// A damaged store as `status` shows it: what was lost, and whether linked devices sent it back.
@@ -114,19 +113,14 @@ impl EndpointState {
     }
 }
 
-/// The reports of one agent, over shared views of its parts.
+/// The reports of one agent, over shared views of its parts (identity, addresses, trust,
+/// documents and network state through [`Devices`]).
 #[derive(Clone)]
 pub struct Diagnostics {
-    pub(crate) device_id: PeerId,
-    pub(crate) device_name: String,
-    pub(crate) listen_addrs: Arc<RwLock<Vec<Multiaddr>>>,
-    pub(crate) trust: Arc<RwLock<Option<TrustStore>>>,
+    pub(crate) devices: Devices,
     pub(crate) peers: Arc<PeerTable>,
-    pub(crate) registry: Arc<DocRegistry>,
     pub(crate) presence: Arc<PresenceHub>,
     pub(crate) apps: Arc<AppRegistry>,
-    pub(crate) devices: Devices,
-    pub(crate) neighborhood: Arc<Neighborhood>,
     /// What the start-up check found missing from the store, if anything.
     pub(crate) damage: Option<store::StoreDamage>,
     pub(crate) endpoint: Arc<EndpointState>,
@@ -138,26 +132,19 @@ impl Diagnostics {
         &self.endpoint
     }
 
-    fn trust(&self) -> Result<TrustStore, DiagnosticsError> {
-        self.trust
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(DiagnosticsError::Stopped)
-    }
-
     /// Devices, connections, and per-peer sync progress.
     pub fn status(&self) -> Result<AgentStatus, DiagnosticsError> {
-        let trusted: BTreeMap<PeerId, String> = self
-            .trust()?
-            .list()?
+        let devices = &self.devices;
+        let trusted: BTreeMap<PeerId, String> = devices
+            .trusted()?
             .into_iter()
             .map(|(id, d)| (id, d.name))
             .collect();
         // Pending work is shown for loaded documents only: status never loads documents.
         let mut peers = self.peers.snapshot(&trusted, |doc| {
             use yrs::{ReadTxn, Transact};
-            self.registry
+            devices
+                .registry
                 .peek(doc)
                 .map(|live| live.yrs().transact().state_vector())
         });
@@ -173,21 +160,19 @@ impl Diagnostics {
                 .collect(),
         });
         let endpoint = self.endpoint.addr();
-        let (docs_loaded, cache_bytes) = self.registry.cache_usage();
+        let (docs_loaded, cache_bytes) = devices.registry.cache_usage();
         Ok(AgentStatus {
-            device_id: self.device_id.to_string(),
-            device_name: self.device_name.clone(),
-            listen_addrs: self
-                .listen_addrs
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
+            device_id: devices.me.to_string(),
+            device_name: devices.name.clone(),
+            listen_addrs: devices
+                .listen_addrs()
                 .iter()
                 .map(|a| a.to_string())
                 .collect(),
-            docs: self.registry.store()?.count(),
+            docs: devices.registry.store().map_err(DocError::Store)?.count(),
             docs_loaded,
             cache_bytes,
-            cache_budget_bytes: self.registry.cache_budget(),
+            cache_budget_bytes: devices.registry.cache_budget(),
             ws_endpoint: endpoint.map(|a| format!("ws://{a}")),
             ws_note: match endpoint {
                 Some(_) => None,
@@ -202,7 +187,7 @@ impl Diagnostics {
             peers,
             others,
             store_damage,
-            reach: self.neighborhood.reach(),
+            reach: devices.neighborhood.reach(),
         })
     }
 

@@ -913,8 +913,8 @@ fn agent_error(e: AgentError) -> (ErrorCode, String) {
         AgentError::Refused(message) => (ErrorCode::InvalidArgument, message),
         AgentError::Devices(e) => devices_error(e),
         AgentError::Diagnostics(crate::diagnostics::DiagnosticsError::Doc(e)) => doc_error(e),
-        AgentError::Diagnostics(crate::diagnostics::DiagnosticsError::Store(e)) => {
-            doc_error(DocError::Store(e))
+        AgentError::Diagnostics(crate::diagnostics::DiagnosticsError::Devices(e)) => {
+            devices_error(e)
         }
         other => (ErrorCode::Internal, other.to_string()),
     }

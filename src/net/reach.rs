@@ -176,26 +176,26 @@ impl Reach {
         punch.error = Some(error);
     }
 
-    /// Peers still only relayed whose last punch failed a while ago and may be tried again
-    /// (by closing the relayed connections: the redial makes a new one, which punches).
-    /// Whether a failed hole punch will be retried.
-    pub fn punches_pending(&self) -> bool {
-        self.punches.iter().any(|(peer, p)| {
-            p.error.is_some()
-                && p.failures <= PUNCH_RETRIES
-                && self.best(peer) == Some(LinkKind::Relayed)
-        })
+    /// Whether the failed hole punch with `peer` will be tried again (now or after its pause).
+    fn will_retry(&self, peer: &PeerId, punch: &Punch) -> bool {
+        punch.error.is_some()
+            && punch.failures <= PUNCH_RETRIES
+            && self.best(peer) == Some(LinkKind::Relayed)
     }
 
+    /// Whether a failed hole punch will be tried again.
+    pub fn punches_pending(&self) -> bool {
+        self.punches
+            .iter()
+            .any(|(peer, p)| self.will_retry(peer, p))
+    }
+
+    /// Peers still only relayed whose last punch failed a while ago and may be tried again
+    /// (by closing the relayed connections: the redial makes a new one, which punches).
     pub fn punch_retries_due(&self) -> Vec<(PeerId, Vec<ConnectionId>)> {
         self.punches
             .iter()
-            .filter(|(peer, p)| {
-                p.error.is_some()
-                    && p.failures <= PUNCH_RETRIES
-                    && p.at.elapsed() >= PUNCH_RETRY_AFTER
-                    && self.best(peer) == Some(LinkKind::Relayed)
-            })
+            .filter(|(peer, p)| self.will_retry(peer, p) && p.at.elapsed() >= PUNCH_RETRY_AFTER)
             .map(|(peer, _)| {
                 let relayed = self.links[peer].keys().copied().collect();
                 (*peer, relayed)

@@ -255,8 +255,6 @@ impl Reservations {
         }
     }
 
-    /// Relays to reserve on now: `(relay, listen address ending in /p2p-circuit)`. The caller
-    /// starts each listener and reports its id with [`Self::listening`].
     /// Whether a relay this device should reserve on has no reservation yet (one is being
     /// made, or will be retried).
     pub fn pending(&self, local: PeerId) -> bool {
@@ -265,6 +263,8 @@ impl Reservations {
         })
     }
 
+    /// Relays to reserve on now: `(relay, listen address ending in /p2p-circuit)`. The caller
+    /// starts each listener and reports its id with [`Self::listening`].
     pub fn due(&mut self, local: PeerId) -> Vec<(PeerId, Multiaddr)> {
         let now = Instant::now();
         let mut out = Vec::new();

@@ -6,8 +6,8 @@
 //!
 //! The manifest is written from memory a second after documents change (trust changes are
 //! compared at each save and at least every 30 s; nothing wakes an idle agent sooner) and at
-//! shutdown, after a flush of the database, so it never claims a change the disk does not hold: a crash just before a write
-//! leaves an older manifest, which only under-reports. It is written atomically (temp file,
+//! shutdown, after a flush of the database, so it never claims a change the disk does not
+//! hold: a crash just before a write leaves an older manifest, which only under-reports. It is written atomically (temp file,
 //! fsync, rename).
 
 use std::collections::BTreeMap;

@@ -75,9 +75,9 @@ impl From<AgentError> for DeviceLinkError {
         match e {
             AgentError::Doc(doc) => doc.into(),
             AgentError::Devices(devices) => devices.into(),
-            AgentError::Stopped
-            | AgentError::Diagnostics(devicelink::diagnostics::DiagnosticsError::Stopped) => {
-                Self::Stopped(message)
+            AgentError::Stopped => Self::Stopped(message),
+            AgentError::Diagnostics(devicelink::diagnostics::DiagnosticsError::Devices(e)) => {
+                e.into()
             }
             AgentError::Net(_) => Self::Network(message),
             AgentError::Refused(_) => Self::InvalidArgument(message),
