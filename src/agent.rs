@@ -69,6 +69,13 @@ impl AgentConfig {
             external: Vec::new(),
         }
     }
+
+    /// For a restart (an app resumed after a pause): `listen` with each free port (0) replaced
+    /// by the port the stopped agent had bound, given its `listen_addrs()`, so the other
+    /// devices find it where it was.
+    pub fn keep_ports(&mut self, bound: &[Multiaddr]) {
+        self.listen = crate::net::swarm::keep_bound_ports(&self.listen, bound);
+    }
 }
 
 /// `/ip4/127.0.0.1/tcp/0`.
@@ -482,7 +489,7 @@ impl AgentHandle {
     }
 
     /// The apps allowed to use the y-websocket endpoint, and their tokens.
-    pub fn apps(&self) -> &Arc<AppRegistry> {
+    pub fn apps(&self) -> &AppRegistry {
         &self.inner.apps
     }
 

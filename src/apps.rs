@@ -117,7 +117,7 @@ pub struct AppRegistry {
 
 impl AppRegistry {
     /// Loads the apps stored in `store`.
-    pub fn load(store: AppStore) -> Result<Self, StoreError> {
+    pub(crate) fn load(store: AppStore) -> Result<Self, StoreError> {
         let grants = store
             .list()?
             .into_iter()
@@ -199,7 +199,7 @@ impl AppRegistry {
     }
 
     /// Releases the database and revokes every grant (the agent stops).
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         self.store.close();
         for (_, grant) in write(&self.grants).drain() {
             grant.revoked.cancel();

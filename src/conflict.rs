@@ -232,6 +232,14 @@ impl Conflicts {
             .collect())
     }
 
+    /// Every later change to the recorded conflicts (here or on another device).
+    pub fn watch(&self) -> Result<ConflictWatch, ConflictError> {
+        Ok(ConflictWatch {
+            changes: self.records()?.subscribe(),
+            conflicts: self.clone(),
+        })
+    }
+
     /// A resolved conflict as the document holds it. Two devices that resolved the same conflict
     /// while apart each wrote a value and a record; Yjs keeps one of each independently, so the
     /// record kept can name the value that lost. The document is the truth: the resolution shows
@@ -274,8 +282,7 @@ impl Conflicts {
         if kept != "winner" {
             let doc = self.registry.handle(&conflict.doc)?;
             let map = conflict.map.first().cloned().unwrap_or_default();
-            doc.set_map_value(&map, &conflict.key, crate::docs::json_to_any(&value))
-                .await?;
+            doc.set_json(&map, &conflict.key, &value).await?;
         }
         let resolution = Resolution {
             kept,
@@ -284,5 +291,26 @@ impl Conflicts {
             at: now(),
         };
         Ok(mark_resolved(&records, conflict, resolution).await?)
+    }
+}
+
+/// A stream of the open conflicts after each change to them, from [`Conflicts::watch`].
+pub struct ConflictWatch {
+    conflicts: Conflicts,
+    changes: tokio::sync::broadcast::Receiver<crate::docs::DocUpdate>,
+}
+
+impl ConflictWatch {
+    /// The open conflicts after the next change; `None` once the agent has stopped.
+    pub async fn next(&mut self) -> Option<Vec<Conflict>> {
+        loop {
+            if let Err(tokio::sync::broadcast::error::RecvError::Closed) = self.changes.recv().await
+            {
+                return None;
+            }
+            if let Ok(open) = self.conflicts.list(None, false) {
+                return Some(open);
+            }
+        }
     }
 }

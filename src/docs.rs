@@ -105,6 +105,13 @@ pub enum DocError {
         wanted: RootKind,
         hint: &'static str,
     },
+    #[error("document {doc:?}: {reason}")]
+    InvalidValue { doc: String, reason: String },
+    #[error(
+        "document {0:?} is reserved for the agent (names starting with {RESERVED_PREFIX:?}): \
+         apps may read it, not write it"
+    )]
+    Reserved(String),
     #[error("the agent has stopped")]
     AgentStopped,
 }
@@ -177,6 +184,8 @@ impl DocError {
             self,
             DocError::InvalidUpdate { .. }
                 | DocError::InvalidStateVector { .. }
+                | DocError::InvalidValue { .. }
+                | DocError::Reserved(_)
                 | DocError::Store(StoreError::InvalidDocName { .. })
         )
     }
@@ -827,6 +836,16 @@ impl DocHandle {
         Ok(self.durable(applied.durable))
     }
 
+    /// Applies a Yjs update in the v2 encoding (`Y.encodeStateAsUpdateV2`) now; it is stored
+    /// and sent as v1. The [`Durable`] completes once it is on disk.
+    pub fn apply_update_v2_deferred(&self, update: &[u8]) -> Result<Durable, DocError> {
+        let v1 = v2_to_v1(update).map_err(|reason| DocError::InvalidUpdate {
+            doc: self.name().to_string(),
+            reason,
+        })?;
+        self.apply_update_deferred(&v1)
+    }
+
     /// Applies a Yjs update now and stores it with the writer's next batch (flushed within its
     /// lazy-flush window), without a flush of its own: for a sender that gets no
     /// acknowledgement and re-sends what the agent lacks when it reconnects (a y-websocket
@@ -888,6 +907,31 @@ impl DocHandle {
         };
         self.registry.remember_write(&self.live, map, key, write);
         Ok(durable)
+    }
+
+    /// Sets `map.key` to a JSON value; returns once durable. Integers beyond ±(2^53 - 1) are
+    /// refused ([`DocError::InvalidValue`]: JavaScript would read them rounded).
+    pub async fn set_json(
+        &self,
+        map: &str,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<(), DocError> {
+        self.set_json_deferred(map, key, value)?.wait().await
+    }
+
+    /// [`DocHandle::set_json`] applied now, durable later.
+    pub fn set_json_deferred(
+        &self,
+        map: &str,
+        key: &str,
+        value: &serde_json::Value,
+    ) -> Result<Durable, DocError> {
+        check_json_numbers(value).map_err(|reason| DocError::InvalidValue {
+            doc: self.name().to_string(),
+            reason,
+        })?;
+        self.set_map_value_deferred(map, key, json_to_any(value))
     }
 
     /// Appends `text` to the root text `name`; returns once durable. A root `name` of another

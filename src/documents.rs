@@ -5,8 +5,11 @@
 
 use std::sync::Arc;
 
-use crate::docs::{DocError, DocHandle, DocRegistry, RESERVED_PREFIX};
-use crate::store::{DocMeta, StoreError};
+use crate::docs::{DocRegistry, RESERVED_PREFIX};
+use crate::store::StoreError;
+
+pub use crate::docs::{DocError, DocHandle, DocUpdate, Durable, Origin, RootKind, TextOffsets};
+pub use crate::store::DocMeta;
 
 /// The documents concern of one agent.
 #[derive(Clone)]
@@ -27,6 +30,22 @@ impl Documents {
     /// One of the agent's own `_devicelink/` documents (read it; the agent writes it).
     pub fn open_system(&self, name: &str) -> Result<DocHandle, DocError> {
         self.registry.handle(name)
+    }
+
+    /// Checks that `name` can name a document (not empty, at most 255 bytes, no control
+    /// characters); the error says what is wrong with it.
+    pub fn check_name(&self, name: &str) -> Result<(), DocError> {
+        crate::docs::validate_name(name)
+    }
+
+    /// Checks that apps may write document `name`: a valid name, not one of the agent's own
+    /// (`_devicelink/`) documents, which apps read but never write.
+    pub fn check_writable(&self, name: &str) -> Result<(), DocError> {
+        self.check_name(name)?;
+        if name.starts_with(RESERVED_PREFIX) {
+            return Err(DocError::Reserved(name.to_string()));
+        }
+        Ok(())
     }
 
     /// Whether this device has document `name` (stored, or open in memory), without creating it.

@@ -24,7 +24,10 @@
 //! - [`net`]: the libp2p swarm, trust gating, redial.
 //! - [`agent`]: ties it together behind [`AgentHandle`], with a handle per concern:
 //!   [`documents`] (`docs()`), [`devices`] (pairing, trust), [`handoff::Activities`],
-//!   [`conflict::Conflicts`]; [`diagnostics`]: its `status` and `doctor` reports.
+//!   [`conflict::Conflicts`], [`PresenceHub`] (`presence()`, with a [`PresenceClient`] per
+//!   local client), [`apps::AppRegistry`] (`apps()`); [`diagnostics`]: its `status` and
+//!   `doctor` reports. Front ends (CLI, IPC server, y-websocket bridge, bench, bindings) use
+//!   only these.
 //! - [`ipc`]: the local JSON-lines socket apps use; [`client`]: its async Rust client.
 //! - [`bridge`]: the y-websocket endpoint, so unmodified Yjs apps use the agent as provider;
 //!   [`apps`]: the per-app tokens it (and a scoped IPC connection) requires;
@@ -67,7 +70,8 @@ pub mod store;
 pub mod sync;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentHandle, AgentStatus};
-pub use docs::{DocError, DocHandle, DocUpdate, Origin};
+pub use documents::{DocError, DocHandle, DocUpdate, Documents, Durable, Origin, TextOffsets};
+pub use presence::{PresenceClient, PresenceEvent, PresenceHub};
 pub use libp2p::{Multiaddr, PeerId};
 pub use status::PeerStatus;
 pub use yrs;

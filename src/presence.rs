@@ -58,6 +58,11 @@ pub struct PresenceEvent {
 }
 
 impl PresenceEvent {
+    /// The changed clients as JSON (see [`PresenceHub::states_json`]).
+    pub fn states_json(&self) -> serde_json::Value {
+        to_json(&self.update)
+    }
+
     /// The change as a y-protocols awareness update.
     pub fn encode(&self) -> Vec<u8> {
         self.update.encode_v1()
@@ -110,12 +115,12 @@ impl PresenceHub {
     }
 
     /// A fresh id for a local client ([`Source::Local`]).
-    pub fn local_id(&self) -> u64 {
+    pub(crate) fn local_id(&self) -> u64 {
         self.next_local.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Decodes a y-protocols awareness update and applies it.
-    pub fn apply_encoded(
+    pub(crate) fn apply_encoded(
         &self,
         doc: &str,
         bytes: &[u8],
@@ -128,7 +133,7 @@ impl PresenceHub {
 
     /// Applies an awareness update from `source`; returns how many clients changed. Entries
     /// that are too large or not JSON fail the whole update (nothing is applied).
-    pub fn apply(
+    pub(crate) fn apply(
         &self,
         doc: &str,
         update: AwarenessUpdate,
@@ -193,7 +198,7 @@ impl PresenceHub {
     /// Everyone present now that `peer` did not tell this device about, per document: what a
     /// sync session with `peer` sends when it starts (§23), so the peer sees who is here at once
     /// rather than at the next renewal.
-    pub fn held_for(&self, peer: PeerId) -> Vec<(Arc<str>, AwarenessUpdate)> {
+    pub(crate) fn held_for(&self, peer: PeerId) -> Vec<(Arc<str>, AwarenessUpdate)> {
         let docs = lock(&self.docs);
         docs.iter()
             .filter_map(|(doc, clients)| {
@@ -214,6 +219,21 @@ impl PresenceHub {
                 (!clients.is_empty()).then(|| (doc.clone(), AwarenessUpdate { clients }))
             })
             .collect()
+    }
+
+    /// A new local client of the hub (a y-websocket or IPC connection, an embedding app): what
+    /// it sets is marked as its own and removed everywhere when it is dropped.
+    pub fn client(self: &Arc<Self>) -> PresenceClient {
+        PresenceClient {
+            hub: self.clone(),
+            id: self.local_id(),
+            used: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Everyone present in `doc` now as JSON: `[{"client", "clock", "state"}]`.
+    pub fn states_json(&self, doc: &str) -> serde_json::Value {
+        to_json(&self.states(doc))
     }
 
     /// Everyone present in `doc` now, as one awareness update (empty if nobody).
@@ -256,13 +276,13 @@ impl PresenceHub {
     }
 
     /// Removes every state `source` set (a client left, a device disconnected).
-    pub fn remove_source(&self, source: Source) {
+    pub(crate) fn remove_source(&self, source: Source) {
         let forward = matches!(source, Source::Local(_));
         self.remove_where(|e| e.source == source, source, forward);
     }
 
     /// Removes states not renewed within [`OUTDATED`], and forgets old removals.
-    pub fn expire(&self) {
+    pub(crate) fn expire(&self) {
         let now = Instant::now();
         self.remove_where(
             |e| now.duration_since(e.renewed) >= OUTDATED,
@@ -278,7 +298,7 @@ impl PresenceHub {
     /// Runs [`PresenceHub::expire`] every few seconds while anyone is present, until the hub
     /// is dropped; with nobody present it sleeps until someone is (checking for the drop
     /// every minute).
-    pub async fn expire_forever(hub: std::sync::Weak<PresenceHub>) {
+    pub(crate) async fn expire_forever(hub: std::sync::Weak<PresenceHub>) {
         loop {
             let Some(strong) = hub.upgrade() else { return };
             if lock(&strong.docs).is_empty() {
@@ -344,6 +364,48 @@ impl PresenceHub {
             source,
             forward,
         });
+    }
+}
+
+/// One local client's presence: its changes carry its [`Source::Local`] id, and its states leave
+/// every device when it is dropped (its connection closed).
+pub struct PresenceClient {
+    hub: Arc<PresenceHub>,
+    id: u64,
+    /// Whether it applied anything: one that never did has nothing to remove when dropped
+    /// (and skips the walk over every document's presence).
+    used: std::sync::atomic::AtomicBool,
+}
+
+impl PresenceClient {
+    /// This client's local id (the id of its [`Source::Local`]).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Applies an awareness update from this client; returns how many clients changed.
+    pub fn apply(&self, doc: &str, update: AwarenessUpdate) -> Result<usize, PresenceError> {
+        self.used.store(true, Ordering::Relaxed);
+        self.hub.apply(doc, update, Source::Local(self.id))
+    }
+
+    /// Decodes a y-protocols awareness update from this client and applies it.
+    pub fn apply_encoded(&self, doc: &str, bytes: &[u8]) -> Result<usize, PresenceError> {
+        self.used.store(true, Ordering::Relaxed);
+        self.hub.apply_encoded(doc, bytes, Source::Local(self.id))
+    }
+
+    /// Whether `source` is this client (to leave its own changes out of what it is sent).
+    pub fn is(&self, source: Source) -> bool {
+        source == Source::Local(self.id)
+    }
+}
+
+impl Drop for PresenceClient {
+    fn drop(&mut self) {
+        if self.used.load(Ordering::Relaxed) {
+            self.hub.remove_source(Source::Local(self.id));
+        }
     }
 }
 

@@ -259,19 +259,18 @@ async fn dropped_peer_is_redialed_automatically() {
 /// starts, not at the next renewal (15 s later).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_held_before_a_session_reaches_the_peer_at_session_start() {
-    use devicelink::presence::{single, Source};
+    use devicelink::presence::single;
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = start(da.path(), "a").await;
     let b = start(db.path(), "b").await;
     let alice = serde_json::json!({"user": {"name": "alice"}});
-    let local = a.presence().local_id();
-    a.presence()
-        .apply("notes", single(4242, 1, Some(&alice)), Source::Local(local))
-        .unwrap();
+    let app = a.presence().client();
+    app.apply("notes", single(4242, 1, Some(&alice))).unwrap();
     link(&a, &b);
     let started = std::time::Instant::now();
     wait_until(Duration::from_secs(5), "alice's presence on b", || {
-        devicelink::presence::to_json(&b.presence().states("notes"))
+        b.presence()
+            .states_json("notes")
             .to_string()
             .contains("alice")
     })

@@ -10,7 +10,7 @@
 //! - Every change made elsewhere goes to the client as `Update`; its own changes do not come
 //!   back. A client too slow to keep up misses the live stream and gets one catch-up `Update`
 //!   (the diff against what it had) instead of an ever-growing queue.
-//! - Awareness: applied to the [`PresenceHub`](crate::presence::PresenceHub); every change in the
+//! - Awareness: applied as the connection's [`PresenceClient`]; every change in the
 //!   document, renewals and the client's own included, is sent back (y-websocket clients close a
 //!   socket that hears nothing for 30 s; renewals every 15 s keep it open). A quiet connection
 //!   also gets an empty awareness message every 10 s for the same reason.
@@ -35,8 +35,8 @@ use yrs::{ReadTxn, StateVector, Transact};
 
 use crate::agent::AgentHandle;
 use crate::apps::AppGrant;
-use crate::docs::DocHandle;
-use crate::presence::{PresenceEvent, Source};
+use crate::documents::DocHandle;
+use crate::presence::{PresenceClient, PresenceEvent, PresenceHub};
 
 /// A send that does not complete in this time ends the connection (the client stopped reading).
 const SEND_STALL: Duration = Duration::from_secs(30);
@@ -57,10 +57,9 @@ enum ConnError {
 type Ws = WebSocketStream<TcpStream>;
 
 pub(super) async fn run(agent: AgentHandle, ws: Ws, doc: String, grant: Arc<AppGrant>) {
-    let hub = agent.presence().clone();
-    let id = hub.local_id();
+    let presence = agent.presence().client();
     let handle = match agent.docs().open(&doc) {
-        Ok(handle) => handle.for_client(id),
+        Ok(handle) => handle.for_client(presence.id()),
         Err(e) => {
             tracing::warn!(doc, "y-websocket: cannot open the document: {e}");
             let mut ws = ws;
@@ -74,7 +73,7 @@ pub(super) async fn run(agent: AgentHandle, ws: Ws, doc: String, grant: Arc<AppG
         ws,
         doc: handle,
         grant,
-        id,
+        presence,
         client_sv: StateVector::default(),
         told_read_only: false,
         last_sent: Instant::now(),
@@ -82,15 +81,15 @@ pub(super) async fn run(agent: AgentHandle, ws: Ws, doc: String, grant: Arc<AppG
     if let Err(e) = conn.serve(&agent).await {
         tracing::debug!(doc, app = %conn.grant.name, "y-websocket connection ended: {e}");
     }
-    hub.remove_source(Source::Local(id));
+    // Dropping the connection drops its presence client: its states leave every device.
 }
 
 struct Connection {
     ws: Ws,
     doc: DocHandle,
     grant: Arc<AppGrant>,
-    /// This connection's client id (stamped on its changes and its presence).
-    id: u64,
+    /// This connection as a presence client; its id is stamped on its changes too.
+    presence: PresenceClient,
     /// What the client said it had (its `SyncStep1`): a catch-up diffs against it.
     client_sv: StateVector,
     told_read_only: bool,
@@ -130,7 +129,7 @@ impl Connection {
                         let _ = self.ws.close(Some(close(CloseCode::Normal, "the document was deleted"))).await;
                         return Ok(());
                     }
-                    Ok(change) if change.client == self.id => {}
+                    Ok(change) if change.client == self.presence.id() => {}
                     Ok(change) => {
                         self.send(Message::Sync(SyncMessage::Update(change.update.to_vec()))).await?;
                     }
@@ -165,7 +164,7 @@ impl Connection {
     async fn receive(
         &mut self,
         data: &[u8],
-        hub: &crate::presence::PresenceHub,
+        hub: &PresenceHub,
     ) -> Result<Option<String>, ConnError> {
         let mut decoder = DecoderV1::from(data);
         for message in MessageReader::new(&mut decoder) {
@@ -195,7 +194,7 @@ impl Connection {
                     }
                 }
                 Message::Awareness(update) => {
-                    if let Err(e) = hub.apply(self.doc.name(), update, Source::Local(self.id)) {
+                    if let Err(e) = self.presence.apply(self.doc.name(), update) {
                         tracing::debug!(doc = self.doc.name(), "presence ignored: {e}");
                     }
                 }
@@ -213,7 +212,7 @@ impl Connection {
         self.send(Message::Awareness((*event.update).clone())).await
     }
 
-    async fn send_presence(&mut self, hub: &crate::presence::PresenceHub) -> Result<(), ConnError> {
+    async fn send_presence(&mut self, hub: &PresenceHub) -> Result<(), ConnError> {
         let states = hub.states(self.doc.name());
         if states.clients.is_empty() {
             return Ok(());

@@ -183,11 +183,12 @@ fn admit(agent: &AgentHandle, request: &Request) -> Result<Admission, (StatusCod
     }
     let doc = doc_name(request.uri().path())
         .map_err(|reason| (StatusCode::BAD_REQUEST, reason.to_string()))?;
-    if doc.starts_with(crate::group::RESERVED_PREFIX) {
-        return Err((
-            StatusCode::FORBIDDEN,
-            format!("document {doc:?} belongs to the agent"),
-        ));
+    agent
+        .docs()
+        .check_name(&doc)
+        .map_err(|e| (StatusCode::BAD_REQUEST, e.to_string()))?;
+    if let Err(e) = agent.docs().check_writable(&doc) {
+        return Err((StatusCode::FORBIDDEN, e.to_string()));
     }
     if !grant.may_read(&doc) {
         return Err((
@@ -205,7 +206,9 @@ fn doc_name(path: &str) -> Result<String, String> {
         .decode_utf8()
         .map_err(|_| "the document name is not UTF-8".to_string())?
         .into_owned();
-    crate::docs::validate_name(&name).map_err(|e| e.to_string())?;
+    if name.is_empty() {
+        return Err("the path names no document: connect to ws://HOST:PORT/DOCUMENT".into());
+    }
     Ok(name)
 }
 

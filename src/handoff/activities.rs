@@ -9,7 +9,7 @@ use libp2p::PeerId;
 use tokio::sync::broadcast;
 
 use super::{Activity, ActivityDoc, ActivityDraft, ActivityState, HandoffError};
-use crate::docs::{DocHandle, DocRegistry, RESERVED_PREFIX};
+use crate::docs::{DocHandle, DocRegistry, DocUpdate, RESERVED_PREFIX};
 
 /// Opens a handoff stream to a device within a time limit (the agent connects and opens it).
 pub(crate) type OpenClaimStream = Arc<
@@ -105,6 +105,16 @@ impl Activities {
     /// Activities of this device that were continued on another one.
     pub fn continued_elsewhere(&self) -> broadcast::Receiver<Activity> {
         self.continued.subscribe()
+    }
+
+    /// Every later change: the live activities after each change to them, and this device's
+    /// activities continued on another one.
+    pub fn watch(&self) -> Result<ActivityWatch, HandoffError> {
+        Ok(ActivityWatch {
+            changes: self.store()?.subscribe(),
+            continued: self.continued.subscribe(),
+            activities: self.clone(),
+        })
     }
 
     /// Continues activity `id` on this device: catches up every document it needs to at least
@@ -214,4 +224,45 @@ pub struct Handoff {
     pub activity: Activity,
     /// Every document the activity needs, as JSON, caught up to at least the recorded state.
     pub docs: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// What an [`ActivityWatch`] hears.
+#[derive(Debug, Clone)]
+pub enum ActivityEvent {
+    /// The live activities, after a change to them (here or on another device).
+    Changed(Vec<Activity>),
+    /// An activity of this device was continued on another one.
+    ContinuedElsewhere(Activity),
+}
+
+/// A stream of [`ActivityEvent`]s, from [`Activities::watch`].
+pub struct ActivityWatch {
+    activities: Activities,
+    changes: broadcast::Receiver<DocUpdate>,
+    continued: broadcast::Receiver<Activity>,
+}
+
+impl ActivityWatch {
+    /// The next event; `None` once the agent has stopped. Changes that come faster than they are
+    /// read are merged into one `Changed`.
+    pub async fn next(&mut self) -> Option<ActivityEvent> {
+        loop {
+            tokio::select! {
+                change = self.changes.recv() => match change {
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                    // A missed change is covered by listing now.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if let Ok(activities) = self.activities.list() {
+                            return Some(ActivityEvent::Changed(activities));
+                        }
+                    }
+                },
+                activity = self.continued.recv() => match activity {
+                    Ok(activity) => return Some(ActivityEvent::ContinuedElsewhere(activity)),
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                },
+            }
+        }
+    }
 }

@@ -32,7 +32,7 @@ use crate::docs::{DocError, DocHandle};
 mod activities;
 use crate::sync::message::{codec, Version, PROTOCOL_VERSION};
 pub(crate) use activities::OpenClaimStream;
-pub use activities::{Activities, Handoff};
+pub use activities::{Activities, ActivityEvent, ActivityWatch, Handoff};
 
 pub const ACTIVITIES_DOC: &str = "_devicelink/activities";
 pub const HANDOFF_PROTOCOL: StreamProtocol = StreamProtocol::new("/devicelink/handoff/1.4.0");

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
 use super::protocol::{ErrorCode, Event};
-use crate::presence::{self, PresenceHub, Source};
+use crate::presence::{self, PresenceClient, PresenceEvent, PresenceHub, Source};
 
 /// One state this connection set: its awareness client id, clock and JSON.
 struct Own {
@@ -21,18 +21,16 @@ struct Own {
 
 /// The presence of one connection.
 pub(super) struct ConnPresence {
-    hub: Arc<PresenceHub>,
-    /// This connection's local id (its [`Source`]).
-    id: u64,
+    /// This connection as a presence client (its states leave when it is dropped).
+    client: Arc<PresenceClient>,
     own: Arc<Mutex<HashMap<String, Own>>>,
     renewer: Option<AbortHandle>,
 }
 
 impl ConnPresence {
-    pub(super) fn new(hub: Arc<PresenceHub>, id: u64) -> Self {
+    pub(super) fn new(client: PresenceClient) -> Self {
         Self {
-            hub,
-            id,
+            client: Arc::new(client),
             own: Arc::default(),
             renewer: None,
         }
@@ -53,8 +51,8 @@ impl ConnPresence {
             (entry.client, entry.clock)
         };
         let update = presence::single(client, clock, (!state.is_null()).then_some(&state));
-        self.hub
-            .apply(doc, update, Source::Local(self.id))
+        self.client
+            .apply(doc, update)
             .map_err(|e| (ErrorCode::InvalidArgument, e.to_string()))?;
         if state.is_null() {
             lock(&self.own).remove(doc);
@@ -68,7 +66,7 @@ impl ConnPresence {
         if self.renewer.is_some() {
             return;
         }
-        let (hub, own, id) = (self.hub.clone(), self.own.clone(), self.id);
+        let (client, own) = (self.client.clone(), self.own.clone());
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(presence::OUTDATED / 2);
             tick.tick().await;
@@ -85,7 +83,7 @@ impl ConnPresence {
                     })
                     .collect();
                 for (doc, update) in renewals {
-                    let _ = hub.apply(&doc, update, Source::Local(id));
+                    let _ = client.apply(&doc, update);
                 }
             }
         });
@@ -95,11 +93,10 @@ impl ConnPresence {
 
 impl Drop for ConnPresence {
     fn drop(&mut self) {
-        // The renewer starts with the first `awareness_set`: without it, nothing to remove
-        // (and no walk over every document's presence when a plain connection closes).
+        // The renewer holds the client too: stop it, so the client (and with it this
+        // connection's presence) goes now.
         if let Some(task) = self.renewer.take() {
             task.abort();
-            self.hub.remove_source(Source::Local(self.id));
         }
     }
 }
@@ -108,14 +105,14 @@ impl Drop for ConnPresence {
 pub(super) async fn forward(
     subscription: u64,
     doc: String,
-    mut events: broadcast::Receiver<presence::PresenceEvent>,
+    mut events: broadcast::Receiver<PresenceEvent>,
     hub: Arc<PresenceHub>,
     out: super::outbox::Outbox,
 ) {
     loop {
         let (states, origin) = match events.recv().await {
             Ok(event) if *event.doc == *doc => (
-                presence::to_json(&event.update),
+                event.states_json(),
                 match event.source {
                     Source::Local(_) => "local".to_string(),
                     Source::Peer(peer) => peer.to_string(),
@@ -125,7 +122,7 @@ pub(super) async fn forward(
             Ok(_) => continue,
             // Missed some: send everyone present now.
             Err(broadcast::error::RecvError::Lagged(_)) => {
-                (presence::to_json(&hub.states(&doc)), "local".to_string())
+                (hub.states_json(&doc), "local".to_string())
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };

@@ -18,7 +18,7 @@ use super::awareness::ConnPresence;
 use super::outbox::Outbox;
 use super::protocol::{ErrorCode, Event, Request, RequestBody, Response, MAX_LINE_LEN};
 use crate::agent::{AgentError, AgentHandle};
-use crate::docs::{DocError, Origin};
+use crate::documents::{DocError, DocHandle, Durable, Origin, TextOffsets};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -217,7 +217,7 @@ async fn read_line(
 /// How a request is answered: now, or once the change it made is durable.
 enum Reply {
     Now(serde_json::Value),
-    Later(crate::docs::Durable, serde_json::Value),
+    Later(Durable, serde_json::Value),
 }
 
 struct Connection {
@@ -234,20 +234,19 @@ struct Connection {
 
 impl Connection {
     fn new(agent: AgentHandle) -> Self {
-        let hub = agent.presence().clone();
-        let id = hub.local_id();
+        let client = agent.presence().client();
         Self {
+            id: client.id(),
+            presence: ConnPresence::new(client),
             agent,
             subscriptions: HashMap::new(),
             next_subscription: 1,
-            id,
             grant: None,
-            presence: ConnPresence::new(hub, id),
         }
     }
 
     /// The document, with changes through it marked as this connection's.
-    fn open(&self, doc: &str) -> Result<crate::DocHandle, (ErrorCode, String)> {
+    fn open(&self, doc: &str) -> Result<DocHandle, (ErrorCode, String)> {
         Ok(self
             .agent
             .docs()
@@ -383,12 +382,10 @@ impl Connection {
                 key,
                 value,
             } => {
-                writable(&doc)?;
-                crate::docs::check_json_numbers(&value)
-                    .map_err(|e| (ErrorCode::InvalidArgument, e))?;
+                agent.docs().check_writable(&doc).map_err(doc_error)?;
                 let handle = self.open(&doc)?;
                 let durable = handle
-                    .set_map_value_deferred(&map, &key, crate::docs::json_to_any(&value))
+                    .set_json_deferred(&map, &key, &value)
                     .map_err(doc_error)?;
                 return Ok(Reply::Later(durable, json!({})));
             }
@@ -400,10 +397,10 @@ impl Connection {
                 insert,
                 offsets,
             } => {
-                writable(&doc)?;
+                agent.docs().check_writable(&doc).map_err(doc_error)?;
                 let (offsets, unit) = match offsets.as_deref() {
-                    None | Some("utf8") => (crate::docs::TextOffsets::Utf8, "utf8"),
-                    Some("utf16") => (crate::docs::TextOffsets::Utf16, "utf16"),
+                    None | Some("utf8") => (TextOffsets::Utf8, "utf8"),
+                    Some("utf16") => (TextOffsets::Utf16, "utf16"),
                     Some(other) => {
                         return Err((
                             ErrorCode::InvalidArgument,
@@ -425,23 +422,25 @@ impl Connection {
                 update,
                 encoding,
             } => {
-                writable(&doc)?;
-                let mut bytes = decode_b64(&update, "update")?;
-                match encoding.as_deref() {
-                    None | Some("v1") => {}
-                    Some("v2") => {
-                        bytes = crate::docs::v2_to_v1(&bytes)
-                            .map_err(|e| (ErrorCode::InvalidArgument, e))?;
-                    }
+                agent.docs().check_writable(&doc).map_err(doc_error)?;
+                let bytes = decode_b64(&update, "update")?;
+                let v2 = match encoding.as_deref() {
+                    None | Some("v1") => false,
+                    Some("v2") => true,
                     Some(other) => {
                         return Err((
                             ErrorCode::InvalidArgument,
                             format!("unknown encoding {other:?}: \"v1\" (the default) or \"v2\""),
                         ))
                     }
-                }
+                };
                 let handle = self.open(&doc)?;
-                let durable = handle.apply_update_deferred(&bytes).map_err(doc_error)?;
+                let durable = if v2 {
+                    handle.apply_update_v2_deferred(&bytes)
+                } else {
+                    handle.apply_update_deferred(&bytes)
+                }
+                .map_err(doc_error)?;
                 return Ok(Reply::Later(durable, json!({})));
             }
             RequestBody::DocStateVector { doc } => {
@@ -502,17 +501,17 @@ impl Connection {
                 answer
             }
             RequestBody::AwarenessSet { doc, state } => {
-                crate::docs::validate_name(&doc).map_err(doc_error)?;
+                agent.docs().check_name(&doc).map_err(doc_error)?;
                 json!({ "client": self.presence.set(&doc, state)? })
             }
             RequestBody::AwarenessGet { doc } => {
-                json!({ "states": crate::presence::to_json(&agent.presence().states(&doc)) })
+                json!({ "states": agent.presence().states_json(&doc) })
             }
             RequestBody::AwarenessSubscribe { doc } => {
                 let hub = agent.presence().clone();
                 let subscription = self.next_subscription;
                 let events = hub.subscribe();
-                let states = crate::presence::to_json(&hub.states(&doc));
+                let states = hub.states_json(&doc);
                 let task = tokio::spawn(super::awareness::forward(
                     subscription,
                     doc,
@@ -652,28 +651,16 @@ impl Connection {
                 json!({})
             }
             RequestBody::ActivitySubscribe => {
-                let doc = agent
-                    .docs()
-                    .open_system(crate::handoff::ACTIVITIES_DOC)
-                    .map_err(doc_error)?;
-                let (mut changes, mut continued) =
-                    (doc.subscribe(), agent.activities().continued_elsewhere());
-                let (out, agent) = (out.clone(), agent.clone());
+                use crate::handoff::ActivityEvent;
+                let mut watch = agent.activities().watch().map_err(handoff_error)?;
+                let out = out.clone();
                 let task = tokio::spawn(async move {
-                    loop {
-                        let event = tokio::select! {
-                            change = changes.recv() => match change {
-                                Err(broadcast::error::RecvError::Closed) => return,
-                                _ => match agent.activities().list() {
-                                    Ok(activities) => Event::Activities { activities },
-                                    Err(_) => continue,
-                                },
-                            },
-                            activity = continued.recv() => match activity {
-                                Ok(activity) => Event::ActivityContinued { activity },
-                                Err(broadcast::error::RecvError::Closed) => return,
-                                Err(_) => continue,
-                            },
+                    while let Some(event) = watch.next().await {
+                        let event = match event {
+                            ActivityEvent::Changed(activities) => Event::Activities { activities },
+                            ActivityEvent::ContinuedElsewhere(activity) => {
+                                Event::ActivityContinued { activity }
+                            }
                         };
                         if out.event(&event).is_err() {
                             return;
@@ -711,11 +698,7 @@ impl Connection {
             } => {
                 use crate::conflict::Keep;
                 let keep = match (keep.as_deref(), value) {
-                    (_, Some(value)) => {
-                        crate::docs::check_json_numbers(&value)
-                            .map_err(|e| (ErrorCode::InvalidArgument, e))?;
-                        Keep::Value(value)
-                    }
+                    (_, Some(value)) => Keep::Value(value),
                     (Some("local"), None) => Keep::Local,
                     (Some("remote"), None) => Keep::Remote,
                     (Some("winner"), None) => Keep::Winner,
@@ -735,20 +718,10 @@ impl Connection {
                 to_value(resolved)
             }
             RequestBody::ConflictSubscribe => {
-                let doc = agent
-                    .docs()
-                    .open_system(crate::conflict::CONFLICTS_DOC)
-                    .map_err(doc_error)?;
-                let mut changes = doc.subscribe();
-                let (out, agent) = (out.clone(), agent.clone());
+                let mut watch = agent.conflicts().watch().map_err(conflict_error)?;
+                let out = out.clone();
                 let task = tokio::spawn(async move {
-                    loop {
-                        if let Err(broadcast::error::RecvError::Closed) = changes.recv().await {
-                            return;
-                        }
-                        let Ok(open) = agent.conflicts().list(None, false) else {
-                            continue;
-                        };
+                    while let Some(open) = watch.next().await {
                         if out.event(&Event::Conflicts { open }).is_err() {
                             return;
                         }
@@ -833,7 +806,7 @@ async fn forward_events(
 /// Answers writes once they are durable. The store completes acknowledgements in the order the
 /// writes were queued, so waiting for them in request order delays no answer.
 async fn answer_when_durable(
-    mut acks: mpsc::UnboundedReceiver<(u64, crate::docs::Durable, serde_json::Value)>,
+    mut acks: mpsc::UnboundedReceiver<(u64, Durable, serde_json::Value)>,
     out: Outbox,
 ) {
     while let Some((id, durable, result)) = acks.recv().await {
@@ -856,20 +829,6 @@ fn read_id(line: &[u8]) -> Option<u64> {
         .ok()?
         .get("id")?
         .as_u64()
-}
-
-/// Documents under `_devicelink/` belong to the agent; apps may read but not write them.
-fn writable(doc: &str) -> Result<(), (ErrorCode, String)> {
-    if doc.starts_with(crate::group::RESERVED_PREFIX) {
-        return Err((
-            ErrorCode::InvalidArgument,
-            format!(
-                "document {doc:?} is reserved for the agent (names starting with {:?})",
-                crate::group::RESERVED_PREFIX
-            ),
-        ));
-    }
-    Ok(())
 }
 
 fn to_value(value: impl serde::Serialize) -> serde_json::Value {
@@ -931,6 +890,9 @@ fn doc_error(e: DocError) -> (ErrorCode, String) {
         DocError::AgentStopped => (ErrorCode::Internal, e.to_string()),
         DocError::Deleted(_) | DocError::NotFound(_) => (ErrorCode::NotFound, e.to_string()),
         DocError::WrongType { .. } => (ErrorCode::WrongType, e.to_string()),
+        DocError::InvalidValue { .. } | DocError::Reserved(_) => {
+            (ErrorCode::InvalidArgument, e.to_string())
+        }
     }
 }
 
@@ -950,12 +912,11 @@ fn devices_error(e: crate::devices::DevicesError) -> (ErrorCode, String) {
 
 fn conflict_error(e: crate::conflict::ConflictError) -> (ErrorCode, String) {
     use crate::conflict::ConflictError;
-    let code = match &e {
-        ConflictError::NotFound(_) => ErrorCode::NotFound,
-        ConflictError::Doc(_) => ErrorCode::Storage,
-        _ => ErrorCode::InvalidArgument,
-    };
-    (code, e.to_string())
+    match e {
+        ConflictError::NotFound(_) => (ErrorCode::NotFound, e.to_string()),
+        ConflictError::Doc(e) => doc_error(e),
+        _ => (ErrorCode::InvalidArgument, e.to_string()),
+    }
 }
 
 fn handoff_error(e: crate::handoff::HandoffError) -> (ErrorCode, String) {

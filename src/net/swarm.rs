@@ -120,3 +120,85 @@ pub fn build_swarm_with(
         .build();
     Ok(swarm)
 }
+
+/// `configured` listen addresses with each port 0 replaced by the port an earlier run bound for
+/// the same kind of address (IPv4 or IPv6; TCP or QUIC) in `bound`; others are kept as they are.
+pub(crate) fn keep_bound_ports(
+    configured: &[libp2p::Multiaddr],
+    bound: &[libp2p::Multiaddr],
+) -> Vec<libp2p::Multiaddr> {
+    use libp2p::multiaddr::Protocol;
+    /// (IPv6, TCP, QUIC) and the port of an address.
+    fn shape(addr: &libp2p::Multiaddr) -> ((bool, bool, bool), Option<u16>) {
+        let (mut kind, mut port) = ((false, false, false), None);
+        for protocol in addr.iter() {
+            match protocol {
+                Protocol::Ip6(_) => kind.0 = true,
+                Protocol::Tcp(p) => (kind.1, port) = (true, Some(p)),
+                Protocol::Udp(p) => port = Some(p),
+                Protocol::QuicV1 => kind.2 = true,
+                _ => {}
+            }
+        }
+        (kind, port)
+    }
+    // Ports configured explicitly are not taken for another address.
+    let fixed: Vec<_> = configured.iter().map(shape).collect();
+    configured
+        .iter()
+        .map(|addr| {
+            let (kind, port) = shape(addr);
+            let earlier = bound
+                .iter()
+                .map(shape)
+                .find(|b| b.0 == kind && b.1.is_some_and(|p| p != 0) && !fixed.contains(b));
+            match (port, earlier) {
+                (Some(0), Some((_, Some(bound_port)))) => addr
+                    .iter()
+                    .map(|protocol| match protocol {
+                        Protocol::Tcp(0) => Protocol::Tcp(bound_port),
+                        Protocol::Udp(0) => Protocol::Udp(bound_port),
+                        other => other,
+                    })
+                    .collect(),
+                _ => addr.clone(),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod keep_bound_ports_tests {
+    use super::keep_bound_ports;
+    use libp2p::Multiaddr;
+
+    fn addrs(texts: &[&str]) -> Vec<Multiaddr> {
+        texts.iter().map(|t| t.parse().expect("multiaddr")).collect()
+    }
+
+    #[test]
+    fn port_0_takes_the_port_bound_for_the_same_kind_of_address() {
+        let configured = addrs(&[
+            "/ip4/127.0.0.1/tcp/4001",
+            "/ip4/0.0.0.0/tcp/0",
+            "/ip4/0.0.0.0/udp/0/quic-v1",
+            "/ip6/::/tcp/0",
+        ]);
+        let bound = addrs(&[
+            "/ip4/127.0.0.1/tcp/4001",
+            "/ip4/192.0.2.7/tcp/41000",
+            "/ip4/127.0.0.1/tcp/41000",
+            "/ip4/127.0.0.1/udp/42000/quic-v1",
+        ]);
+        assert_eq!(
+            keep_bound_ports(&configured, &bound),
+            addrs(&[
+                "/ip4/127.0.0.1/tcp/4001",
+                "/ip4/0.0.0.0/tcp/41000",
+                "/ip4/0.0.0.0/udp/42000/quic-v1",
+                // Nothing bound over IPv6: left to pick a free port again.
+                "/ip6/::/tcp/0",
+            ])
+        );
+    }
+}

@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use devicelink::{AgentHandle, Multiaddr};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
+use crate::doc::{call_listeners, Delivery, QUEUED_CALLS};
 use crate::error::DeviceLinkError;
 
 /// How to start an embedded agent. Only `data_dir` is required.
@@ -69,12 +70,38 @@ pub(crate) struct Shared {
     endpoints: Mutex<Endpoints>,
     /// Serializes start, pause, resume and shutdown.
     lifecycle: tokio::sync::Mutex<()>,
+    /// The queue of the callback thread, which calls every subscription's listener (started
+    /// with the first subscription, ended by shutdown).
+    deliveries: Mutex<Option<mpsc::Sender<Delivery>>>,
+    /// The addresses bound before a pause: `resume()` listens on the same ports.
+    bound_before_pause: Mutex<Vec<Multiaddr>>,
 }
 
 impl Shared {
     /// Runs `future` on the agent's runtime and waits for it (never call from inside it).
     pub(crate) fn block_on<F: Future>(&self, future: F) -> F::Output {
         self.rt.block_on(future)
+    }
+
+    /// Runs `future` on the agent's runtime, in the background.
+    pub(crate) fn spawn(&self, future: impl Future<Output = ()> + Send + 'static) {
+        self.rt.spawn(future);
+    }
+
+    /// The callback thread's queue, starting the thread on first use.
+    pub(crate) fn deliveries(&self) -> Result<mpsc::Sender<Delivery>, DeviceLinkError> {
+        let mut deliveries = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sender) = deliveries.as_ref() {
+            return Ok(sender.clone());
+        }
+        self.current()?;
+        let (sender, receiver) = mpsc::channel(QUEUED_CALLS);
+        std::thread::Builder::new()
+            .name("devicelink-callbacks".into())
+            .spawn(move || call_listeners(receiver))
+            .map_err(|e| DeviceLinkError::Storage(format!("cannot start a thread: {e}")))?;
+        *deliveries = Some(sender.clone());
+        Ok(sender)
     }
 
     /// The running agent, or why there is none.
@@ -92,7 +119,18 @@ impl Shared {
 
     /// Starts the library agent and the endpoints the config asked for.
     async fn launch(&self) -> Result<AgentHandle, DeviceLinkError> {
-        let handle = devicelink::Agent::start(self.library_config.clone()).await?;
+        let bound = std::mem::take(&mut *lock(&self.bound_before_pause));
+        let mut config = self.library_config.clone();
+        config.keep_ports(&bound);
+        let handle = match devicelink::Agent::start(config.clone()).await {
+            Ok(handle) => handle,
+            // A port taken meanwhile: listen on free ports as at the first start.
+            Err(e) if config.listen != self.library_config.listen => {
+                tracing::info!("cannot listen where the agent was ({e}); on free ports instead");
+                devicelink::Agent::start(self.library_config.clone()).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         match self.open_endpoints(&handle).await {
             Ok(endpoints) => {
                 *self.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = endpoints;
@@ -138,9 +176,17 @@ impl Shared {
 
     /// Closes the endpoints and stops the library agent (everything durable is flushed).
     async fn stop(&self, next: Phase) -> Result<(), DeviceLinkError> {
+        if matches!(next, Phase::Stopped) {
+            // The callback thread ends once the subscriptions (which end now) have let go.
+            self.deliveries.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        let pausing = matches!(next, Phase::Paused);
         let previous = self.phase.send_replace(next);
         *self.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = Endpoints::default();
         if let Phase::Running(handle) = previous {
+            if pausing {
+                *lock(&self.bound_before_pause) = handle.listen_addrs();
+            }
             handle.shutdown().await?;
         }
         Ok(())
@@ -233,6 +279,8 @@ impl Agent {
             phase,
             endpoints: Mutex::new(Endpoints::default()),
             lifecycle: tokio::sync::Mutex::new(()),
+            deliveries: Mutex::new(None),
+            bound_before_pause: Mutex::new(Vec::new()),
         };
         let handle = shared.block_on(shared.launch())?;
         shared.device_id = handle.device_id().to_string();
@@ -272,7 +320,8 @@ impl Agent {
     }
 
     /// For the background (a phone app leaving the foreground): flushes every change to disk,
-    /// closes connections, listeners and endpoints, and stops discovery. Documents cannot be
+    /// closes connections, listeners and endpoints, and stops discovery. `resume()` listens on
+    /// the same ports again (free ones if they were taken meanwhile). Documents cannot be
     /// used until `resume()`; subscriptions stay and deliver again after it.
     pub fn pause(&self) -> Result<(), DeviceLinkError> {
         let shared = &self.shared;
@@ -312,4 +361,8 @@ impl Agent {
             shared.stop(Phase::Stopped).await
         })
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }

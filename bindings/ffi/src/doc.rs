@@ -1,10 +1,11 @@
 //! One document of the embedded agent: JSON-valued writes, reads, Yjs v1 updates in and out, and
 //! subscriptions that call the app back for every change (its own and other devices').
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use devicelink::{DocHandle, Origin};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::agent::{Agent, Phase, Shared};
 use crate::error::DeviceLinkError;
@@ -12,7 +13,7 @@ use crate::error::DeviceLinkError;
 /// What an app implements to hear of a document's changes.
 #[uniffi::export(foreign)]
 pub trait DocListener: Send + Sync {
-    /// Called, on a thread of the agent's, for every change in order: `update` is a Yjs update
+    /// Called, on the agent's callback thread, for every change in order: `update` is a Yjs update
     /// v1 (apply it to your own Yjs document), `origin` is `"local"` for this device's changes
     /// or the device id of the device that made it. After a listener fell far behind it gets
     /// the whole document as one update, with origin `"resync"`.
@@ -57,8 +58,6 @@ fn parse_json(what: &str, text: &str) -> Result<serde_json::Value, DeviceLinkErr
             "{what} is not JSON ({e}); strings need quotes, like \"\\\"milk\\\"\""
         ))
     })?;
-    devicelink::docs::check_json_numbers(&value)
-        .map_err(|e| DeviceLinkError::InvalidArgument(format!("{what}: {e}")))?;
     Ok(value)
 }
 
@@ -74,8 +73,7 @@ impl Doc {
     pub fn set(&self, map: String, key: String, json_text: String) -> Result<(), DeviceLinkError> {
         let value = parse_json("the value", &json_text)?;
         let doc = self.handle()?;
-        let any = devicelink::docs::json_to_any(&value);
-        Ok(self.shared.block_on(doc.set_map_value(&map, &key, any))?)
+        Ok(self.shared.block_on(doc.set_json(&map, &key, &value))?)
     }
 
     /// `key` of the root map `map` as JSON (`null` when absent).
@@ -123,6 +121,10 @@ impl Doc {
 
     /// Calls `listener` for every change from now on, until `cancel()` or shutdown (a pause
     /// only suspends it). Keep the subscription to cancel it.
+    ///
+    /// Every subscription of one agent is called back on one thread of the agent's, in order:
+    /// a listener that takes long delays the others (hand heavy work to your own thread). One
+    /// that falls far behind gets the whole document as one update (origin `"resync"`).
     pub fn subscribe(
         &self,
         listener: Arc<dyn DocListener>,
@@ -132,18 +134,17 @@ impl Doc {
         let updates = doc.subscribe();
         let phases = self.shared.phase.subscribe();
         let (cancel, cancelled) = watch::channel(false);
+        let active = Arc::new(AtomicBool::new(true));
         let feed = Feed {
-            shared: self.shared.clone(),
+            deliveries: self.shared.deliveries()?,
             name: self.name.clone(),
             listener,
+            active: active.clone(),
             phases,
             cancelled,
         };
-        std::thread::Builder::new()
-            .name(format!("devicelink-sub-{}", self.name))
-            .spawn(move || feed.run(doc, updates))
-            .map_err(|e| DeviceLinkError::Storage(format!("cannot start a thread: {e}")))?;
-        Ok(Arc::new(Subscription { cancel }))
+        self.shared.spawn(feed.run(doc, updates));
+        Ok(Arc::new(Subscription { cancel, active }))
     }
 }
 
@@ -151,39 +152,79 @@ impl Doc {
 #[derive(uniffi::Object)]
 pub struct Subscription {
     cancel: watch::Sender<bool>,
+    /// Cleared by `cancel()`: calls already queued are dropped, not made.
+    active: Arc<AtomicBool>,
 }
 
 #[uniffi::export]
 impl Subscription {
     /// Stops the callbacks (one already running finishes). Safe to call twice.
     pub fn cancel(&self) {
+        self.active.store(false, Ordering::Release);
         self.cancel.send_replace(true);
     }
 }
 
-/// What a subscription's thread waits for.
+/// One call of a listener, queued for the agent's callback thread.
+pub(crate) struct Delivery {
+    listener: Arc<dyn DocListener>,
+    active: Arc<AtomicBool>,
+    name: String,
+    update: Vec<u8>,
+    origin: String,
+}
+
+/// Calls made ahead of a slow listener; beyond them its subscription waits, then resyncs.
+pub(crate) const QUEUED_CALLS: usize = 64;
+
+/// The agent's callback thread: makes every subscription's calls in order until the agent and
+/// its subscriptions are gone.
+pub(crate) fn call_listeners(mut deliveries: mpsc::Receiver<Delivery>) {
+    while let Some(delivery) = deliveries.blocking_recv() {
+        if !delivery.active.load(Ordering::Acquire) {
+            continue;
+        }
+        let Delivery {
+            listener,
+            name,
+            update,
+            origin,
+            ..
+        } = delivery;
+        let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            listener.on_update(update, origin)
+        }));
+        if called.is_err() {
+            tracing::warn!("a listener of {name:?} failed; it keeps getting changes");
+        }
+    }
+}
+
+/// What a subscription waits for.
 enum Next {
     Cancelled,
     PhaseChanged,
     Update(Result<devicelink::DocUpdate, broadcast::error::RecvError>),
 }
 
-/// One subscription's delivery thread: it follows the agent through pause and resume.
+/// One subscription, a task on the agent's runtime: it follows the agent through pause and
+/// resume and queues its listener's calls for the callback thread.
 struct Feed {
-    shared: Arc<Shared>,
+    deliveries: mpsc::Sender<Delivery>,
     name: String,
     listener: Arc<dyn DocListener>,
+    active: Arc<AtomicBool>,
     phases: watch::Receiver<Phase>,
     cancelled: watch::Receiver<bool>,
 }
 
 impl Feed {
-    fn run(mut self, doc: DocHandle, updates: broadcast::Receiver<devicelink::DocUpdate>) {
+    async fn run(mut self, doc: DocHandle, updates: broadcast::Receiver<devicelink::DocUpdate>) {
         self.phases.borrow_and_update();
         let mut current = Some((doc, updates));
         loop {
             if let Some((doc, updates)) = current.take() {
-                if !self.deliver(&doc, updates) {
+                if !self.deliver(&doc, updates).await {
                     return;
                 }
             }
@@ -192,7 +233,7 @@ impl Feed {
             match phase {
                 Phase::Stopped => return,
                 Phase::Paused => {
-                    if !self.wait_for_phase_change() {
+                    if !self.wait_for_phase_change().await {
                         return;
                     }
                 }
@@ -210,21 +251,20 @@ impl Feed {
         }
     }
 
-    /// Hands updates to the listener until the phase changes (true) or it is cancelled (false).
-    fn deliver(
+    /// Queues the listener's calls until the phase changes (true) or it is cancelled or the
+    /// callback thread is gone (false).
+    async fn deliver(
         &mut self,
         doc: &DocHandle,
         mut updates: broadcast::Receiver<devicelink::DocUpdate>,
     ) -> bool {
         loop {
-            let next = self.shared.block_on(async {
-                tokio::select! {
-                    biased;
-                    _ = cancelled(&mut self.cancelled) => Next::Cancelled,
-                    _ = self.phases.changed() => Next::PhaseChanged,
-                    update = updates.recv() => Next::Update(update),
-                }
-            });
+            let next = tokio::select! {
+                biased;
+                _ = cancelled(&mut self.cancelled) => Next::Cancelled,
+                _ = self.phases.changed() => Next::PhaseChanged,
+                update = updates.recv() => Next::Update(update),
+            };
             let (update, origin) = match next {
                 Next::Cancelled => return false,
                 Next::PhaseChanged => return true,
@@ -236,28 +276,31 @@ impl Feed {
                 }
                 Next::Update(Err(broadcast::error::RecvError::Closed)) => return true,
             };
-            let listener = &self.listener;
-            let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                listener.on_update(update, origin)
-            }));
-            if called.is_err() {
-                tracing::warn!(
-                    "a listener of {:?} failed; it keeps getting changes",
-                    self.name
-                );
+            let delivery = Delivery {
+                listener: self.listener.clone(),
+                active: self.active.clone(),
+                name: self.name.clone(),
+                update,
+                origin,
+            };
+            let queued = tokio::select! {
+                biased;
+                _ = cancelled(&mut self.cancelled) => return false,
+                queued = self.deliveries.send(delivery) => queued,
+            };
+            if queued.is_err() {
+                return false;
             }
         }
     }
 
     /// False when cancelled or the agent is gone for good.
-    fn wait_for_phase_change(&mut self) -> bool {
-        self.shared.block_on(async {
-            tokio::select! {
-                biased;
-                _ = cancelled(&mut self.cancelled) => false,
-                changed = self.phases.changed() => changed.is_ok(),
-            }
-        })
+    async fn wait_for_phase_change(&mut self) -> bool {
+        tokio::select! {
+            biased;
+            _ = cancelled(&mut self.cancelled) => false,
+            changed = self.phases.changed() => changed.is_ok(),
+        }
     }
 }
 

@@ -58,11 +58,13 @@ impl From<DocError> for DeviceLinkError {
     fn from(e: DocError) -> Self {
         let message = e.to_string();
         match e {
+            _ if e.is_bad_input() => Self::InvalidArgument(message),
             DocError::WrongType { .. } => Self::WrongType(message),
             DocError::NotFound(_) | DocError::Deleted(_) => Self::NotFound(message),
-            DocError::InvalidUpdate { .. } | DocError::InvalidStateVector { .. } => {
-                Self::InvalidArgument(message)
-            }
+            DocError::InvalidUpdate { .. }
+            | DocError::InvalidStateVector { .. }
+            | DocError::InvalidValue { .. }
+            | DocError::Reserved(_) => Self::InvalidArgument(message),
             DocError::AgentStopped => Self::Stopped(message),
             DocError::Store(_) | DocError::NotDurable { .. } => Self::Storage(message),
         }

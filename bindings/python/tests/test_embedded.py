@@ -20,10 +20,12 @@ class Collect(DocListener):
     def __init__(self):
         self.lock = threading.Lock()
         self.updates = []
+        self.threads = set()
 
     def on_update(self, update, origin):
         with self.lock:
             self.updates.append((bytes(update), origin))
+            self.threads.add(threading.get_native_id())
 
     def origins(self):
         with self.lock:
@@ -65,6 +67,9 @@ def test_sync_both_ways_pycrdt_restart_and_pause(tmp_path, daemon):
     notes = agent.doc("notes")
     heard = Collect()
     sub = notes.subscribe(heard)
+    # A second subscription (another document): every callback comes from one thread.
+    other = Collect()
+    agent.doc("todo").subscribe(other)
 
     # Daemon -> embedded, delivered to the callback with the daemon as origin.
     daemon.cli("doc", "set", "notes", "items", "milk", "false")
@@ -76,6 +81,9 @@ def test_sync_both_ways_pycrdt_restart_and_pause(tmp_path, daemon):
     wait_for("the embedded change on the daemon",
              lambda: (daemon.doc_json("notes") or {}).get("items", {}).get("eggs") is True)
     assert "local" in heard.origins()
+    agent.doc("todo").set("items", "call", "true")
+    wait_for("the change to the other document at its callback", lambda: other.origins())
+    assert len(heard.threads | other.threads) == 1, "one callback thread for every subscription"
 
     # An update made by pycrdt, applied through the agent, reaches the daemon.
     ydoc = YDoc()
@@ -107,11 +115,14 @@ def test_sync_both_ways_pycrdt_restart_and_pause(tmp_path, daemon):
     assert str(back.get("body", type=YText)) == notes.text("body")
 
     # Pause (the app went to the background): nothing usable, changes wait on the daemon.
+    # Resume listens where the agent was, so the daemon finds it at the address it knows.
+    listening = agent.listen_addrs()
     agent.pause()
     with pytest.raises(DeviceLinkError.Paused):
         notes.get_json()
     daemon.cli("doc", "set", "notes", "items", "while_paused", "1")
     agent.resume()
+    assert agent.listen_addrs() == listening
     wait_for("the change made while paused, at the same callback",
              lambda: items_of(heard.mirror()).get("while_paused") == 1, timeout=30)
 
