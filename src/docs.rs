@@ -1206,6 +1206,7 @@ pub(crate) fn v2_to_v1(bytes: &[u8]) -> Result<Vec<u8>, String> {
 
 /// Decodes a Yjs v1 state vector from outside, like [`decode_update`].
 pub(crate) fn decode_state_vector(bytes: &[u8]) -> Result<StateVector, String> {
+    crate::nesting::check_state_vector_v1(bytes).map_err(|e| e.to_string())?;
     std::panic::catch_unwind(|| StateVector::decode_v1(bytes))
         .map_err(|_| "malformed state vector (rejected by the decoder)".to_string())?
         .map_err(|e| e.to_string())

@@ -71,8 +71,8 @@ pub mod sync;
 
 pub use agent::{Agent, AgentConfig, AgentError, AgentHandle, AgentStatus};
 pub use documents::{DocError, DocHandle, DocUpdate, Documents, Durable, Origin, TextOffsets};
-pub use presence::{PresenceClient, PresenceEvent, PresenceHub};
 pub use libp2p::{Multiaddr, PeerId};
+pub use presence::{PresenceClient, PresenceEvent, PresenceHub};
 pub use status::PeerStatus;
 pub use yrs;
 

@@ -1,5 +1,11 @@
-//! Bounds how deeply values nest inside a Yjs v1 update, checked on the raw bytes before yrs
-//! decodes them.
+//! Bounds what a Yjs v1 update, state vector or awareness update may ask of yrs, checked on the
+//! raw bytes before yrs decodes them: how deeply values nest, and how many items a count
+//! declares.
+//!
+//! Counts: yrs reserves memory for a declared count before reading the items (a state vector
+//! of "250 million clients" in five bytes reserves gigabytes). Every item takes at least one byte,
+//! so a count larger than the bytes that follow is a lie; it is refused
+//! ([`NestingError::Count`]) before yrs sees it.
 //!
 //! yrs decodes, renders (JSON), encodes and drops nested values recursively: an update of a few
 //! kilobytes holding an array nested 25,000 deep overflows the stack and aborts the process. This
@@ -21,6 +27,12 @@ pub enum NestingError {
     Value,
     #[error("shared types nest deeper than {MAX_TYPE_DEPTH} levels; refused")]
     Type,
+    #[error("declares {declared} {what} in {bytes} bytes, more than they can hold; refused")]
+    Count {
+        what: &'static str,
+        declared: u64,
+        bytes: usize,
+    },
 }
 
 /// Checks a Yjs v1 update's nesting. `Ok` also for bytes that are not a well-formed update
@@ -31,6 +43,72 @@ pub fn check_update_v1(bytes: &[u8]) -> Result<(), NestingError> {
         Err(Scan::Nesting(e)) => Err(e),
         Ok(()) | Err(Scan::Unreadable) => Ok(()),
     }
+}
+
+/// Checks a state vector (Yjs v1, as in `SyncStep1`): its client count fits its bytes.
+pub fn check_state_vector_v1(bytes: &[u8]) -> Result<(), NestingError> {
+    let mut reader = Reader { bytes, at: 0 };
+    // Each entry is a client id and a clock: two variable-length integers.
+    match reader.count("state vector entries", 2) {
+        Err(Scan::Nesting(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a y-protocols awareness update: its client count fits its bytes.
+pub fn check_awareness_v1(bytes: &[u8]) -> Result<(), NestingError> {
+    let mut reader = Reader { bytes, at: 0 };
+    // Each entry is a client id, a clock and a JSON string (its length at least).
+    match reader.count("awareness entries", 3) {
+        Err(Scan::Nesting(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Checks every message of a y-protocols frame (y-websocket: sync step 1 and 2, updates,
+/// awareness) before yrs decodes it: state vectors and awareness counts, and updates' nesting
+/// and counts. Messages it does not know are left to the decoder.
+pub fn check_y_protocols_frame(bytes: &[u8]) -> Result<(), NestingError> {
+    let mut reader = Reader { bytes, at: 0 };
+    while reader.at < bytes.len() {
+        let Ok(kind) = reader.var() else {
+            return Ok(());
+        };
+        let checked = match kind {
+            // Sync: step 1 (a state vector), step 2 or update (an update).
+            0 => {
+                let Ok(step) = reader.var() else {
+                    return Ok(());
+                };
+                let Ok(payload) = reader.buf() else {
+                    return Ok(());
+                };
+                match step {
+                    0 => check_state_vector_v1(payload),
+                    1 | 2 => check_update_v1(payload),
+                    _ => return Ok(()),
+                }
+            }
+            1 => {
+                let Ok(payload) = reader.buf() else {
+                    return Ok(());
+                };
+                check_awareness_v1(payload)
+            }
+            // Auth (a reason string), awareness query (nothing): nothing yrs reserves for.
+            2 => {
+                let _ = reader.var();
+                if reader.buf().is_err() {
+                    return Ok(());
+                }
+                Ok(())
+            }
+            3 => Ok(()),
+            _ => return Ok(()),
+        };
+        checked?;
+    }
+    Ok(())
 }
 
 enum Scan {
@@ -82,6 +160,30 @@ impl Reader<'_> {
         Ok(())
     }
 
+    /// A count of items that take at least `min_item_len` bytes each: refused if the bytes
+    /// left cannot hold them.
+    fn count(&mut self, what: &'static str, min_item_len: u64) -> Result<u64, Scan> {
+        let declared = self.var()?;
+        let left = self.bytes.len() - self.at;
+        if declared.saturating_mul(min_item_len) > left as u64 {
+            return Err(NestingError::Count {
+                what,
+                declared,
+                bytes: left,
+            }
+            .into());
+        }
+        Ok(declared)
+    }
+
+    /// A length-prefixed buffer's bytes.
+    fn buf(&mut self) -> Result<&[u8], Scan> {
+        let len = self.var()?;
+        let start = self.at;
+        self.skip(len)?;
+        Ok(&self.bytes[start..self.at])
+    }
+
     /// A length-prefixed string or buffer.
     fn skip_buf(&mut self) -> Result<(), Scan> {
         let len = self.var()?;
@@ -100,9 +202,10 @@ const HAS_PARENT_SUB: u8 = 0b0010_0000;
 fn scan_blocks(r: &mut Reader<'_>) -> Result<(), Scan> {
     // Depth of each shared type this update creates, by its item id.
     let mut type_depth: std::collections::HashMap<(u64, u64), usize> = Default::default();
-    let clients = r.var()?;
+    // Each client's group: a block count, the client id and a clock.
+    let clients = r.count("client groups", 3)?;
     for _ in 0..clients {
-        let blocks = r.var()?;
+        let blocks = r.count("blocks", 1)?;
         let client = r.var()?;
         let mut clock = r.var()?;
         for _ in 0..blocks {
@@ -149,7 +252,7 @@ fn scan_content(
         1 => r.var()?, // deleted
         2 => {
             // JSON: yrs reads `len` and then len + 1 strings
-            let count = r.var()?;
+            let count = r.count("JSON values", 1)?;
             for _ in 0..=count {
                 r.skip_buf()?;
             }
@@ -186,7 +289,7 @@ fn scan_content(
             1
         }
         8 => {
-            let count = r.var()?;
+            let count = r.count("values", 1)?;
             for _ in 0..count {
                 skip_any(r)?;
             }
@@ -238,7 +341,8 @@ fn skip_any(r: &mut Reader<'_>) -> Result<(), Scan> {
             123 | 122 => r.skip(8)?,
             119 | 116 => r.skip_buf()?,
             tag @ (118 | 117) => {
-                let len = r.var()?;
+                // An array item is a tag at least; a map entry a key length and a tag.
+                let len = r.count("nested values", if tag == 118 { 2 } else { 1 })?;
                 if open.len() + 1 > MAX_VALUE_DEPTH {
                     return Err(NestingError::Value.into());
                 }
@@ -255,7 +359,8 @@ fn skip_any(r: &mut Reader<'_>) -> Result<(), Scan> {
 mod tests {
     use super::*;
     use yrs::updates::decoder::Decode;
-    use yrs::{Any, Map, Transact};
+    use yrs::updates::encoder::Encode;
+    use yrs::{Any, Map, ReadTxn, Text, Transact};
 
     fn nested_array(depth: usize) -> Any {
         let mut value = Any::from(1);
@@ -339,6 +444,76 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn counts_beyond_the_bytes_are_refused() {
+        // Five bytes declaring ~250 million entries: yrs would reserve gigabytes for them.
+        let lie = [0xff, 0xff, 0xff, 0x7a, 0x00];
+        assert!(matches!(
+            check_state_vector_v1(&lie),
+            Err(NestingError::Count { .. })
+        ));
+        assert!(matches!(
+            check_awareness_v1(&lie),
+            Err(NestingError::Count { .. })
+        ));
+        assert!(matches!(
+            check_update_v1(&lie),
+            Err(NestingError::Count { .. })
+        ));
+        // The same inside a y-protocols frame: sync step 1, then awareness.
+        let mut frame = vec![0, 0, lie.len() as u8];
+        frame.extend_from_slice(&lie);
+        assert!(matches!(
+            check_y_protocols_frame(&frame),
+            Err(NestingError::Count { .. })
+        ));
+        let mut frame = vec![1, lie.len() as u8];
+        frame.extend_from_slice(&lie);
+        assert!(matches!(
+            check_y_protocols_frame(&frame),
+            Err(NestingError::Count { .. })
+        ));
+        // An Any array declaring more values than bytes.
+        let inner = update_with(Any::from(1));
+        let mut bytes = inner[..inner.len() - 3].to_vec();
+        bytes.extend_from_slice(&[117, 0xff, 0xff, 0xff, 0x7f, 125, 1, 0]);
+        assert!(matches!(
+            check_update_v1(&bytes),
+            Err(NestingError::Count { .. })
+        ));
+    }
+
+    #[test]
+    fn honest_counts_pass() {
+        let doc = yrs::Doc::new();
+        let text = doc.get_or_insert_text("t");
+        for i in 0..50 {
+            let other = yrs::Doc::with_client_id(1000 + i);
+            let t = other.get_or_insert_text("t");
+            t.insert(&mut other.transact_mut(), 0, "hello");
+            let update = other
+                .transact()
+                .encode_state_as_update_v1(&Default::default());
+            doc.transact_mut()
+                .apply_update(yrs::Update::decode_v1(&update).unwrap())
+                .unwrap();
+        }
+        let _ = text;
+        let sv = doc.transact().state_vector().encode_v1();
+        assert_eq!(check_state_vector_v1(&sv), Ok(()));
+        let update = doc
+            .transact()
+            .encode_state_as_update_v1(&Default::default());
+        assert_eq!(check_update_v1(&update), Ok(()));
+        let empty_sv = yrs::StateVector::default().encode_v1();
+        assert_eq!(check_state_vector_v1(&empty_sv), Ok(()));
+        let awareness = crate::presence::single(7, 1, Some(&serde_json::json!({"a": 1})));
+        assert_eq!(check_awareness_v1(&awareness.encode_v1()), Ok(()));
+        let mut frame = vec![0, 0, sv.len() as u8];
+        frame.extend_from_slice(&sv);
+        assert_eq!(check_y_protocols_frame(&frame), Ok(()));
     }
 
     #[test]

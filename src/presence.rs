@@ -29,8 +29,15 @@ pub const MAX_STATE_LEN: usize = 64 * 1024;
 pub const MAX_CLIENTS_PER_DOC: usize = 256;
 /// Most documents with presence at once; presence in further ones is ignored.
 pub const MAX_DOCS: usize = 65_536;
+/// Most JSON held over every document and client; states beyond it are ignored until others
+/// leave (presence is a few hundred bytes per user: this is tens of thousands of users).
+pub const MAX_TOTAL_BYTES: usize = 16 << 20;
+/// Most clients one local client (a connection) speaks for in one document: a Yjs provider
+/// has one.
+pub const MAX_CLIENTS_PER_LOCAL: usize = 4;
 /// Events buffered per subscriber; a slower one misses some and re-reads [`PresenceHub::states`].
-const EVENT_CAPACITY: usize = 4096;
+/// Each event holds the states it changed, so this also bounds what a slow subscriber pins.
+const EVENT_CAPACITY: usize = 256;
 /// JSON of a removed state.
 const REMOVED: &str = "null";
 
@@ -91,6 +98,8 @@ struct Entry {
 /// Presence of every document, shared by the agent's endpoints and sessions.
 pub struct PresenceHub {
     docs: Mutex<HashMap<Arc<str>, HashMap<u64, Entry>>>,
+    /// Bytes of JSON held in `docs` (changed under its lock).
+    held: std::sync::atomic::AtomicUsize,
     events: broadcast::Sender<PresenceEvent>,
     next_local: AtomicU64,
     /// Signalled when an entry is stored, so expiry sleeps while nobody is present.
@@ -101,6 +110,7 @@ impl Default for PresenceHub {
     fn default() -> Self {
         Self {
             docs: Mutex::new(HashMap::new()),
+            held: std::sync::atomic::AtomicUsize::new(0),
             events: broadcast::channel(EVENT_CAPACITY).0,
             next_local: AtomicU64::new(1),
             stored: tokio::sync::Notify::new(),
@@ -126,6 +136,8 @@ impl PresenceHub {
         bytes: &[u8],
         source: Source,
     ) -> Result<usize, PresenceError> {
+        crate::nesting::check_awareness_v1(bytes)
+            .map_err(|e| PresenceError::Malformed(e.to_string()))?;
         let update = AwarenessUpdate::decode_v1(bytes)
             .map_err(|e| PresenceError::Malformed(e.to_string()))?;
         self.apply(doc, update, source)
@@ -160,10 +172,26 @@ impl PresenceHub {
             };
             for (client, incoming) in update.clients {
                 let removal = &*incoming.json == REMOVED;
-                let accept = match clients.get(&client.get()) {
+                let local = matches!(source, Source::Local(_));
+                let current = clients.get(&client.get());
+                let accept = match current {
                     // As y-protocols: a client not held counts as held at clock 0, so its
                     // first entry needs a clock above 0 (§23).
-                    None => !removal && incoming.clock > 0 && clients.len() < MAX_CLIENTS_PER_DOC,
+                    None => {
+                        !removal
+                            && incoming.clock > 0
+                            && clients.len() < MAX_CLIENTS_PER_DOC
+                            && (!local
+                                || clients.values().filter(|e| e.source == source).count()
+                                    < MAX_CLIENTS_PER_LOCAL)
+                    }
+                    // A local app speaks for its own clients only: it cannot take over (or, by
+                    // leaving, remove) a client another app or device set.
+                    Some(current)
+                        if local && current.json.is_some() && current.source != source =>
+                    {
+                        false
+                    }
                     Some(current) => {
                         incoming.clock > current.clock
                             || (incoming.clock == current.clock
@@ -171,9 +199,13 @@ impl PresenceHub {
                                 && current.json.is_some())
                     }
                 };
-                if !accept {
+                let old_len = current.and_then(|e| e.json.as_ref()).map_or(0, |j| j.len());
+                let new_len = if removal { 0 } else { incoming.json.len() };
+                let held = self.held.load(Ordering::Relaxed);
+                if !accept || (new_len > old_len && held + new_len - old_len > MAX_TOTAL_BYTES) {
                     continue;
                 }
+                self.held.store(held + new_len - old_len, Ordering::Relaxed);
                 clients.insert(
                     client.get(),
                     Entry {
@@ -331,7 +363,9 @@ impl PresenceHub {
                         continue;
                     }
                     entry.clock = entry.clock.wrapping_add(1);
-                    entry.json = None;
+                    if let Some(json) = entry.json.take() {
+                        self.held.fetch_sub(json.len(), Ordering::Relaxed);
+                    }
                     entry.renewed = now;
                     gone.insert(
                         ClientID::new(*id),
@@ -546,9 +580,60 @@ mod tests {
     fn a_document_holds_a_bounded_number_of_clients() {
         let hub = PresenceHub::default();
         for client in 0..(MAX_CLIENTS_PER_DOC as u64 + 10) {
-            hub.apply("d", single(client, 1, Some(&json!({}))), Source::Local(1))
+            let source = Source::Local(client + 1);
+            hub.apply("d", single(client, 1, Some(&json!({}))), source)
                 .unwrap();
         }
         assert_eq!(hub.present(), MAX_CLIENTS_PER_DOC);
+    }
+
+    /// Issue 22, finding 7: a local app cannot set, take over or (by leaving) remove a client
+    /// another app set, nor speak for more than a few clients.
+    #[test]
+    fn a_local_app_speaks_for_its_own_clients_only() {
+        let hub = Arc::new(PresenceHub::default());
+        let alice = hub.client();
+        let mallory = hub.client();
+        alice
+            .apply("d", single(42, 1, Some(&json!({"user": "alice"}))))
+            .unwrap();
+        assert_eq!(
+            mallory
+                .apply("d", single(42, 9, Some(&json!({"user": "mallory"}))))
+                .unwrap(),
+            0
+        );
+        assert_eq!(mallory.apply("d", single(42, 9, None)).unwrap(), 0);
+        drop(mallory);
+        assert!(hub.states_json("d").to_string().contains("alice"));
+        let many = hub.client();
+        for client in 100..120 {
+            many.apply("d", single(client, 1, Some(&json!({}))))
+                .unwrap();
+        }
+        assert_eq!(hub.present(), 1 + MAX_CLIENTS_PER_LOCAL);
+    }
+
+    /// Issue 22, finding 7: the JSON held over every document has a bound; leaving frees it.
+    #[test]
+    fn presence_holds_a_bounded_number_of_bytes() {
+        let hub = Arc::new(PresenceHub::default());
+        let state = json!({"pad": "x".repeat(MAX_STATE_LEN - 100)});
+        let clients: Vec<_> = (0..(MAX_TOTAL_BYTES / MAX_STATE_LEN + 50) as u64)
+            .map(|i| {
+                let client = hub.client();
+                client
+                    .apply(&format!("d{i}"), single(i + 1, 1, Some(&state)))
+                    .unwrap();
+                client
+            })
+            .collect();
+        let held = hub.held.load(Ordering::Relaxed);
+        assert!(held <= MAX_TOTAL_BYTES, "{held}");
+        assert!(hub.present() < clients.len());
+        drop(clients);
+        assert_eq!(hub.held.load(Ordering::Relaxed), 0);
+        let late = hub.client();
+        assert_eq!(late.apply("late", single(1, 1, Some(&state))).unwrap(), 1);
     }
 }

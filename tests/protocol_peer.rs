@@ -891,3 +891,80 @@ async fn repeated_and_invalid_names_in_a_listing_lose_nothing() {
     );
     a.shutdown().await.unwrap();
 }
+
+/// Issue 22, finding 5: a trusted peer that sends `FeedRequest(0, 0)` over and over without
+/// reading made the agent queue one full listing per request (2,000 against 10,000 documents:
+/// RSS 83 -> 1,454 MB). The protocol has one `FeedRequest` per session: the second ends the
+/// session with `ProtocolViolation`, after one answer only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_feed_requests_get_one_answer_then_a_refusal() {
+    let (a, b, _da, _db) = linked_pair().await;
+    // Two pages' worth of documents.
+    let mut durable = Vec::new();
+    for i in 0..600 {
+        let doc = a.open_doc(&format!("d{i}")).unwrap();
+        durable.push(doc.set_map_value_deferred("m", "k", i as i64).unwrap());
+    }
+    for d in durable {
+        d.wait().await.unwrap();
+    }
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    a.trust_add(keypair.public().to_peer_id(), "asks again")
+        .unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let (mut transport, _) = feature_session(&mut raw, &a).await;
+    // 2,000 requests written without reading a single answer.
+    let request = Message::FeedRequest { epoch: 0, after: 0 }
+        .encode()
+        .unwrap();
+    for _ in 0..2_000 {
+        if transport.feed(request.clone()).await.is_err() {
+            break; // the agent already refused and closed the stream
+        }
+    }
+    let _ = SinkExt::<Bytes>::flush(&mut transport).await;
+    let got = read_all(&mut transport).await;
+    let (code, message) = refusal(&got).expect("a Refuse frame");
+    assert_eq!(code, RefuseCode::ProtocolViolation, "{message}");
+    assert!(message.contains("second FeedRequest"), "{message}");
+    let last_pages = got
+        .iter()
+        .filter(|m| matches!(m, Message::FeedPage { last: true, .. }))
+        .count();
+    assert_eq!(last_pages, 1, "one answer, not one per request");
+    assert_still_serving(&a, &b).await;
+}
+
+/// Issue 22, finding 16: identify told a stranger (any peer that reached the agent, e.g. over a
+/// relay circuit) the device's LAN addresses and the agent's version. It now tells only
+/// addresses confirmed as external and no version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identify_tells_a_stranger_no_addresses_and_no_version() {
+    use libp2p::swarm::SwarmEvent;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start(dir.path(), "laptop").await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let mut swarm = devicelink::net::build_swarm(keypair).unwrap();
+    swarm.dial(agent.listen_addrs()[0].clone()).unwrap();
+    let info = tokio::time::timeout(LIMIT, async {
+        loop {
+            if let SwarmEvent::Behaviour(devicelink::net::BehaviourEvent::Identify(
+                libp2p::identify::Event::Received { peer_id, info, .. },
+            )) = swarm.select_next_some().await
+            {
+                if peer_id == agent.device_id() {
+                    return info;
+                }
+            }
+        }
+    })
+    .await
+    .expect("the agent answers identify");
+    assert!(
+        info.listen_addrs.is_empty(),
+        "addresses told to a stranger: {:?}",
+        info.listen_addrs
+    );
+    assert_eq!(info.agent_version, "devicelink");
+    agent.shutdown().await.unwrap();
+}

@@ -2,7 +2,11 @@
 //! reference y-websocket server does it.
 //!
 //! - On connect: `SyncStep1` with the agent's state vector, then the awareness states present.
-//! - `SyncStep1` from the client: answered with `SyncStep2` (what it lacks).
+//! - `SyncStep1` from the client: answered with `SyncStep2` (what it lacks); the first at once,
+//!   repeated ones at most once a second (the newest is answered), so a client cannot make the
+//!   agent send the whole document thousands of times.
+//! - Every frame is checked before yrs decodes it (nesting, declared counts; see
+//!   [`crate::nesting`]): a lie closes the connection.
 //! - `SyncStep2` / `Update` from the client: applied as a local change (pushed to the other
 //!   apps and devices at once, stored with the writer's next batch: the protocol has no
 //!   acknowledgement, and a client re-sends what the agent lacks when it reconnects), unless the
@@ -42,6 +46,9 @@ use crate::presence::{PresenceClient, PresenceEvent, PresenceHub};
 const SEND_STALL: Duration = Duration::from_secs(30);
 /// A connection with nothing sent for this long gets an empty awareness message.
 const KEEPALIVE: Duration = Duration::from_secs(10);
+/// A client's repeated `SyncStep1`s are answered at most this often (each answer can be the
+/// whole document; the first is answered at once, later ones coalesce into the newest).
+const STEP1_INTERVAL: Duration = Duration::from_secs(1);
 /// Close code when the app's token is revoked.
 pub const REVOKED: u16 = 4403;
 
@@ -54,7 +61,7 @@ enum ConnError {
     Stalled(Duration),
 }
 
-type Ws = WebSocketStream<TcpStream>;
+pub(super) type Ws = WebSocketStream<TcpStream>;
 
 pub(super) async fn run(agent: AgentHandle, ws: Ws, doc: String, grant: Arc<AppGrant>) {
     let presence = agent.presence().client();
@@ -75,6 +82,8 @@ pub(super) async fn run(agent: AgentHandle, ws: Ws, doc: String, grant: Arc<AppG
         grant,
         presence,
         client_sv: StateVector::default(),
+        step1_asked: None,
+        next_step1: Instant::now(),
         told_read_only: false,
         last_sent: Instant::now(),
     };
@@ -92,6 +101,9 @@ struct Connection {
     presence: PresenceClient,
     /// What the client said it had (its `SyncStep1`): a catch-up diffs against it.
     client_sv: StateVector,
+    /// A `SyncStep1` not answered yet (the newest), and when the next answer may go.
+    step1_asked: Option<StateVector>,
+    next_step1: Instant,
     told_read_only: bool,
     last_sent: Instant,
 }
@@ -112,7 +124,11 @@ impl Connection {
         keepalive.reset();
         let revoked = self.grant.revoked.clone();
         loop {
+            let (step1_asked, step1_due) = (self.step1_asked.is_some(), self.next_step1);
             tokio::select! {
+                _ = tokio::time::sleep_until(step1_due.into()), if step1_asked => {
+                    self.answer_step1().await?;
+                }
                 frame = self.ws.next() => match frame {
                     Some(Ok(Frame::Binary(data))) => {
                         if let Some(reason) = self.receive(&data, &hub).await? {
@@ -166,6 +182,10 @@ impl Connection {
         data: &[u8],
         hub: &PresenceHub,
     ) -> Result<Option<String>, ConnError> {
+        // yrs reserves memory for the counts a message declares: lies are refused first.
+        if let Err(e) = crate::nesting::check_y_protocols_frame(data) {
+            return Ok(Some(format!("refused y-protocols message: {e}")));
+        }
         let mut decoder = DecoderV1::from(data);
         for message in MessageReader::new(&mut decoder) {
             let message = match message {
@@ -173,12 +193,7 @@ impl Connection {
                 Err(e) => return Ok(Some(format!("malformed y-protocols message: {e}"))),
             };
             match message {
-                Message::Sync(SyncMessage::SyncStep1(sv)) => {
-                    let diff = self.doc.yrs_doc().transact().encode_diff_v1(&sv);
-                    self.client_sv = sv;
-                    self.send(Message::Sync(SyncMessage::SyncStep2(diff)))
-                        .await?;
-                }
+                Message::Sync(SyncMessage::SyncStep1(sv)) => self.step1_asked = Some(sv),
                 Message::Sync(SyncMessage::SyncStep2(update))
                 | Message::Sync(SyncMessage::Update(update)) => {
                     if !self.grant.may_write(self.doc.name()) {
@@ -202,7 +217,27 @@ impl Connection {
                 Message::Auth(_) | Message::Custom(..) => {}
             }
         }
+        self.answer_step1_if_due().await?;
         Ok(None)
+    }
+
+    /// Answers the newest `SyncStep1` with what the client lacks, unless one was answered
+    /// within [`STEP1_INTERVAL`] (then the select loop answers it when that is over).
+    async fn answer_step1_if_due(&mut self) -> Result<(), ConnError> {
+        if self.step1_asked.is_some() && Instant::now() >= self.next_step1 {
+            self.answer_step1().await?;
+        }
+        Ok(())
+    }
+
+    async fn answer_step1(&mut self) -> Result<(), ConnError> {
+        let Some(sv) = self.step1_asked.take() else {
+            return Ok(());
+        };
+        let diff = self.doc.yrs_doc().transact().encode_diff_v1(&sv);
+        self.client_sv = sv;
+        self.next_step1 = Instant::now() + STEP1_INTERVAL;
+        self.send(Message::Sync(SyncMessage::SyncStep2(diff))).await
     }
 
     async fn relay_presence(&mut self, event: &PresenceEvent) -> Result<(), ConnError> {

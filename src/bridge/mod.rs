@@ -12,28 +12,27 @@
 //! one admitted connection.
 
 mod connection;
+mod slots;
+
+pub use slots::{MAX_CONNECTIONS, MAX_PENDING, MAX_PER_APP, UPGRADE_DEADLINE};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::agent::AgentHandle;
 use crate::apps::AppGrant;
+use slots::{Slot, SlotError, Slots};
 
 /// The endpoint's default address (`devicelink agent --ws` changes it, `--no-ws` turns it off).
 pub const DEFAULT_ADDR: &str = "127.0.0.1:4455";
-/// Most connections served at once; further ones wait for a slot.
-pub const MAX_CONNECTIONS: usize = 1024;
 /// Largest message accepted from a client (an app's first sync of a large document).
 pub const MAX_MESSAGE_LEN: usize = 256 << 20;
-/// Time a client has to finish the HTTP upgrade.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors starting the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -86,18 +85,25 @@ pub async fn serve(agent: AgentHandle, addr: SocketAddr) -> Result<WsServer, Bri
 }
 
 async fn accept_loop(agent: AgentHandle, listener: TcpListener) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Slots::default());
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         match listener.accept().await {
             Ok((stream, _)) => {
                 let _ = stream.set_nodelay(true);
-                let agent = agent.clone();
+                let (agent, slots) = (agent.clone(), slots.clone());
+                // The upgrade runs as its own task so that a newer socket can evict it.
+                let upgrade = tokio::spawn({
+                    let slots = slots.clone();
+                    async move { upgrade(&agent, &slots, stream).await.map(|ws| (agent, ws)) }
+                });
+                let id = slots.upgrading(upgrade.abort_handle());
                 tokio::spawn(async move {
-                    serve_connection(agent, stream).await;
-                    drop(slot);
+                    let upgraded = upgrade.await;
+                    slots.upgraded(id);
+                    if let Ok(Some((agent, (ws, Admission { doc, grant, slot })))) = upgraded {
+                        connection::run(agent, ws, doc, grant).await;
+                        drop(slot);
+                    }
                 });
             }
             Err(e) => {
@@ -108,17 +114,22 @@ async fn accept_loop(agent: AgentHandle, listener: TcpListener) {
     }
 }
 
-/// What an admitted client may use.
+/// What an admitted client may use, and its slot.
 struct Admission {
     doc: String,
     grant: Arc<AppGrant>,
+    slot: Slot,
 }
 
 // The refusal type is tungstenite's (an HTTP response), large by nature.
 #[allow(clippy::result_large_err)]
-async fn serve_connection(agent: AgentHandle, stream: TcpStream) {
+async fn upgrade(
+    agent: &AgentHandle,
+    slots: &Arc<Slots>,
+    stream: TcpStream,
+) -> Option<(connection::Ws, Admission)> {
     let mut admitted = None;
-    let check = |request: &Request, response: Response| match admit(&agent, request) {
+    let check = |request: &Request, response: Response| match admit(agent, slots, request) {
         Ok(admission) => {
             admitted = Some(admission);
             Ok(response)
@@ -132,22 +143,23 @@ async fn serve_connection(agent: AgentHandle, stream: TcpStream) {
         .max_message_size(Some(MAX_MESSAGE_LEN))
         .max_frame_size(Some(MAX_MESSAGE_LEN));
     let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
-    let ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {
+    let ws = match tokio::time::timeout(UPGRADE_DEADLINE, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             tracing::debug!("y-websocket handshake failed: {e}");
-            return;
+            return None;
         }
-        Err(_) => return,
+        Err(_) => return None,
     };
-    let Some(Admission { doc, grant }) = admitted else {
-        return;
-    };
-    connection::run(agent, ws, doc, grant).await;
+    Some((ws, admitted?))
 }
 
 /// Checks token, origin and document of an upgrade request.
-fn admit(agent: &AgentHandle, request: &Request) -> Result<Admission, (StatusCode, String)> {
+fn admit(
+    agent: &AgentHandle,
+    slots: &Arc<Slots>,
+    request: &Request,
+) -> Result<Admission, (StatusCode, String)> {
     let token = request
         .uri()
         .query()
@@ -196,7 +208,14 @@ fn admit(agent: &AgentHandle, request: &Request) -> Result<Admission, (StatusCod
             format!("app {:?} may not open {doc:?}", grant.name),
         ));
     }
-    Ok(Admission { doc, grant })
+    let slot = slots.admit(&grant.name).map_err(|e| {
+        let status = match e {
+            SlotError::Full => StatusCode::SERVICE_UNAVAILABLE,
+            SlotError::AppFull(_) => StatusCode::TOO_MANY_REQUESTS,
+        };
+        (status, e.to_string())
+    })?;
+    Ok(Admission { doc, grant, slot })
 }
 
 /// The document a request path names: the path without its leading `/`, percent-decoded.

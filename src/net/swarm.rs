@@ -100,9 +100,12 @@ pub fn build_swarm_with(
                 limits: connection_limits::Behaviour::new(limits),
                 stream: libp2p_stream::Behaviour::new(),
                 identify: identify::Behaviour::new(
+                    // Any peer that reaches the device (a stranger over a relay circuit too)
+                    // hears this: addresses confirmed as external only (linked devices learn
+                    // the others from Hello and mDNS), and no version to look up flaws by.
                     identify::Config::new(IDENTIFY_VERSION.into(), key.public())
-                        .with_agent_version(format!("devicelink/{}", env!("CARGO_PKG_VERSION")))
-                        .with_push_listen_addr_updates(true),
+                        .with_agent_version("devicelink".into())
+                        .with_hide_listen_addrs(true),
                 ),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(local),
@@ -173,7 +176,10 @@ mod keep_bound_ports_tests {
     use libp2p::Multiaddr;
 
     fn addrs(texts: &[&str]) -> Vec<Multiaddr> {
-        texts.iter().map(|t| t.parse().expect("multiaddr")).collect()
+        texts
+            .iter()
+            .map(|t| t.parse().expect("multiaddr"))
+            .collect()
     }
 
     #[test]

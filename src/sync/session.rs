@@ -302,6 +302,8 @@ struct Reader<'a> {
     /// Messages arriving in `Part`s, by document and kind.
     parts: HashMap<(String, u8), Reassembly>,
     traffic: Arc<Traffic>,
+    /// The peer's `FeedRequest` was answered (one per session: a second is a violation).
+    feed_answered: bool,
 }
 
 /// The changed-only catch-up with the peer's feed (feature `feed`).
@@ -358,6 +360,7 @@ impl<'a> Reader<'a> {
             pull: Pull::default(),
             parts: HashMap::new(),
             traffic: ctx.peers.traffic(peer),
+            feed_answered: false,
         }
     }
 
@@ -490,6 +493,14 @@ impl<'a> Reader<'a> {
                 })
             }
             Message::FeedRequest { epoch, after } if self.features.feed => {
+                // Each answer lists every changed document: a peer asking again and again
+                // (without reading) would pile up listings; the protocol has one per session.
+                if std::mem::replace(&mut self.feed_answered, true) {
+                    return Err(SessionError::RefusedPeer {
+                        code: RefuseCode::ProtocolViolation,
+                        message: "second FeedRequest in one session".into(),
+                    });
+                }
                 self.list_changes(epoch, after).await?
             }
             Message::FeedPage {
