@@ -178,7 +178,10 @@ impl Shared {
     async fn stop(&self, next: Phase) -> Result<(), DeviceLinkError> {
         if matches!(next, Phase::Stopped) {
             // The callback thread ends once the subscriptions (which end now) have let go.
-            self.deliveries.lock().unwrap_or_else(|p| p.into_inner()).take();
+            self.deliveries
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
         }
         let pausing = matches!(next, Phase::Paused);
         let previous = self.phase.send_replace(next);
