@@ -72,7 +72,9 @@ pub mod sync;
 pub use agent::{Agent, AgentConfig, AgentError, AgentHandle, AgentStatus};
 pub use documents::{DocError, DocHandle, DocUpdate, Documents, Durable, Origin, TextOffsets};
 pub use libp2p::{Multiaddr, PeerId};
-pub use presence::{PresenceClient, PresenceEvent, PresenceHub};
+pub use presence::{
+    PresenceClient, PresenceError, PresenceEvent, PresenceHub, Source as PresenceSource,
+};
 pub use status::PeerStatus;
 pub use yrs;
 

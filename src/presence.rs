@@ -429,6 +429,21 @@ impl PresenceClient {
         self.hub.apply_encoded(doc, bytes, Source::Local(self.id))
     }
 
+    /// How often a client renews the states it holds, so they do not expire (half of
+    /// [`OUTDATED`], as y-protocols does).
+    pub const RENEW_EVERY: Duration = Duration::from_secs(OUTDATED.as_secs() / 2);
+
+    /// Sets awareness client `client`'s state at `clock` (JSON; `None` to leave) as this client.
+    pub fn set(
+        &self,
+        doc: &str,
+        client: u64,
+        clock: u32,
+        state: Option<&serde_json::Value>,
+    ) -> Result<usize, PresenceError> {
+        self.apply(doc, single(client, clock, state))
+    }
+
     /// Whether `source` is this client (to leave its own changes out of what it is sent).
     pub fn is(&self, source: Source) -> bool {
         source == Source::Local(self.id)

@@ -40,7 +40,7 @@ use yrs::{ReadTxn, StateVector, Transact};
 use crate::agent::AgentHandle;
 use crate::apps::AppGrant;
 use crate::documents::DocHandle;
-use crate::presence::{PresenceClient, PresenceEvent, PresenceHub};
+use crate::{PresenceClient, PresenceEvent, PresenceHub};
 
 /// A send that does not complete in this time ends the connection (the client stopped reading).
 const SEND_STALL: Duration = Duration::from_secs(30);

@@ -10,7 +10,7 @@ use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
 use super::protocol::{ErrorCode, Event};
-use crate::presence::{self, PresenceClient, PresenceEvent, PresenceHub, Source};
+use crate::{PresenceClient, PresenceEvent, PresenceHub, PresenceSource as Source};
 
 /// One state this connection set: its awareness client id, clock and JSON.
 struct Own {
@@ -50,9 +50,8 @@ impl ConnPresence {
             entry.state = state.clone();
             (entry.client, entry.clock)
         };
-        let update = presence::single(client, clock, (!state.is_null()).then_some(&state));
         self.client
-            .apply(doc, update)
+            .set(doc, client, clock, (!state.is_null()).then_some(&state))
             .map_err(|e| (ErrorCode::InvalidArgument, e.to_string()))?;
         if state.is_null() {
             lock(&self.own).remove(doc);
@@ -61,14 +60,14 @@ impl ConnPresence {
         Ok(client)
     }
 
-    /// Keeps the states alive: renewed every half of [`presence::OUTDATED`].
+    /// Keeps the states alive: renewed every [`PresenceClient::RENEW_EVERY`].
     fn renew_in_background(&mut self) {
         if self.renewer.is_some() {
             return;
         }
         let (client, own) = (self.client.clone(), self.own.clone());
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(presence::OUTDATED / 2);
+            let mut tick = tokio::time::interval(PresenceClient::RENEW_EVERY);
             tick.tick().await;
             loop {
                 tick.tick().await;
@@ -76,14 +75,11 @@ impl ConnPresence {
                     .iter_mut()
                     .map(|(doc, s)| {
                         s.clock = s.clock.wrapping_add(1);
-                        (
-                            doc.clone(),
-                            presence::single(s.client, s.clock, Some(&s.state)),
-                        )
+                        (doc.clone(), s.client, s.clock, s.state.clone())
                     })
                     .collect();
-                for (doc, update) in renewals {
-                    let _ = client.apply(&doc, update);
+                for (doc, id, clock, state) in renewals {
+                    let _ = client.set(&doc, id, clock, Some(&state));
                 }
             }
         });
