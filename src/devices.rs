@@ -15,6 +15,10 @@ use crate::net::{self, ConnectTarget, Neighborhood, NetCommand};
 use crate::pairing::{self, HostEvent, LocalDevice, PairError, Paired, PairingCode};
 use crate::store::{StoreError, TrustStore, TrustedDevice};
 
+/// How long a joiner told "busy" keeps trying (beyond the host's spacing after a failed attempt
+/// and a stalled exchange).
+const BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(12);
+
 /// Errors of unpairing (pairing reports a [`PairError`]).
 #[derive(Debug, thiserror::Error)]
 pub enum DevicesError {
@@ -177,7 +181,7 @@ impl Devices {
                 .open_stream(relay_id, net::lookup::PAIR_LOOKUP_PROTOCOL)
                 .await;
             let answer = match stream {
-                Ok(stream) => net::lookup::ask(stream, code.slot()).await,
+                Ok(stream) => net::lookup::ask(stream, &code.lookup_tag()).await,
                 Err(e) => Err(e.to_string()),
             };
             match answer {
@@ -241,6 +245,25 @@ impl Devices {
                 }
             }
         };
+        // The host turns attempts away as "busy" while another runs and for a few seconds after
+        // a failed one (pairing::ATTEMPT_SPACING): wait that out, as a person retyping would.
+        let busy_until = tokio::time::Instant::now() + BUSY_PATIENCE;
+        loop {
+            match self.attempt_pairing(code, &target).await {
+                Err(PairError::Busy) if tokio::time::Instant::now() < busy_until => {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// One pairing attempt with the device at `target`.
+    async fn attempt_pairing(
+        &self,
+        code: &PairingCode,
+        target: &ConnectTarget,
+    ) -> Result<Paired, PairError> {
         // A connection to the same device that is just closing can fail the first stream: retry.
         let mut attempt = 0;
         let (peer, stream) = loop {

@@ -35,6 +35,9 @@ pub const DEFAULT_EXPIRY: Duration = Duration::from_secs(5 * 60);
 pub const MAX_EXPIRY: Duration = Duration::from_secs(24 * 3600);
 /// Wrong codes a host accepts before it burns its code.
 pub const MAX_ATTEMPTS: u32 = 3;
+/// After a failed attempt the host takes the next one no sooner than this ("busy" until then):
+/// burning a code takes at least as long as a person mistyping it three times.
+pub const ATTEMPT_SPACING: Duration = Duration::from_secs(5);
 /// How long the joiner waits for the host's next message.
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the host, once it has given a joiner its SPAKE2 message, waits for the proof. The
@@ -63,6 +66,15 @@ impl PairingCode {
     /// The public part, advertised while the code is open.
     pub fn slot(&self) -> u16 {
         self.slot
+    }
+
+    /// What a device with this code open lists in the device group, and a joiner asking the
+    /// relay presents (§27.4): a hash of the whole code, so that only who knows the code learns
+    /// which device opened it.
+    pub fn lookup_tag(&self) -> String {
+        use sha2::Digest as _;
+        let digest = Sha256::digest(format!("devicelink pair-lookup 1.4 {self}").as_bytes());
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -237,6 +249,8 @@ struct OpenCode {
     expired: bool,
     /// Kept after the last attempt failed, so the joiner is told so rather than "no code".
     burned: bool,
+    /// No attempt is taken before this (set by a failed one; see [`ATTEMPT_SPACING`]).
+    next_attempt: Option<Instant>,
 }
 
 /// The host side's state: at most one open code.
@@ -271,6 +285,7 @@ impl PairingHost {
             in_progress: false,
             expired: false,
             burned: false,
+            next_attempt: None,
         });
         if replaced.is_some_and(|old| !old.expired && !old.burned) {
             let _ = self.events.send(HostEvent::Closed {
@@ -291,6 +306,14 @@ impl PairingHost {
             .as_ref()
             .filter(|o| !o.expired && !o.burned && o.expires_at > Instant::now())
             .map(|o| o.code.slot)
+    }
+
+    /// The lookup tag of the open, unexpired code ([`PairingCode::lookup_tag`]).
+    pub fn open_tag(&self) -> Option<String> {
+        self.lock()
+            .as_ref()
+            .filter(|o| !o.expired && !o.burned && o.expires_at > Instant::now())
+            .map(|o| o.code.lookup_tag())
     }
 
     /// Whether a code is open (so untrusted connections must be allowed for a while).
@@ -328,7 +351,7 @@ impl PairingHost {
         if open.expired || open.expires_at <= Instant::now() {
             return Err(PairError::Expired);
         }
-        if open.in_progress {
+        if open.in_progress || open.next_attempt.is_some_and(|at| Instant::now() < at) {
             return Err(PairError::Busy);
         }
         open.in_progress = true;
@@ -357,6 +380,7 @@ impl PairingHost {
             Err(PairError::Store(_)) => {}
             Err(e) => {
                 open.attempts_left = open.attempts_left.saturating_sub(1);
+                open.next_attempt = Some(Instant::now() + ATTEMPT_SPACING);
                 let attempts_left = open.attempts_left;
                 open.burned = attempts_left == 0;
                 drop(guard);
@@ -700,7 +724,17 @@ mod tests {
             PairError::Unreachable("timed out".into()),
             PairError::WrongCode,
         ];
-        for (failure, left) in failures.into_iter().zip((0..MAX_ATTEMPTS).rev()) {
+        for (i, (failure, left)) in failures
+            .into_iter()
+            .zip((0..MAX_ATTEMPTS).rev())
+            .enumerate()
+        {
+            if i > 0 {
+                // Right after a failed attempt the host is busy for a while ...
+                assert!(matches!(host.begin(code.slot()), Err(PairError::Busy)));
+                // ... then takes the next one (time passes here by moving the mark).
+                host.lock().as_mut().unwrap().next_attempt = Some(Instant::now());
+            }
             host.begin(code.slot()).unwrap();
             host.finish(peer, &code, &Err(failure));
             assert_eq!(host.is_open(), left > 0);

@@ -1,11 +1,13 @@
 //! Finding a pairing host through a relay (`devicelink pair CODE --relay ADDR`): the joiner
-//! knows the relay's address and the code's public slot, not the host's device id.
+//! knows the relay's address and the code, not the host's device id.
 //!
-//! A device with an open pairing code lists the slot in its own entry of the device group
-//! (`pair_slot`), which the relay (a member) holds. The joiner, connected to the relay, asks
-//! over `/devicelink/pair-lookup/1.4.0` which device holds that slot; the relay answers with the
-//! id of a group device with the slot open and connected to it (so reachable through it), or
-//! none. The joiner then dials `RELAY/p2p-circuit/p2p/HOST` and pairs as usual: the SPAKE2
+//! A device with an open pairing code lists the code's lookup tag (a hash of the whole code,
+//! [`crate::pairing::PairingCode::lookup_tag`]) in its own entry of the device group
+//! (`pair_tag`), which the relay (a member) holds. The joiner, connected to the relay, asks over
+//! `/devicelink/pair-lookup/1.4.0` which device holds that tag; the relay answers with the id of
+//! a group device with that code open and connected to it (so reachable through it), or none.
+//! A stranger without the code learns nothing (not even which slots are open), and the relay
+//! answers a bounded number of questions per second. The joiner then dials `RELAY/p2p-circuit/p2p/HOST` and pairs as usual: the SPAKE2
 //! exchange is unchanged, so the relay learns nothing that lets it pair in the joiner's place.
 //! One question per stream; the answer only says which device is pairing right now.
 
@@ -24,11 +26,55 @@ pub const PAIR_LOOKUP_PROTOCOL: StreamProtocol =
 
 /// How long either side waits for the other's message.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Questions a relay answers per second, over every asker (a joiner asks every 300 ms for
+/// up to 10 s; a stranger guessing tags gets a few thousand tries in a code's 5 minutes, out of
+/// a million codes per slot).
+pub const LOOKUPS_PER_SEC: f64 = 10.0;
+/// Questions answered at once beyond the rate, after a quiet while.
+const LOOKUP_BURST: f64 = 20.0;
+/// Questions open at once (each waits up to 5 s for its request); more are dropped unread.
+pub const MAX_OPEN_LOOKUPS: usize = 32;
+
+/// The relay's bound on pair lookups: a token bucket and a cap on open questions.
+pub(crate) struct LookupLimit {
+    tokens: f64,
+    refilled: std::time::Instant,
+    open: std::sync::Arc<()>,
+}
+
+impl Default for LookupLimit {
+    fn default() -> Self {
+        Self {
+            tokens: LOOKUP_BURST,
+            refilled: std::time::Instant::now(),
+            open: std::sync::Arc::new(()),
+        }
+    }
+}
+
+impl LookupLimit {
+    /// A ticket to answer one question (held while it is answered), or `None`: drop it.
+    pub(crate) fn admit(&mut self) -> Option<std::sync::Arc<()>> {
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * LOOKUPS_PER_SEC).min(LOOKUP_BURST);
+        self.refilled = now;
+        // Every ticket is a clone of `open`: its count is the questions open, plus this one.
+        if self.tokens < 1.0 || std::sync::Arc::strong_count(&self.open) > MAX_OPEN_LOOKUPS {
+            return None;
+        }
+        self.tokens -= 1.0;
+        Some(self.open.clone())
+    }
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Request {
-    slot: u16,
+    tag: String,
 }
+
+/// Longest tag read (a tag is 32 hex digits).
+const MAX_TAG_LEN: usize = 64;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Answer {
@@ -36,18 +82,18 @@ struct Answer {
     device: Option<String>,
 }
 
-/// Relay side: answers one question with `find(slot)`.
-pub async fn serve(stream: libp2p::Stream, find: impl FnOnce(u16) -> Option<PeerId>) {
+/// Relay side: answers one question with `find(tag)`.
+pub async fn serve(stream: libp2p::Stream, find: impl FnOnce(&str) -> Option<PeerId>) {
     let mut framed = Framed::new(stream.compat(), codec());
     let request = match tokio::time::timeout(STEP_TIMEOUT, framed.next()).await {
         Ok(Some(Ok(frame))) => postcard::from_bytes::<Request>(&frame).ok(),
         _ => None,
     };
-    let Some(request) = request else {
+    let Some(request) = request.filter(|r| r.tag.len() <= MAX_TAG_LEN) else {
         return; // malformed or silent: the stream is dropped
     };
     let answer = Answer {
-        device: find(request.slot).map(|p| p.to_string()),
+        device: find(&request.tag).map(|p| p.to_string()),
     };
     if let Ok(bytes) = postcard::to_stdvec(&answer) {
         let send = async {
@@ -58,10 +104,13 @@ pub async fn serve(stream: libp2p::Stream, find: impl FnOnce(u16) -> Option<Peer
     }
 }
 
-/// Joiner side: asks which device holds `slot`.
-pub async fn ask(stream: libp2p::Stream, slot: u16) -> Result<Option<PeerId>, String> {
+/// Joiner side: asks which device has the code with lookup tag `tag` open.
+pub async fn ask(stream: libp2p::Stream, tag: &str) -> Result<Option<PeerId>, String> {
     let mut framed = Framed::new(stream.compat(), codec());
-    let request = postcard::to_stdvec(&Request { slot }).map_err(|e| e.to_string())?;
+    let request = postcard::to_stdvec(&Request {
+        tag: tag.to_string(),
+    })
+    .map_err(|e| e.to_string())?;
     tokio::time::timeout(STEP_TIMEOUT, framed.send(bytes::Bytes::from(request)))
         .await
         .map_err(|_| "the relay did not take the question".to_string())?

@@ -32,6 +32,7 @@ use crate::sync::SYNC_PROTOCOL;
 
 pub mod lookup;
 pub mod muxer;
+pub mod pending;
 pub mod reach;
 pub mod relay;
 pub mod swarm;
@@ -307,6 +308,8 @@ pub(crate) struct Network {
     /// Dials through a relay in flight, per peer (at most one each).
     relayed_dials: HashMap<PeerId, ConnectionId>,
     serve_relay: bool,
+    /// The relay's bound on pair lookups from strangers.
+    lookups: lookup::LookupLimit,
     /// When the slower upkeep (group relays, own group entry, reachability report) last ran.
     upkept: Instant,
     started: Instant,
@@ -361,6 +364,7 @@ impl Network {
             reservations,
             relayed_dials: HashMap::new(),
             serve_relay: deps.serve_relay,
+            lookups: lookup::LookupLimit::default(),
             upkept: Instant::now() - UPKEEP,
             started: Instant::now(),
         }
@@ -727,34 +731,49 @@ impl Network {
                     tracing::info!(device = %peer, name = paired.name, "paired");
                     record_in_group(&registry, &me, peer, &paired).await;
                 }
+                // "Busy" turns a joiner away without an attempt: not worth a warning each
+                // (a stranger can ask as often as it likes).
+                Err(crate::pairing::PairError::Busy) => {
+                    tracing::debug!(device = %peer, "pairing attempt turned away: busy")
+                }
                 Err(e) => tracing::warn!(device = %peer, "pairing attempt failed: {e}"),
             }
             let _ = commands.send(NetCommand::PairingEnded);
         });
     }
 
-    /// "Which device pairs at slot N?" from a device pairing through this relay: a group device
-    /// with that slot open and connected here (see [`lookup`]). Only a relay answers.
+    /// "Which device has the code with this tag open?" from a device pairing through this
+    /// relay: a group device with that code open and connected here (see [`lookup`]). Only a
+    /// relay answers, and only [`lookup::LOOKUPS_PER_SEC`] questions a second.
     fn on_lookup_stream(&mut self, stream: libp2p::Stream) {
-        let open: Vec<(PeerId, Option<u16>)> = if self.serve_relay {
+        if !self.serve_relay {
+            return;
+        }
+        let Some(ticket) = self.lookups.admit() else {
+            tracing::debug!("pair lookup dropped: over the relay's rate");
+            return;
+        };
+        let open: Vec<(PeerId, Option<String>)> = {
             match self.ctx.registry.handle(crate::group::GROUP_DOC) {
                 Ok(group) => crate::group::members(&group)
                     .into_iter()
                     .filter(|m| {
                         !m.removed && self.trust.is_trusted(&m.id) && self.swarm.is_connected(&m.id)
                     })
-                    .map(|m| (m.id, m.pair_slot))
+                    .map(|m| (m.id, m.pair_tag))
                     .collect(),
                 Err(_) => Vec::new(),
             }
-        } else {
-            Vec::new()
         };
-        self.sessions.spawn(lookup::serve(stream, move |slot| {
-            open.into_iter()
-                .find(|(_, open)| *open == Some(slot))
-                .map(|(id, _)| id)
-        }));
+        self.sessions.spawn(async move {
+            lookup::serve(stream, move |tag| {
+                open.into_iter()
+                    .find(|(_, open)| open.as_deref() == Some(tag))
+                    .map(|(id, _)| id)
+            })
+            .await;
+            drop(ticket);
+        });
     }
 
     /// A handoff claim from `peer` for an activity this device holds.
@@ -1137,7 +1156,7 @@ impl Network {
                     name: &self.device_name,
                     addrs: &addrs,
                     relay: self.serve_relay,
-                    pair_slot: self.neighborhood.host.open_slot(),
+                    pair_tag: self.neighborhood.host.open_tag(),
                 };
                 let published = crate::group::publish_self(&group, local, wanted);
                 if let Err(e) = published.await {

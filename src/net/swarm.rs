@@ -25,6 +25,8 @@ use super::NetError;
 /// The composed network behaviour.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Before `limits`: one address cannot fill the pending slots.
+    pub pending_per_ip: super::pending::PendingPerIp,
     pub limits: connection_limits::Behaviour,
     pub stream: libp2p_stream::Behaviour,
     pub identify: identify::Behaviour,
@@ -40,7 +42,8 @@ pub struct Behaviour {
 
 /// Connections still in their handshake (TCP accepted, Noise not finished), at most; more are
 /// dropped at once, so half-open connections cannot use up this process's file descriptors.
-pub const MAX_PENDING_INCOMING: u32 = 64;
+/// One address holds at most [`super::pending::MAX_PENDING_PER_IP`] of them.
+pub const MAX_PENDING_INCOMING: u32 = 256;
 /// Established connections, at most, in and out (each device needs one; pairing, one more).
 pub const MAX_ESTABLISHED: u32 = 256;
 /// Established connections per device, at most (a relayed and a direct one during a hole punch,
@@ -97,6 +100,7 @@ pub fn build_swarm_with(
             let local = key.public().to_peer_id();
             let serving = options.serve_relay.is_some();
             Behaviour {
+                pending_per_ip: super::pending::PendingPerIp::default(),
                 limits: connection_limits::Behaviour::new(limits),
                 stream: libp2p_stream::Behaviour::new(),
                 identify: identify::Behaviour::new(

@@ -1,0 +1,183 @@
+//! Connections in their handshake, per remote IP address: at most [`MAX_PENDING_PER_IP`] from one
+//! address (TCP and QUIC alike), so one host's silent sockets cannot fill the swarm's pending
+//! slots ([`super::swarm::MAX_PENDING_INCOMING`] over every address) and keep the user's
+//! devices from (re)connecting. Relayed connections are left to the relay's own circuit limits.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::task::{Context, Poll};
+
+use libp2p::core::transport::PortUse;
+use libp2p::core::Endpoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::{
+    dummy, ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, THandler, THandlerInEvent,
+    THandlerOutEvent, ToSwarm,
+};
+use libp2p::{Multiaddr, PeerId};
+
+/// Handshakes in progress from one IP address, at most; further connections from it are
+/// refused at once until one finishes or times out.
+pub const MAX_PENDING_PER_IP: usize = 8;
+
+/// Counts handshakes in progress per remote IP address.
+#[derive(Default)]
+pub struct PendingPerIp {
+    by_connection: HashMap<ConnectionId, IpAddr>,
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+/// The limit was reached for this address.
+#[derive(Debug, thiserror::Error)]
+#[error("{ip} has {MAX_PENDING_PER_IP} connections in their handshake already")]
+pub struct TooManyPending {
+    ip: IpAddr,
+}
+
+/// The IP address a direct connection comes from (none for a relayed one).
+fn remote_ip(addr: &Multiaddr) -> Option<IpAddr> {
+    if addr.iter().any(|p| p == Protocol::P2pCircuit) {
+        return None;
+    }
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+impl PendingPerIp {
+    fn finished(&mut self, connection: ConnectionId) {
+        let Some(ip) = self.by_connection.remove(&connection) else {
+            return;
+        };
+        if let Some(count) = self.by_ip.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.by_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Handshakes in progress, over every address (for tests and diagnostics).
+    pub fn pending(&self) -> usize {
+        self.by_connection.len()
+    }
+}
+
+impl NetworkBehaviour for PendingPerIp {
+    type ConnectionHandler = dummy::ConnectionHandler;
+    type ToSwarm = Infallible;
+
+    fn handle_pending_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        _local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        let Some(ip) = remote_ip(remote_addr) else {
+            return Ok(());
+        };
+        let count = self.by_ip.entry(ip).or_default();
+        if *count >= MAX_PENDING_PER_IP {
+            return Err(ConnectionDenied::new(TooManyPending { ip }));
+        }
+        *count += 1;
+        self.by_connection.insert(connection_id, ip);
+        Ok(())
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        _peer: PeerId,
+        _local_addr: &Multiaddr,
+        _remote_addr: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.finished(connection_id);
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        _connection_id: ConnectionId,
+        _peer: PeerId,
+        _addr: &Multiaddr,
+        _role_override: Endpoint,
+        _port_use: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(dummy::ConnectionHandler)
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        match event {
+            FromSwarm::ListenFailure(failure) => self.finished(failure.connection_id),
+            FromSwarm::ConnectionEstablished(established) => {
+                self.finished(established.connection_id)
+            }
+            _ => {}
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        _peer: PeerId,
+        _connection: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        match event {}
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(text: &str) -> Multiaddr {
+        text.parse().expect("multiaddr")
+    }
+
+    #[test]
+    fn one_address_gets_a_few_handshakes_the_others_are_unaffected() {
+        let mut pending = PendingPerIp::default();
+        let local = addr("/ip4/203.0.113.1/tcp/4001");
+        let attacker = addr("/ip4/198.51.100.66/tcp/50000");
+        let ids: Vec<_> = (0..MAX_PENDING_PER_IP)
+            .map(|_| {
+                let id = ConnectionId::new_unchecked(rand::random());
+                pending
+                    .handle_pending_inbound_connection(id, &local, &attacker)
+                    .unwrap();
+                id
+            })
+            .collect();
+        let next = ConnectionId::new_unchecked(rand::random());
+        assert!(pending
+            .handle_pending_inbound_connection(next, &local, &attacker)
+            .is_err());
+        // Another address, and a relayed connection through any relay, still come in.
+        let phone = addr("/ip4/198.51.100.7/udp/4001/quic-v1");
+        let id = ConnectionId::new_unchecked(rand::random());
+        assert!(pending
+            .handle_pending_inbound_connection(id, &local, &phone)
+            .is_ok());
+        let circuit = addr("/ip4/198.51.100.66/tcp/4001/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit");
+        for _ in 0..20 {
+            let id = ConnectionId::new_unchecked(rand::random());
+            assert!(pending
+                .handle_pending_inbound_connection(id, &local, &circuit)
+                .is_ok());
+        }
+        // A finished handshake frees its slot.
+        pending.finished(ids[0]);
+        let again = ConnectionId::new_unchecked(rand::random());
+        assert!(pending
+            .handle_pending_inbound_connection(again, &local, &attacker)
+            .is_ok());
+    }
+}
