@@ -968,3 +968,80 @@ async fn identify_tells_a_stranger_no_addresses_and_no_version() {
     assert_eq!(info.agent_version, "devicelink");
     agent.shutdown().await.unwrap();
 }
+
+/// Issue 22, finding 6: transfers in parts held memory without bound (4 transfers announcing
+/// 4 GiB, 768 MiB sent into each, then one byte every 30 s: 3.1 GB kept as long as the peer
+/// went on). Now a session holds at most 512 MiB of them (a transfer beyond it is counted, not
+/// kept, and answered with `DocError` once whole), and a transfer that receives under 256 KiB in
+/// 30 s is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_in_parts_are_bounded_and_crawling_ones_end() {
+    let (a, b, _da, _db) = linked_pair().await;
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let crawler = keypair.public().to_peer_id();
+    a.trust_add(crawler, "crawler").unwrap();
+    let mut raw = raw_peer_with(keypair, &a).await;
+    let (mut transport, _) = feature_session(&mut raw, &a).await;
+    const TOTAL: u64 = 200 << 20;
+    let piece = vec![0u8; 1 << 20];
+    let part = |doc: &str, data: &[u8]| Message::Part {
+        doc: doc.into(),
+        kind: 4,
+        total: TOTAL,
+        data: data.to_vec(),
+    };
+    // Three transfers of 200 MiB: two sent but for their last byte, the third whole.
+    for doc in ["held1", "held2", "third"] {
+        let whole = doc == "third";
+        let mut sent = 0u64;
+        while sent < TOTAL - u64::from(!whole) {
+            let len = (TOTAL - u64::from(!whole) - sent).min(piece.len() as u64) as usize;
+            transport
+                .feed(part(doc, &piece[..len]).encode().unwrap())
+                .await
+                .unwrap();
+            sent += len as u64;
+        }
+        SinkExt::<Bytes>::flush(&mut transport).await.unwrap();
+    }
+    // The third went over the budget beside the other two: answered with DocError, not kept.
+    let got = read_until(&mut transport, |m| matches!(m, Message::DocError { .. })).await;
+    match got.last() {
+        Some(Message::DocError { doc, message, .. }) => {
+            assert_eq!(doc, "third");
+            assert!(message.contains("budget"), "{message}");
+        }
+        other => panic!("no DocError for the third transfer: {other:?}"),
+    }
+    // The two held ones crawl: one byte every 5 s. They are dropped within about 40 s.
+    let started = std::time::Instant::now();
+    let dropped = |a: &AgentHandle| {
+        let status = a.status().unwrap();
+        let errors = status
+            .peers
+            .iter()
+            .find(|p| p.device_id == crawler.to_string())
+            .map(|p| p.doc_errors.clone())
+            .unwrap_or_default();
+        ["held1", "held2"]
+            .iter()
+            .all(|doc| errors.get(*doc).is_some_and(|e| e.contains("stalled")))
+    };
+    while !dropped(&a) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "crawling transfers were not dropped"
+        );
+        for doc in ["held1", "held2"] {
+            let _ = transport.send(part(doc, &[0]).encode().unwrap()).await;
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    println!("crawling transfers dropped after {:?}", started.elapsed());
+    assert!(!a
+        .list_docs()
+        .unwrap()
+        .iter()
+        .any(|d| d.starts_with("held") || d == "third"));
+    assert_still_serving(&a, &b).await;
+}

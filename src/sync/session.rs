@@ -52,8 +52,14 @@ const MAX_LISTED: usize = 1_000_000;
 const MAX_PART_TOTAL: u64 = 4 << 30;
 /// Most messages being reassembled from parts at once.
 const MAX_REASSEMBLIES: usize = 4;
-/// A message in parts with no new piece for this long is dropped.
-const PART_STALL: Duration = Duration::from_secs(60);
+/// A message in parts that receives less than [`MIN_PART_PROGRESS`] in this long is dropped
+/// (a stalled transfer, or one that crawls to hold memory).
+const PART_STALL: Duration = Duration::from_secs(30);
+/// Bytes a message in parts must receive in each [`PART_STALL`] (about 9 KB/s).
+const MIN_PART_PROGRESS: u64 = 256 << 10;
+/// Bytes held for messages in parts, over all of one session's transfers: a piece beyond it
+/// ends its transfer (counted, not kept; answered with `DocError` once whole).
+const MAX_HELD_IN_PARTS: u64 = 512 << 20;
 /// How often the sender tells the peer how far of its feed has been sent (feature `feed`).
 const MARK_EVERY: Duration = Duration::from_millis(250);
 /// How many times a mark is checked after the last change went by (the change may take a
@@ -337,7 +343,12 @@ struct Reassembly {
     data: Vec<u8>,
     /// The document name breaks §12: answered with `DocError` once whole.
     invalid_name: Option<DocError>,
-    last_piece: tokio::time::Instant,
+    /// Over the session's [`MAX_HELD_IN_PARTS`]: pieces counted, not kept; answered with
+    /// `DocError` once whole.
+    over_budget: bool,
+    /// Bytes received since `window_start` (see [`MIN_PART_PROGRESS`]).
+    window_bytes: u64,
+    window_start: tokio::time::Instant,
 }
 
 impl<'a> Reader<'a> {
@@ -743,12 +754,15 @@ impl<'a> Reader<'a> {
                 "more than {MAX_REASSEMBLIES} messages in parts at once"
             )));
         }
+        let held: u64 = self.parts.values().map(|r| r.data.len() as u64).sum();
         let entry = self.parts.entry(key.clone()).or_insert_with(|| Reassembly {
             total,
             received: 0,
             data: Vec::new(),
             invalid_name: crate::docs::validate_name(&key.0).err(),
-            last_piece: tokio::time::Instant::now(),
+            over_budget: false,
+            window_bytes: 0,
+            window_start: tokio::time::Instant::now(),
         });
         if entry.total != total || entry.received + data.len() as u64 > total {
             return Err(violation(format!(
@@ -757,10 +771,21 @@ impl<'a> Reader<'a> {
             )));
         }
         entry.received += data.len() as u64;
-        if entry.invalid_name.is_none() {
-            entry.data.extend_from_slice(&data);
+        entry.window_bytes += data.len() as u64;
+        if entry.invalid_name.is_none() && !entry.over_budget {
+            if held + data.len() as u64 > MAX_HELD_IN_PARTS {
+                entry.over_budget = true;
+                entry.data = Vec::new();
+                tracing::warn!(
+                    peer = %self.peer,
+                    doc = key.0,
+                    "a message in parts of {total} bytes is over the {MAX_HELD_IN_PARTS}-byte \
+                     reassembly budget beside the others; its pieces are dropped"
+                );
+            } else {
+                entry.data.extend_from_slice(&data);
+            }
         }
-        entry.last_piece = tokio::time::Instant::now();
         if entry.received < total {
             return Ok(None);
         }
@@ -773,6 +798,21 @@ impl<'a> Reader<'a> {
             self.doc_error(key.0, e);
             return Ok(None);
         }
+        if whole.over_budget {
+            let reason = format!(
+                "its {total} bytes arrived in parts beside others over this device's \
+                 {MAX_HELD_IN_PARTS}-byte reassembly budget; send it again"
+            );
+            self.pull.failed = true;
+            self.ctx.peers.doc_failed(self.peer, &key.0, &reason);
+            tracing::warn!(peer = %self.peer, doc = key.0, "rejected a message from the peer: {reason}");
+            self.send(Message::DocError {
+                doc: key.0,
+                code: DocErrorCode::Storage,
+                message: reason,
+            });
+            return Ok(None);
+        }
         let (doc, update) = (key.0, whole.data);
         Ok(Some(match kind {
             3 => Message::SyncStep2 { doc, update },
@@ -780,20 +820,27 @@ impl<'a> Reader<'a> {
         }))
     }
 
-    /// Drops transfers in parts that made no progress for [`PART_STALL`].
+    /// Drops transfers in parts that received less than [`MIN_PART_PROGRESS`] in the last
+    /// [`PART_STALL`] (stalled, or crawling).
     fn expire_parts(&mut self) {
         let now = tokio::time::Instant::now();
-        let stale: Vec<(String, u8)> = self
-            .parts
-            .iter()
-            .filter(|(_, r)| now.duration_since(r.last_piece) >= PART_STALL)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let mut stale = Vec::new();
+        for (key, r) in self.parts.iter_mut() {
+            if now.duration_since(r.window_start) < PART_STALL {
+                continue;
+            }
+            if r.window_bytes < MIN_PART_PROGRESS {
+                stale.push(key.clone());
+            } else {
+                (r.window_bytes, r.window_start) = (0, now);
+            }
+        }
         for key in stale {
             if let Some(r) = self.parts.remove(&key) {
                 self.pull.failed = true;
                 let reason = format!(
-                    "a transfer in parts stalled at {} of {} bytes for {PART_STALL:?}; dropped",
+                    "a transfer in parts stalled at {} of {} bytes (under {MIN_PART_PROGRESS} \
+                     bytes in {PART_STALL:?}); dropped",
                     r.received, r.total
                 );
                 tracing::warn!(peer = %self.peer, doc = key.0, "{reason}");
