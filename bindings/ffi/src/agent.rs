@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use devicelink::{AgentHandle, Multiaddr};
 use tokio::sync::{mpsc, watch};
 
-use crate::doc::{call_listeners, Delivery, QUEUED_CALLS};
+use crate::callbacks::{call_listeners, Delivery, QUEUED_CALLS};
 use crate::error::DeviceLinkError;
 
 /// How to start an embedded agent. Only `data_dir` is required.

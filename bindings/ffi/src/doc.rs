@@ -8,17 +8,8 @@ use devicelink::{DocHandle, Origin};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::agent::{Agent, Phase, Shared};
+use crate::callbacks::{Delivery, DocListener};
 use crate::error::DeviceLinkError;
-
-/// What an app implements to hear of a document's changes.
-#[uniffi::export(foreign)]
-pub trait DocListener: Send + Sync {
-    /// Called, on the agent's callback thread, for every change in order: `update` is a Yjs update
-    /// v1 (apply it to your own Yjs document), `origin` is `"local"` for this device's changes
-    /// or the device id of the device that made it. After a listener fell far behind it gets
-    /// the whole document as one update, with origin `"resync"`.
-    fn on_update(&self, update: Vec<u8>, origin: String);
-}
 
 #[uniffi::export]
 impl Agent {
@@ -162,41 +153,6 @@ impl Subscription {
     pub fn cancel(&self) {
         self.active.store(false, Ordering::Release);
         self.cancel.send_replace(true);
-    }
-}
-
-/// One call of a listener, queued for the agent's callback thread.
-pub(crate) struct Delivery {
-    listener: Arc<dyn DocListener>,
-    active: Arc<AtomicBool>,
-    name: String,
-    update: Vec<u8>,
-    origin: String,
-}
-
-/// Calls made ahead of a slow listener; beyond them its subscription waits, then resyncs.
-pub(crate) const QUEUED_CALLS: usize = 64;
-
-/// The agent's callback thread: makes every subscription's calls in order until the agent and
-/// its subscriptions are gone.
-pub(crate) fn call_listeners(mut deliveries: mpsc::Receiver<Delivery>) {
-    while let Some(delivery) = deliveries.blocking_recv() {
-        if !delivery.active.load(Ordering::Acquire) {
-            continue;
-        }
-        let Delivery {
-            listener,
-            name,
-            update,
-            origin,
-            ..
-        } = delivery;
-        let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            listener.on_update(update, origin)
-        }));
-        if called.is_err() {
-            tracing::warn!("a listener of {name:?} failed; it keeps getting changes");
-        }
     }
 }
 

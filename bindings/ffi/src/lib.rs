@@ -7,7 +7,8 @@
 //!
 //! Modules, by what they own:
 //! - [`agent`]: start, pause/resume (mobile lifecycle), shutdown, the optional local endpoints.
-//! - [`doc`]: one document: writes, reads, updates, subscriptions.
+//! - [`doc`]: one document: writes, reads, updates, subscriptions; [`callbacks`]: the thread
+//!   that calls every subscription's listener.
 //! - [`devices`]: pairing by code, the linked devices.
 //! - [`activities`]: handoff (publish, list, continue) and conflict reports.
 
@@ -15,12 +16,14 @@ uniffi::setup_scaffolding!("devicelink");
 
 pub mod activities;
 pub mod agent;
+pub mod callbacks;
 pub mod devices;
 pub mod doc;
 mod error;
 
 pub use activities::{Activity, ActivityDraft, Conflict, HandoffResult};
 pub use agent::{Agent, AgentConfig};
+pub use callbacks::DocListener;
 pub use devices::{LinkedDevice, PairHost, PairedDevice};
-pub use doc::{Doc, DocListener, Subscription};
+pub use doc::{Doc, Subscription};
 pub use error::DeviceLinkError;
