@@ -182,7 +182,10 @@ impl PresenceHub {
                             && incoming.clock > 0
                             && clients.len() < MAX_CLIENTS_PER_DOC
                             && (!local
-                                || clients.values().filter(|e| e.source == source).count()
+                                || clients
+                                    .values()
+                                    .filter(|e| e.source == source && e.json.is_some())
+                                    .count()
                                     < MAX_CLIENTS_PER_LOCAL)
                     }
                     // A local app speaks for its own clients only: it cannot take over (or, by
