@@ -181,7 +181,7 @@ impl Devices {
                 .open_stream(relay_id, net::lookup::PAIR_LOOKUP_PROTOCOL)
                 .await;
             let answer = match stream {
-                Ok(stream) => net::lookup::ask(stream, &code.lookup_tag()).await,
+                Ok(stream) => net::lookup::ask(stream, code.slot(), &code.lookup_tag()).await,
                 Err(e) => Err(e.to_string()),
             };
             match answer {

@@ -4,7 +4,8 @@
 //! Document `_devicelink/devices`, root map `devices`: device id -> `{name, addrs, removed,
 //! relay}`. Each device keeps its own `addrs` current (they include its relayed addresses), and
 //! `relay` marks an always-on device serving as the group's relay (`agent --serve-relay`);
-//! `pair_tag` is the lookup tag of a pairing code open on that device (see `net::lookup`).
+//! `pair_slot` and `pair_tag` are the public slot and the lookup tag of a pairing code open on
+//! that device (see `net::lookup`).
 //! It syncs like any document, so only trusted devices can change it. Each agent reconciles its
 //! trust store with it: members are trusted, removed devices are dropped and remembered as
 //! revoked. A removed device cannot re-add itself (no member syncs with it); only an explicit new
@@ -32,7 +33,8 @@ pub struct Member {
     pub removed: bool,
     /// It serves as a relay for the group.
     pub relay: bool,
-    /// The lookup tag of the pairing code open on it now, if any.
+    /// The slot and the lookup tag of the pairing code open on it now, if any.
+    pub pair_slot: Option<u16>,
     pub pair_tag: Option<String>,
 }
 
@@ -73,6 +75,7 @@ pub struct SelfEntry<'a> {
     pub name: &'a str,
     pub addrs: &'a [String],
     pub relay: bool,
+    pub pair_slot: Option<u16>,
     pub pair_tag: Option<String>,
 }
 
@@ -93,6 +96,7 @@ pub async fn publish_self(
                 && (m.addrs != wanted.addrs
                     || m.relay != wanted.relay
                     || m.name != wanted.name
+                    || m.pair_slot != wanted.pair_slot
                     || m.pair_tag != wanted.pair_tag) => {}
         _ => return Ok(false),
     }
@@ -102,7 +106,7 @@ pub async fn publish_self(
             wanted.addrs,
             false,
             wanted.relay,
-            wanted.pair_tag.as_deref(),
+            wanted.pair_slot.zip(wanted.pair_tag.as_deref()),
         );
         map.insert(txn, key, value);
     })
@@ -119,7 +123,13 @@ pub fn relays(doc: &DocHandle, me: PeerId) -> Vec<(PeerId, Vec<String>)> {
         .collect()
 }
 
-fn entry(name: &str, addrs: &[String], removed: bool, relay: bool, pair_tag: Option<&str>) -> Any {
+fn entry(
+    name: &str,
+    addrs: &[String],
+    removed: bool,
+    relay: bool,
+    pairing: Option<(u16, &str)>,
+) -> Any {
     let mut m = std::collections::HashMap::new();
     m.insert("name".to_string(), Any::from(name));
     m.insert(
@@ -130,7 +140,8 @@ fn entry(name: &str, addrs: &[String], removed: bool, relay: bool, pair_tag: Opt
     if relay {
         m.insert("relay".to_string(), Any::Bool(true));
     }
-    if let Some(tag) = pair_tag {
+    if let Some((slot, tag)) = pairing {
+        m.insert("pair_slot".to_string(), Any::from(f64::from(slot)));
         m.insert("pair_tag".to_string(), Any::from(tag));
     }
     Any::Map(Arc::new(m))
@@ -161,6 +172,10 @@ fn read_member<T: ReadTxn>(txn: &T, map: &yrs::MapRef, key: &str) -> Option<Memb
         addrs,
         removed: matches!(fields.get("removed"), Some(Any::Bool(true))),
         relay: matches!(fields.get("relay"), Some(Any::Bool(true))),
+        pair_slot: match fields.get("pair_slot") {
+            Some(Any::Number(n)) => n.as_i64().and_then(|n| u16::try_from(n).ok()),
+            _ => None,
+        },
         pair_tag: match fields.get("pair_tag") {
             Some(Any::String(tag)) => Some(tag.to_string()),
             _ => None,

@@ -95,16 +95,29 @@ pub fn check_y_protocols_frame(bytes: &[u8]) -> Result<(), NestingError> {
                 };
                 check_awareness_v1(payload)
             }
-            // Auth (a reason string), awareness query (nothing): nothing yrs reserves for.
+            // Read exactly as yrs reads them, so that both agree where the next message starts.
+            // Auth: a permission byte, then a reason only if it is 0 (denied).
             2 => {
-                let _ = reader.var();
+                match reader.var() {
+                    Ok(0) => {
+                        if reader.buf().is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => return Ok(()),
+                }
+                Ok(())
+            }
+            // Awareness query: nothing follows.
+            3 => Ok(()),
+            // Any other tag: a buffer yrs keeps as a custom message, and reads on after it.
+            _ => {
                 if reader.buf().is_err() {
                     return Ok(());
                 }
                 Ok(())
             }
-            3 => Ok(()),
-            _ => return Ok(()),
         };
         checked?;
     }
@@ -475,6 +488,24 @@ mod tests {
             check_y_protocols_frame(&frame),
             Err(NestingError::Count { .. })
         ));
+        // Behind messages yrs reads on after: a custom one, an auth one (granted, then denied).
+        for prefix in [
+            &[4u8, 0][..],
+            &[2, 1][..],
+            &[2, 0, 2, b'n', b'o'][..],
+            &[3][..],
+        ] {
+            let mut frame = prefix.to_vec();
+            frame.extend_from_slice(&[0, 0, lie.len() as u8]);
+            frame.extend_from_slice(&lie);
+            assert!(
+                matches!(
+                    check_y_protocols_frame(&frame),
+                    Err(NestingError::Count { .. })
+                ),
+                "{prefix:?}"
+            );
+        }
         // An Any array declaring more values than bytes.
         let inner = update_with(Any::from(1));
         let mut bytes = inner[..inner.len() - 3].to_vec();

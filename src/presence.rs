@@ -174,20 +174,30 @@ impl PresenceHub {
                 let removal = &*incoming.json == REMOVED;
                 let local = matches!(source, Source::Local(_));
                 let current = clients.get(&client.get());
+                // A state coming (back) to life takes a place: bounded per document (live ones,
+                // and entries kept at all) and, for a local client, per connection (its live
+                // ones, and its removals kept a while, so set/remove cycles cannot fill a
+                // document with removals either).
+                let comes_alive = !removal && current.is_none_or(|c| c.json.is_none());
+                let has_room = || {
+                    let live = clients.values().filter(|e| e.json.is_some()).count();
+                    let kept_room = current.is_some() || clients.len() < 2 * MAX_CLIENTS_PER_DOC;
+                    let (own_live, own_all) = clients
+                        .values()
+                        .filter(|e| e.source == source)
+                        .fold((0, 0), |(l, a), e| {
+                            (l + usize::from(e.json.is_some()), a + 1)
+                        });
+                    live < MAX_CLIENTS_PER_DOC
+                        && kept_room
+                        && (!local
+                            || (own_live < MAX_CLIENTS_PER_LOCAL
+                                && own_all < 4 * MAX_CLIENTS_PER_LOCAL))
+                };
                 let accept = match current {
                     // As y-protocols: a client not held counts as held at clock 0, so its
                     // first entry needs a clock above 0 (§23).
-                    None => {
-                        !removal
-                            && incoming.clock > 0
-                            && clients.len() < MAX_CLIENTS_PER_DOC
-                            && (!local
-                                || clients
-                                    .values()
-                                    .filter(|e| e.source == source && e.json.is_some())
-                                    .count()
-                                    < MAX_CLIENTS_PER_LOCAL)
-                    }
+                    None => !removal && incoming.clock > 0,
                     // A local app speaks for its own clients only: it cannot take over (or, by
                     // leaving, remove) a client another app or device set.
                     Some(current)
@@ -201,7 +211,7 @@ impl PresenceHub {
                                 && removal
                                 && current.json.is_some())
                     }
-                };
+                } && (!comes_alive || has_room());
                 let old_len = current.and_then(|e| e.json.as_ref()).map_or(0, |j| j.len());
                 let new_len = if removal { 0 } else { incoming.json.len() };
                 let held = self.held.load(Ordering::Relaxed);
@@ -630,6 +640,23 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(hub.present(), 1 + MAX_CLIENTS_PER_LOCAL);
+        // Removing its clients and setting them (or others) again gains it nothing.
+        let cycler = hub.client();
+        for round in 0..50u32 {
+            for client in 200..210 {
+                let _ = cycler.apply("d", single(client, 2 * round + 1, Some(&json!({}))));
+                let _ = cycler.apply("d", single(client, 2 * round + 2, None));
+            }
+            for client in 200..210 {
+                let _ = cycler.apply("d", single(client, 2 * round + 3, Some(&json!({}))));
+            }
+        }
+        assert!(hub.present() <= 1 + 2 * MAX_CLIENTS_PER_LOCAL);
+        let entries = lock(&hub.docs)["d"].len();
+        assert!(
+            entries <= 1 + 5 * MAX_CLIENTS_PER_LOCAL,
+            "{entries} entries kept"
+        );
     }
 
     /// Issue 22, finding 7: the JSON held over every document has a bound; leaving frees it.

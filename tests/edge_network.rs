@@ -96,7 +96,7 @@ async fn strangers_learn_nothing_from_lookups_and_cannot_burn_a_code() {
             continue;
         };
         let guess: PairingCode = format!("{slot:02}-123-456").parse().unwrap();
-        if let Ok(found) = devicelink::net::lookup::ask(stream, &guess.lookup_tag()).await {
+        if let Ok(found) = devicelink::net::lookup::ask(stream, slot, &guess.lookup_tag()).await {
             answered += 1;
             assert_eq!(found, None, "slot {slot}: a device id for a wrong code");
         }

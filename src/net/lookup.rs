@@ -6,8 +6,10 @@
 //! (`pair_tag`), which the relay (a member) holds. The joiner, connected to the relay, asks over
 //! `/devicelink/pair-lookup/1.4.0` which device holds that tag; the relay answers with the id of
 //! a group device with that code open and connected to it (so reachable through it), or none.
-//! A stranger without the code learns nothing (not even which slots are open), and the relay
-//! answers a bounded number of questions per second. The joiner then dials `RELAY/p2p-circuit/p2p/HOST` and pairs as usual: the SPAKE2
+//! A stranger without the code learns nothing (not even which slots are open: a wrong tag and a
+//! closed slot get the same answer); a match confirms the whole code, so the relay takes at most
+//! [`MAX_MISSES_PER_CODE`] wrong tags for an open code, and a bounded number of questions per
+//! second. The joiner then dials `RELAY/p2p-circuit/p2p/HOST` and pairs as usual: the SPAKE2
 //! exchange is unchanged, so the relay learns nothing that lets it pair in the joiner's place.
 //! One question per stream; the answer only says which device is pairing right now.
 
@@ -40,6 +42,7 @@ pub(crate) struct LookupLimit {
     tokens: f64,
     refilled: std::time::Instant,
     open: std::sync::Arc<()>,
+    misses: Misses,
 }
 
 impl Default for LookupLimit {
@@ -48,11 +51,17 @@ impl Default for LookupLimit {
             tokens: LOOKUP_BURST,
             refilled: std::time::Instant::now(),
             open: std::sync::Arc::new(()),
+            misses: Misses::default(),
         }
     }
 }
 
 impl LookupLimit {
+    /// The wrong tags counted per open code.
+    pub(crate) fn misses(&self) -> Misses {
+        self.misses.clone()
+    }
+
     /// A ticket to answer one question (held while it is answered), or `None`: drop it.
     pub(crate) fn admit(&mut self) -> Option<std::sync::Arc<()>> {
         let now = std::time::Instant::now();
@@ -70,7 +79,42 @@ impl LookupLimit {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Request {
+    slot: u16,
     tag: String,
+}
+
+/// Wrong tags a relay takes for one open code's slot; then it stops answering for that code (the
+/// joiner can still dial the host's relayed address, which `devicelink pair` prints). A match
+/// confirms the whole code, so this is what bounds guessing it through the relay.
+pub const MAX_MISSES_PER_CODE: u32 = 10;
+
+/// A code open on a group device, as the relay sees it in the device group.
+pub(crate) struct OpenCode {
+    pub(crate) device: PeerId,
+    pub(crate) slot: u16,
+    pub(crate) tag: String,
+}
+
+/// Wrong tags asked for each open code, by device and tag (a new code starts afresh).
+pub(crate) type Misses =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(PeerId, String), u32>>>;
+
+/// The relay's answer to "which device has the code (`slot`, `tag`) open?".
+pub(crate) fn answer(open: &[OpenCode], misses: &Misses, slot: u16, tag: &str) -> Option<PeerId> {
+    let code = open.iter().find(|c| c.slot == slot)?;
+    let mut misses = misses.lock().unwrap_or_else(|p| p.into_inner());
+    if misses.len() > 1024 {
+        misses.clear(); // codes come and go; this only forgets old ones' counts
+    }
+    let count = misses.entry((code.device, code.tag.clone())).or_default();
+    if *count >= MAX_MISSES_PER_CODE {
+        return None;
+    }
+    if code.tag != tag {
+        *count += 1;
+        return None;
+    }
+    Some(code.device)
 }
 
 /// Longest tag read (a tag is 32 hex digits).
@@ -82,8 +126,8 @@ struct Answer {
     device: Option<String>,
 }
 
-/// Relay side: answers one question with `find(tag)`.
-pub async fn serve(stream: libp2p::Stream, find: impl FnOnce(&str) -> Option<PeerId>) {
+/// Relay side: answers one question with `find(slot, tag)`.
+pub async fn serve(stream: libp2p::Stream, find: impl FnOnce(u16, &str) -> Option<PeerId>) {
     let mut framed = Framed::new(stream.compat(), codec());
     let request = match tokio::time::timeout(STEP_TIMEOUT, framed.next()).await {
         Ok(Some(Ok(frame))) => postcard::from_bytes::<Request>(&frame).ok(),
@@ -93,7 +137,7 @@ pub async fn serve(stream: libp2p::Stream, find: impl FnOnce(&str) -> Option<Pee
         return; // malformed or silent: the stream is dropped
     };
     let answer = Answer {
-        device: find(&request.tag).map(|p| p.to_string()),
+        device: find(request.slot, &request.tag).map(|p| p.to_string()),
     };
     if let Ok(bytes) = postcard::to_stdvec(&answer) {
         let send = async {
@@ -104,10 +148,11 @@ pub async fn serve(stream: libp2p::Stream, find: impl FnOnce(&str) -> Option<Pee
     }
 }
 
-/// Joiner side: asks which device has the code with lookup tag `tag` open.
-pub async fn ask(stream: libp2p::Stream, tag: &str) -> Result<Option<PeerId>, String> {
+/// Joiner side: asks which device has the code with `slot` and lookup tag `tag` open.
+pub async fn ask(stream: libp2p::Stream, slot: u16, tag: &str) -> Result<Option<PeerId>, String> {
     let mut framed = Framed::new(stream.compat(), codec());
     let request = postcard::to_stdvec(&Request {
+        slot,
         tag: tag.to_string(),
     })
     .map_err(|e| e.to_string())?;

@@ -753,23 +753,28 @@ impl Network {
             tracing::debug!("pair lookup dropped: over the relay's rate");
             return;
         };
-        let open: Vec<(PeerId, Option<String>)> = {
+        let open: Vec<lookup::OpenCode> = {
             match self.ctx.registry.handle(crate::group::GROUP_DOC) {
                 Ok(group) => crate::group::members(&group)
                     .into_iter()
                     .filter(|m| {
                         !m.removed && self.trust.is_trusted(&m.id) && self.swarm.is_connected(&m.id)
                     })
-                    .map(|m| (m.id, m.pair_tag))
+                    .filter_map(|m| {
+                        Some(lookup::OpenCode {
+                            device: m.id,
+                            slot: m.pair_slot?,
+                            tag: m.pair_tag?,
+                        })
+                    })
                     .collect(),
                 Err(_) => Vec::new(),
             }
         };
+        let misses = self.lookups.misses();
         self.sessions.spawn(async move {
-            lookup::serve(stream, move |tag| {
-                open.into_iter()
-                    .find(|(_, open)| open.as_deref() == Some(tag))
-                    .map(|(id, _)| id)
+            lookup::serve(stream, move |slot, tag| {
+                lookup::answer(&open, &misses, slot, tag)
             })
             .await;
             drop(ticket);
@@ -1156,6 +1161,7 @@ impl Network {
                     name: &self.device_name,
                     addrs: &addrs,
                     relay: self.serve_relay,
+                    pair_slot: self.neighborhood.host.open_slot(),
                     pair_tag: self.neighborhood.host.open_tag(),
                 };
                 let published = crate::group::publish_self(&group, local, wanted);

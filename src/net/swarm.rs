@@ -157,6 +157,8 @@ pub(crate) fn keep_bound_ports(
             let (kind, port) = shape(addr);
             let earlier = bound
                 .iter()
+                // A relayed address carries the relay's port, not one of this device's.
+                .filter(|b| !b.iter().any(|p| p == Protocol::P2pCircuit))
                 .map(shape)
                 .find(|b| b.0 == kind && b.1.is_some_and(|p| p != 0) && !fixed.contains(b));
             match (port, earlier) {
