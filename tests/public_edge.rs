@@ -203,6 +203,24 @@ fn awareness_message(client: u64, clock: u64, state: &str) -> Vec<u8> {
     out
 }
 
+/// Polls the agent's awareness states of "notes" (as JSON text) until `done` holds; panics
+/// naming `what` after [`LIMIT`].
+async fn awareness_until(
+    client: &devicelink::client::Client,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) {
+    let started = Instant::now();
+    loop {
+        let states = client.awareness_get("notes").await.unwrap().to_string();
+        if done(&states) {
+            return;
+        }
+        assert!(started.elapsed() < LIMIT, "waited for {what}: {states}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Finding 7: a read-only token could set presence for another user's client id and, by
 /// leaving, remove that user on every device. A connection now speaks for its own clients only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,12 +237,7 @@ async fn an_app_cannot_take_over_or_remove_another_apps_presence() {
         ))
         .await
         .unwrap();
-    let states = || async { client.awareness_get("notes").await.unwrap().to_string() };
-    let started = Instant::now();
-    while !states().await.contains("alice") {
-        assert!(started.elapsed() < LIMIT, "alice's presence never arrived");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    awareness_until(&client, "alice's presence", |s| s.contains("alice")).await;
     let mut mallory = connect(&agent, "notes", &viewer).await;
     for message in [
         awareness_message(42, 9, r#"{"user":"mallory"}"#),
@@ -239,24 +252,13 @@ async fn an_app_cannot_take_over_or_remove_another_apps_presence() {
         ))
         .await
         .unwrap();
-    let started = Instant::now();
-    while !states().await.contains("mallory") {
-        assert!(
-            started.elapsed() < LIMIT,
-            "mallory's own presence never arrived"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    awareness_until(&client, "mallory's own presence", |s| s.contains("mallory")).await;
     drop(mallory);
-    let started = Instant::now();
-    while states().await.contains("mallory") {
-        assert!(
-            started.elapsed() < LIMIT,
-            "mallory's presence stayed after she left"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let now = states().await;
+    awareness_until(&client, "mallory's presence to leave with her", |s| {
+        !s.contains("mallory")
+    })
+    .await;
+    let now = client.awareness_get("notes").await.unwrap().to_string();
     assert!(
         now.contains("alice"),
         "alice was taken over or removed: {now}"

@@ -59,11 +59,6 @@ impl PendingPerIp {
             }
         }
     }
-
-    /// Handshakes in progress, over every address (for tests and diagnostics).
-    pub fn pending(&self) -> usize {
-        self.by_connection.len()
-    }
 }
 
 impl NetworkBehaviour for PendingPerIp {

@@ -90,7 +90,7 @@ impl Shared {
 
     /// The callback thread's queue, starting the thread on first use.
     pub(crate) fn deliveries(&self) -> Result<mpsc::Sender<Delivery>, DeviceLinkError> {
-        let mut deliveries = self.deliveries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut deliveries = lock(&self.deliveries);
         if let Some(sender) = deliveries.as_ref() {
             return Ok(sender.clone());
         }
@@ -133,7 +133,7 @@ impl Shared {
         };
         match self.open_endpoints(&handle).await {
             Ok(endpoints) => {
-                *self.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = endpoints;
+                *lock(&self.endpoints) = endpoints;
                 Ok(handle)
             }
             Err(e) => {
@@ -178,14 +178,11 @@ impl Shared {
     async fn stop(&self, next: Phase) -> Result<(), DeviceLinkError> {
         if matches!(next, Phase::Stopped) {
             // The callback thread ends once the subscriptions (which end now) have let go.
-            self.deliveries
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            lock(&self.deliveries).take();
         }
         let pausing = matches!(next, Phase::Paused);
         let previous = self.phase.send_replace(next);
-        *self.endpoints.lock().unwrap_or_else(|p| p.into_inner()) = Endpoints::default();
+        *lock(&self.endpoints) = Endpoints::default();
         if let Phase::Running(handle) = previous {
             if pausing {
                 *lock(&self.bound_before_pause) = handle.listen_addrs();
