@@ -308,12 +308,13 @@ impl PairingHost {
             .map(|o| o.code.slot)
     }
 
-    /// The lookup tag of the open, unexpired code ([`PairingCode::lookup_tag`]).
-    pub fn open_tag(&self) -> Option<String> {
+    /// The slot and lookup tag of the open, unexpired code ([`PairingCode::lookup_tag`]), read
+    /// together (one code's, even if a new one is opened meanwhile).
+    pub fn open_lookup(&self) -> Option<(u16, String)> {
         self.lock()
             .as_ref()
             .filter(|o| !o.expired && !o.burned && o.expires_at > Instant::now())
-            .map(|o| o.code.lookup_tag())
+            .map(|o| (o.code.slot, o.code.lookup_tag()))
     }
 
     /// Whether a code is open (so untrusted connections must be allowed for a while).

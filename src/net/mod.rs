@@ -742,9 +742,9 @@ impl Network {
         });
     }
 
-    /// "Which device has the code with this tag open?" from a device pairing through this
-    /// relay: a group device with that code open and connected here (see [`lookup`]). Only a
-    /// relay answers, and only [`lookup::LOOKUPS_PER_SEC`] questions a second.
+    /// "Which device has the code with this slot and tag open?" from a device pairing through
+    /// this relay: a group device with that code open and connected here (see [`lookup`]). Only
+    /// a relay answers, and only [`lookup::LOOKUPS_PER_SEC`] questions a second.
     fn on_lookup_stream(&mut self, stream: libp2p::Stream) {
         if !self.serve_relay {
             return;
@@ -753,23 +753,21 @@ impl Network {
             tracing::debug!("pair lookup dropped: over the relay's rate");
             return;
         };
-        let open: Vec<lookup::OpenCode> = {
-            match self.ctx.registry.handle(crate::group::GROUP_DOC) {
-                Ok(group) => crate::group::members(&group)
-                    .into_iter()
-                    .filter(|m| {
-                        !m.removed && self.trust.is_trusted(&m.id) && self.swarm.is_connected(&m.id)
+        let open: Vec<lookup::OpenCode> = match self.ctx.registry.handle(crate::group::GROUP_DOC) {
+            Ok(group) => crate::group::members(&group)
+                .into_iter()
+                .filter(|m| {
+                    !m.removed && self.trust.is_trusted(&m.id) && self.swarm.is_connected(&m.id)
+                })
+                .filter_map(|m| {
+                    Some(lookup::OpenCode {
+                        device: m.id,
+                        slot: m.pair_slot?,
+                        tag: m.pair_tag?,
                     })
-                    .filter_map(|m| {
-                        Some(lookup::OpenCode {
-                            device: m.id,
-                            slot: m.pair_slot?,
-                            tag: m.pair_tag?,
-                        })
-                    })
-                    .collect(),
-                Err(_) => Vec::new(),
-            }
+                })
+                .collect(),
+            Err(_) => Vec::new(),
         };
         let misses = self.lookups.misses();
         self.sessions.spawn(async move {
@@ -1157,12 +1155,13 @@ impl Network {
                     .collect();
                 self.reservations.set_from_group(relays);
                 let addrs = self.listen_addr_strings();
+                let pairing = self.neighborhood.host.open_lookup();
                 let wanted = crate::group::SelfEntry {
                     name: &self.device_name,
                     addrs: &addrs,
                     relay: self.serve_relay,
-                    pair_slot: self.neighborhood.host.open_slot(),
-                    pair_tag: self.neighborhood.host.open_tag(),
+                    pair_slot: pairing.as_ref().map(|(slot, _)| *slot),
+                    pair_tag: pairing.map(|(_, tag)| tag),
                 };
                 let published = crate::group::publish_self(&group, local, wanted);
                 if let Err(e) = published.await {
