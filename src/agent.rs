@@ -257,11 +257,19 @@ impl Agent {
             peers: peers.clone(),
             presence: presence.clone(),
         });
-        let serve_relay = config.serve_relay.then(|| {
+        let linked = {
             let trust = trust.clone();
-            Arc::new(move |peer: &PeerId| trust.is_trusted(peer)) as net::relay::RelayAccess
-        });
-        let swarm = net::build_swarm_with(keypair, net::SwarmOptions { serve_relay })?;
+            Arc::new(move |peer: &PeerId| trust.is_trusted(peer)) as net::strangers::Linked
+        };
+        let relay_lookups = net::relay::RelayLookups::default();
+        let swarm = net::build_swarm_with(
+            keypair,
+            net::SwarmOptions {
+                linked: Some(linked),
+                serve_relay: config.serve_relay,
+                lookups: relay_lookups.clone(),
+            },
+        )?;
         let control = swarm.behaviour().stream.new_control();
         let neighborhood = Arc::new(Neighborhood::default());
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -280,6 +288,7 @@ impl Agent {
                 commands: commands.clone(),
                 relays,
                 serve_relay: config.serve_relay,
+                relay_lookups,
                 external: config.external.clone(),
             },
         );

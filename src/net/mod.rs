@@ -30,11 +30,13 @@ use crate::sync::message::{codec, Hello, Message, Refusal, RefuseCode, PROTOCOL_
 use crate::sync::session::{self, SessionCtx, SessionError};
 use crate::sync::SYNC_PROTOCOL;
 
+mod dial_back;
 pub mod lookup;
 pub mod muxer;
 pub mod pending;
 pub mod reach;
 pub mod relay;
+pub mod strangers;
 pub mod swarm;
 
 pub use swarm::{
@@ -230,6 +232,8 @@ pub(crate) struct NetworkDeps {
     pub relays: Vec<(PeerId, Multiaddr)>,
     /// This device serves as its group's relay (`--serve-relay`).
     pub serve_relay: bool,
+    /// The relay's record of joiners that found their host (shared with its circuit rules).
+    pub relay_lookups: relay::RelayLookups,
     /// Addresses this device is reachable at from outside (`--external`), announced as is.
     pub external: Vec<Multiaddr>,
 }
@@ -310,6 +314,7 @@ pub(crate) struct Network {
     serve_relay: bool,
     /// The relay's bound on pair lookups from strangers.
     lookups: lookup::LookupLimit,
+    relay_lookups: relay::RelayLookups,
     /// When the slower upkeep (group relays, own group entry, reachability report) last ran.
     upkept: Instant,
     started: Instant,
@@ -365,6 +370,7 @@ impl Network {
             relayed_dials: HashMap::new(),
             serve_relay: deps.serve_relay,
             lookups: lookup::LookupLimit::default(),
+            relay_lookups: deps.relay_lookups,
             upkept: Instant::now() - UPKEEP,
             started: Instant::now(),
         }
@@ -492,7 +498,7 @@ impl Network {
                 Some((peer, stream)) = incoming.next() => self.on_inbound_stream(peer, stream),
                 Some((peer, stream)) = incoming_pair.next() => self.on_pair_stream(peer, stream),
                 Some((peer, stream)) = incoming_claims.next() => self.on_claim_stream(peer, stream),
-                Some((_, stream)) = lookups.next() => self.on_lookup_stream(stream),
+                Some((asker, stream)) = lookups.next() => self.on_lookup_stream(asker, stream),
                 Some((protocol, (peer, stream))) = legacy.next() => {
                     let message = format!(
                         "this device speaks devicelink sync {PROTOCOL_VERSION}; {protocol} is too old: update devicelink on device {peer}"
@@ -745,7 +751,7 @@ impl Network {
     /// "Which device has the code with this slot and tag open?" from a device pairing through
     /// this relay: a group device with that code open and connected here (see [`lookup`]). Only
     /// a relay answers, and only [`lookup::LOOKUPS_PER_SEC`] questions a second.
-    fn on_lookup_stream(&mut self, stream: libp2p::Stream) {
+    fn on_lookup_stream(&mut self, asker: PeerId, stream: libp2p::Stream) {
         if !self.serve_relay {
             return;
         }
@@ -770,9 +776,14 @@ impl Network {
             Err(_) => Vec::new(),
         };
         let misses = self.lookups.misses();
+        let found = self.relay_lookups.clone();
         self.sessions.spawn(async move {
             lookup::serve(stream, move |slot, tag| {
-                lookup::answer(&open, &misses, slot, tag)
+                let host = lookup::answer(&open, &misses, slot, tag);
+                if host.is_some() {
+                    found.found(asker);
+                }
+                host
             })
             .await;
             drop(ticket);

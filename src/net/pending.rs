@@ -36,7 +36,7 @@ pub struct TooManyPending {
 }
 
 /// The IP address a direct connection comes from (none for a relayed one).
-fn remote_ip(addr: &Multiaddr) -> Option<IpAddr> {
+pub(super) fn remote_ip(addr: &Multiaddr) -> Option<IpAddr> {
     if addr.iter().any(|p| p == Protocol::P2pCircuit) {
         return None;
     }

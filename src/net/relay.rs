@@ -22,8 +22,8 @@ use libp2p::{relay, Multiaddr, PeerId};
 use serde::Serialize;
 use tokio::time::Instant;
 
-/// Which devices may reserve on this relay (and open circuits without the stranger rate).
-pub type RelayAccess = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
+/// Which devices may reserve on this relay (and open circuits without a pair lookup).
+pub type RelayAccess = super::strangers::Linked;
 
 /// How long a reservation lasts; clients renew it at 3/4 of this.
 pub const RESERVATION_DURATION: Duration = Duration::from_secs(3600);
@@ -35,11 +35,19 @@ pub const MAX_CIRCUITS: usize = 256;
 pub const MAX_CIRCUITS_PER_PEER: usize = 16;
 /// How long one circuit may live; the devices then connect again (sync resumes where it was).
 pub const MAX_CIRCUIT_DURATION: Duration = Duration::from_secs(6 * 3600);
-/// Circuits a device that is not linked may open, per minute (enough to pair through the relay).
+/// Circuits a device that is not linked may open, per minute, once it has found a pairing host
+/// by its code ([`RelayLookups`]): enough to pair through the relay.
 pub const STRANGER_CIRCUITS_PER_MINUTE: u32 = 4;
+/// How long a found pairing host stays open to its joiner's circuits.
+pub const LOOKUP_GRANT: Duration = Duration::from_secs(120);
+/// Joiners remembered at once (a found host needs the whole code: there are few).
+const MAX_GRANTS: usize = 1024;
 
-/// The relay server: limits above, reservations only for admitted devices.
-pub fn server(local: PeerId, access: RelayAccess) -> relay::Behaviour {
+/// The relay server: limits above, reservations only for admitted devices, circuits for them
+/// and for joiners that found a host by its code. These are the only rules: libp2p's default
+/// rate limiters (per device and per IP address, 60 then one a minute) are not used, since
+/// devices behind one NAT share an address with whoever else is there.
+pub fn server(local: PeerId, access: RelayAccess, lookups: RelayLookups) -> relay::Behaviour {
     let mut config = relay::Config {
         max_reservations: MAX_RESERVATIONS,
         max_reservations_per_peer: MAX_RESERVATIONS_PER_PEER,
@@ -51,26 +59,47 @@ pub fn server(local: PeerId, access: RelayAccess) -> relay::Behaviour {
         max_circuit_bytes: 0,
         ..relay::Config::default()
     };
-    // The "rate limiters" run before anything else and short-circuit: the first is the access
-    // check (reservations: linked devices only).
+    // Reservations: linked devices only.
     let reserve_access = access.clone();
-    config.reservation_rate_limiters.insert(
-        0,
-        Box::new(move |peer: PeerId, _: &Multiaddr, _| reserve_access(&peer)),
-    );
-    // Circuits: linked devices freely; others a few per minute (pairing through the relay).
+    config.reservation_rate_limiters = vec![Box::new(move |peer: PeerId, _: &Multiaddr, _| {
+        reserve_access(&peer)
+    })];
+    // Circuits: linked devices freely; a joiner that found its host by the code, a few a
+    // minute (a stranger without a code gets none, whatever identities and addresses it uses).
     let mut stranger_circuits = StrangerRate::default();
-    config.circuit_src_rate_limiters.insert(
-        0,
-        Box::new(move |peer: PeerId, _: &Multiaddr, _| {
-            access(&peer) || stranger_circuits.admit(peer, std::time::Instant::now())
-        }),
-    );
+    config.circuit_src_rate_limiters = vec![Box::new(move |peer: PeerId, _: &Multiaddr, _| {
+        let now = std::time::Instant::now();
+        access(&peer) || (lookups.found_recently(&peer, now) && stranger_circuits.admit(peer, now))
+    })];
     let mut server = relay::Behaviour::new(local, config);
     // Fixed on: the relay does not wait for AutoNAT to call this device public (it is told so
     // with --serve-relay), and a status change later would go to every connection.
     server.set_status(Some(relay::Status::Enable));
     server
+}
+
+/// The joiners that found a pairing host through this relay's pair lookup, and when: the
+/// circuits of devices that are not linked are open to them only.
+#[derive(Clone, Default)]
+pub struct RelayLookups(Arc<std::sync::Mutex<HashMap<PeerId, std::time::Instant>>>);
+
+impl RelayLookups {
+    /// `joiner` named an open code correctly.
+    pub(crate) fn found(&self, joiner: PeerId) {
+        let now = std::time::Instant::now();
+        let mut found = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        found.retain(|_, at| now.duration_since(*at) < LOOKUP_GRANT);
+        if found.len() < MAX_GRANTS || found.contains_key(&joiner) {
+            found.insert(joiner, now);
+        }
+    }
+
+    fn found_recently(&self, peer: &PeerId, now: std::time::Instant) -> bool {
+        let found = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        found
+            .get(peer)
+            .is_some_and(|at| now.duration_since(*at) < LOOKUP_GRANT)
+    }
 }
 
 /// A per-device budget of [`STRANGER_CIRCUITS_PER_MINUTE`], for at most 1,024 devices a minute.

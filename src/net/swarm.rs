@@ -19,7 +19,8 @@ use libp2p::{
 };
 
 use super::muxer::Yamux;
-use super::relay::RelayAccess;
+use super::relay::RelayLookups;
+use super::strangers::Linked;
 use super::NetError;
 
 /// The composed network behaviour.
@@ -28,6 +29,8 @@ pub struct Behaviour {
     /// Before `limits`: one address cannot fill the pending slots.
     pub pending_per_ip: super::pending::PendingPerIp,
     pub limits: connection_limits::Behaviour,
+    /// Devices that are not linked hold a share of the established slots, no more.
+    pub strangers: Toggle<super::strangers::StrangerLimit>,
     pub stream: libp2p_stream::Behaviour,
     pub identify: identify::Behaviour,
     pub relay_client: relay::client::Behaviour,
@@ -37,7 +40,8 @@ pub struct Behaviour {
     pub relay_server: Toggle<relay::Behaviour>,
     /// Only with the relay server: tells the user's NAT'd devices whether an address of theirs
     /// is reachable from outside.
-    pub autonat_server: Toggle<autonat::v2::server::Behaviour>,
+    /// It dials back only the asker's own address.
+    pub autonat_server: Toggle<super::dial_back::DialBackGuard>,
 }
 
 /// Connections still in their handshake (TCP accepted, Noise not finished), at most; more are
@@ -57,8 +61,15 @@ pub const IDENTIFY_VERSION: &str = "/devicelink/1.4.0";
 /// What kind of swarm to build.
 #[derive(Default, Clone)]
 pub struct SwarmOptions {
-    /// Serve as a relay (and AutoNAT server) for the devices `RelayAccess` admits.
-    pub serve_relay: Option<RelayAccess>,
+    /// The user's linked devices: everyone else shares [`super::strangers::MAX_STRANGER_CONNECTIONS`]
+    /// connections, and (with `serve_relay`) only these may reserve on the relay. `None`: no
+    /// share for strangers and, as a relay, no reservations (test peers).
+    pub linked: Option<Linked>,
+    /// Serve as a relay (and AutoNAT server).
+    pub serve_relay: bool,
+    /// The relay's record of joiners that found their host by its code (see
+    /// [`super::relay::server`]); the network loop fills it.
+    pub lookups: RelayLookups,
 }
 
 /// A plain device's swarm (no relay server).
@@ -98,10 +109,12 @@ pub fn build_swarm_with(
         .map_err(|e| transport_error(&e))?
         .with_behaviour(|key, relay_client| {
             let local = key.public().to_peer_id();
-            let serving = options.serve_relay.is_some();
+            let serving = options.serve_relay;
+            let linked = options.linked.clone();
             Behaviour {
                 pending_per_ip: super::pending::PendingPerIp::default(),
                 limits: connection_limits::Behaviour::new(limits),
+                strangers: Toggle::from(linked.clone().map(super::strangers::StrangerLimit::new)),
                 stream: libp2p_stream::Behaviour::new(),
                 identify: identify::Behaviour::new(
                     // Any peer that reaches the device (a stranger over a relay circuit too)
@@ -114,12 +127,13 @@ pub fn build_swarm_with(
                 relay_client,
                 dcutr: dcutr::Behaviour::new(local),
                 autonat: autonat::v2::client::Behaviour::default(),
-                relay_server: Toggle::from(
-                    options
-                        .serve_relay
-                        .map(|access| super::relay::server(local, access)),
+                relay_server: Toggle::from(serving.then(|| {
+                    let access = linked.unwrap_or_else(|| std::sync::Arc::new(|_: &_| false));
+                    super::relay::server(local, access, options.lookups.clone())
+                })),
+                autonat_server: Toggle::from(
+                    serving.then(super::dial_back::DialBackGuard::default),
                 ),
-                autonat_server: Toggle::from(serving.then(autonat::v2::server::Behaviour::default)),
             }
         })
         .map_err(|e| transport_error(&e))?

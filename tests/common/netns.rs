@@ -235,3 +235,34 @@ impl Drop for Topology {
         let _ = run_script(TEARDOWN, &args);
     }
 }
+
+/// Runs `work` on a new thread that has entered the network namespace `ns` (created by `ip
+/// netns add`): the sockets it opens are that host's. Sockets opened elsewhere stay where they
+/// were; a tokio runtime for the thread must be built inside `work`.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let handle = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns on a valid namespace descriptor changes only this thread's namespace.
+        let entered = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            entered,
+            0,
+            "setns {path}: {}",
+            std::io::Error::last_os_error()
+        );
+        work()
+    })
+}
+
+/// Adds `addr` (with its prefix, e.g. `198.51.100.3/24`) to `eth0` of namespace `ns`.
+pub fn add_address(ns: &str, addr: &str) -> Result<(), String> {
+    run_script(
+        r#"ip -n "$1" addr add "$2" dev eth0"#,
+        &["add-address", ns, addr],
+    )
+}
