@@ -4,6 +4,8 @@
 //! - TCP (nodelay) + Noise + Yamux (stream windows bounded by [`super::muxer`]), with a short
 //!   handshake timeout; QUIC (TLS 1.3 built in) beside it. Both reuse their listening port when
 //!   dialing, so the address a NAT shows for outgoing connections is the one a hole punch needs.
+//! - Addresses by name (`/dns4/relay.example.net/tcp/4001/p2p/ID`, `/dns6`, `/dns`), resolved
+//!   with the system's settings.
 //! - `/p2p-circuit`: connections relayed by the user's always-on device (circuit relay v2).
 //! - Behaviours: connection limits; raw protocol streams (sync, pairing, handoff); identify (each
 //!   side learns its address as the other sees it); the relay client; DCUtR (hole punching over a
@@ -88,6 +90,7 @@ pub fn build_swarm_with(
         .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
         .with_max_established(Some(MAX_ESTABLISHED))
         .with_max_established_per_peer(Some(MAX_PER_PEER));
+    let dns_config = system_resolver();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic_config(|mut config| {
@@ -105,6 +108,7 @@ pub fn build_swarm_with(
             )
         })
         .map_err(|e| transport_error(&e))?
+        .with_dns_config(dns_config.0, dns_config.1)
         .with_relay_client(noise::Config::new, Yamux::default)
         .map_err(|e| transport_error(&e))?
         .with_behaviour(|key, relay_client| {
@@ -140,6 +144,22 @@ pub fn build_swarm_with(
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     Ok(swarm)
+}
+
+/// The system's resolver settings (`/etc/resolv.conf` and `/etc/hosts` on Linux), for addresses
+/// given by name. Without readable settings, names resolve from the hosts file only (said once
+/// in the log): addresses by IP are unaffected.
+fn system_resolver() -> (libp2p::dns::ResolverConfig, libp2p::dns::ResolverOpts) {
+    hickory_resolver::system_conf::read_system_conf().unwrap_or_else(|e| {
+        tracing::warn!(
+            "cannot read the system's DNS settings ({e}): addresses by name (/dns4/...) resolve \
+             from the hosts file only"
+        );
+        (
+            libp2p::dns::ResolverConfig::from_parts(None, Vec::new(), Vec::new()),
+            libp2p::dns::ResolverOpts::default(),
+        )
+    })
 }
 
 /// `configured` listen addresses with each port 0 replaced by the port an earlier run bound for

@@ -91,6 +91,7 @@ for ns in "$@"; do
   pids=$(ip netns pids "$ns" 2>/dev/null)
   [ -n "$pids" ] && kill -9 $pids 2>/dev/null
   ip netns del "$ns" 2>/dev/null || true
+  rm -rf "/etc/netns/$ns"
 done
 exit 0
 "#;
@@ -216,6 +217,16 @@ impl Topology {
             other => other,
         };
         format!("dl-{short}-{}", self.tag)
+    }
+
+    /// Gives `ip` the name `name` for processes started in namespace `which` (`ip netns exec`
+    /// mounts `/etc/netns/NS/hosts` over `/etc/hosts`), as a DNS name of the VPS would; removed
+    /// with the namespace.
+    pub fn name_host(&self, which: &str, name: &str, ip: &str) -> Result<(), String> {
+        run_script(
+            r#"mkdir -p "/etc/netns/$1" && printf '127.0.0.1 localhost\n%s %s\n' "$3" "$2" > "/etc/netns/$1/hosts""#,
+            &["name-host", &self.ns(which), name, ip],
+        )
     }
 
     /// Runs `sh -c script` inside a namespace (e.g. to change the NAT rules).
