@@ -311,3 +311,85 @@ async fn silent_sockets_and_one_greedy_app_cannot_lock_the_others_out() {
     assert_endpoint_serves(&agent, &notes, "beside_the_greedy_app").await;
     drop(silent);
 }
+
+/// Finding 9: six read-only connections streaming unfinished 240 MiB frames took 1.24 GB on
+/// the agent (every token could send 256 MiB messages). A client whose token may only read
+/// its document now sends messages of 256 KiB at most (its sync requests and presence): the
+/// agent refuses a larger frame from its header and closes the connection, while an app that
+/// may write still sends a 1 MiB update, and a viewer with a small message is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_clients_cannot_send_large_frames() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = AgentProcess::start(dir.path(), &[]);
+    let writer = add_app(&agent, "app", &[]);
+    let viewer = add_app(&agent, "viewer", &["--read-only"]);
+    let pid = agent.child.id();
+    let (before, _) = memory_mb(pid);
+
+    // An unfinished 240 MiB frame from a viewer: refused at its header.
+    let mut streaming = Vec::new();
+    for _ in 0..6 {
+        let mut ws = connect(&agent, "notes", &viewer).await;
+        let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = ws.get_mut() else {
+            panic!("a plain TCP connection");
+        };
+        // FIN + binary, masked, 64-bit length of 240 MiB, a mask key.
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend_from_slice(&(240u64 << 20).to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        tcp.write_all(&header).await.unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        let mut sent = 0usize;
+        let refused = tokio::time::timeout(LIMIT, async {
+            while sent < 64 << 20 {
+                if tcp.write_all(&chunk).await.is_err() {
+                    return true;
+                }
+                sent += chunk.len();
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        assert!(refused, "a viewer streamed {} MiB of one frame", sent >> 20);
+        streaming.push(ws);
+    }
+    let (after, _) = memory_mb(pid);
+    println!("agent peak RSS {before} MB before, {after} MB after six 240 MiB frame headers");
+    assert!(after < before + 100, "peak RSS {before} -> {after} MB");
+
+    // What a viewer sends in earnest still comes through: its presence.
+    let mut ws = connect(&agent, "notes", &viewer).await;
+    ws.send(Frame::Binary(
+        awareness_message(7, 1, r#"{"user":"viewer"}"#).into(),
+    ))
+    .await
+    .unwrap();
+    let (_, closed) = read_for(&mut ws, Duration::from_millis(500)).await;
+    assert_eq!(closed, None, "a viewer's presence closed its connection");
+
+    // A 1 MiB update from an app that may write is taken and stored.
+    let update = {
+        use yrs::Transact;
+        let doc = yrs::Doc::new();
+        let text = doc.get_or_insert_text("t");
+        let mut txn = doc.transact_mut();
+        yrs::Text::insert(&text, &mut txn, 0, &"x".repeat(1 << 20));
+        txn.encode_update_v1()
+    };
+    let mut ws = connect(&agent, "big", &writer).await;
+    ws.send(Frame::Binary(sync_message(2, &update).into()))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let out = agent.cli(&["doc", "get", "big"]);
+        if stdout(&out).len() > 1 << 20 {
+            break;
+        }
+        assert!(started.elapsed() < LIMIT, "the 1 MiB update did not arrive");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(streaming);
+}

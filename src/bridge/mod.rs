@@ -31,8 +31,14 @@ use slots::{Slot, SlotError, Slots};
 
 /// The endpoint's default address (`devicelink agent --ws` changes it, `--no-ws` turns it off).
 pub const DEFAULT_ADDR: &str = "127.0.0.1:4455";
-/// Largest message accepted from a client (an app's first sync of a large document).
+/// Largest message accepted from a client that may write its document (an app's first sync
+/// of a large document).
 pub const MAX_MESSAGE_LEN: usize = 256 << 20;
+/// Largest message accepted from a client that may only read its document: its sync requests
+/// (a state vector) and its presence (64 KiB at most); anything it would write is dropped.
+pub const READ_ONLY_MESSAGE_LEN: usize = 256 << 10;
+/// Largest HTTP request head looked at before the upgrade.
+const MAX_REQUEST_HEAD: usize = 8 << 10;
 
 /// Errors starting the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -139,10 +145,13 @@ async fn upgrade(
             Err(refusal(status, reason))
         }
     };
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE_LEN))
-        .max_frame_size(Some(MAX_MESSAGE_LEN));
-    let upgrade = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
+    let upgrade = async {
+        let limit = message_limit(agent, &stream).await;
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit));
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config)).await
+    };
     let ws = match tokio::time::timeout(UPGRADE_DEADLINE, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
@@ -152,6 +161,36 @@ async fn upgrade(
         Err(_) => return None,
     };
     Some((ws, admitted?))
+}
+
+/// The largest message the client on `stream` may send: [`MAX_MESSAGE_LEN`] if its token may
+/// write the document it asks for, else [`READ_ONLY_MESSAGE_LEN`]. The request head is peeked,
+/// not read, before the upgrade sizes its buffers (tungstenite takes its limits up front); the
+/// upgrade then reads and checks it in full ([`admit`]). The caller bounds the wait.
+async fn message_limit(agent: &AgentHandle, stream: &TcpStream) -> usize {
+    let mut head = vec![0u8; MAX_REQUEST_HEAD];
+    let len = loop {
+        match stream.peek(&mut head).await {
+            Ok(0) | Err(_) => return READ_ONLY_MESSAGE_LEN,
+            Ok(n) if n == head.len() || head[..n].windows(4).any(|w| w == b"\r\n\r\n") => break n,
+            // Part of the head: peek returns at once while anything is unread, so wait a little.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let may_write = std::str::from_utf8(&head[..len])
+        .ok()
+        .and_then(|head| head.split_whitespace().nth(1))
+        .and_then(|target| {
+            let (path, query) = target.split_once('?')?;
+            let doc = doc_name(path).ok()?;
+            let grant = agent.apps().authenticate(&query_param(query, "token")?)?;
+            Some(grant.may_write(&doc))
+        });
+    if may_write == Some(true) {
+        MAX_MESSAGE_LEN
+    } else {
+        READ_ONLY_MESSAGE_LEN
+    }
 }
 
 /// Checks token, origin and document of an upgrade request.
