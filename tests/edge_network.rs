@@ -627,3 +627,72 @@ fn autonat_dials_back_only_the_askers_own_address() {
     );
     relay.stop();
 }
+
+/// Finding 11: 61,440 pair-lookup streams that never sent their question took the relay from
+/// 22 to 491 MB (472 MB kept). The relay now answers at most 32 questions at once (each waits
+/// 5 s for its request) and drops other streams unread. 64 strangers (all a device lets in at
+/// once) open as many silent lookup streams as their connections take against `agent
+/// --serve-relay` (a process, as a user starts it): its memory stays put, and once they go it
+/// answers the next question at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_lookup_streams_hold_no_memory_on_the_relay() {
+    use devicelink::net::lookup;
+    let dir = tempfile::tempdir().unwrap();
+    let relay =
+        common::process::AgentProcess::start_with(dir.path(), &[], &["--no-mdns", "--serve-relay"]);
+    let relay_id: libp2p::PeerId = relay.device_id.parse().unwrap();
+    let relay_addr: Multiaddr = relay.addr.parse().unwrap();
+    let pid = relay.child.id();
+    let before = rss_kib(pid);
+    let mut strangers = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..devicelink::net::strangers::MAX_STRANGER_CONNECTIONS {
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let mut stranger = raw_peer_dialing(keypair, relay_id, relay_addr.clone()).await;
+        for _ in 0..1000 {
+            let open = stranger
+                .control
+                .open_stream(relay_id, lookup::PAIR_LOOKUP_PROTOCOL);
+            match tokio::time::timeout(Duration::from_secs(2), open).await {
+                Ok(Ok(stream)) => held.push(stream),
+                _ => break,
+            }
+        }
+        strangers.push(stranger);
+    }
+    let during = rss_kib(pid);
+    println!(
+        "relay RSS {} MB before, {} MB with {} silent lookup streams open",
+        before >> 10,
+        during >> 10,
+        held.len()
+    );
+    assert!(
+        during < before + (30 << 10),
+        "relay RSS {} -> {} MB",
+        before >> 10,
+        during >> 10
+    );
+    drop(held);
+    drop(strangers);
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let mut asker = raw_peer_dialing(keypair, relay_id, relay_addr).await;
+    let answer = tokio::time::timeout(LIMIT, async {
+        loop {
+            if let Ok(stream) = asker
+                .control
+                .open_stream(relay_id, lookup::PAIR_LOOKUP_PROTOCOL)
+                .await
+            {
+                if let Ok(found) = lookup::ask(stream, 12, "no-such-tag").await {
+                    return found;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the relay answers again");
+    assert_eq!(answer, None);
+    relay.stop();
+}
