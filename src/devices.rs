@@ -142,15 +142,20 @@ impl Devices {
         code: &PairingCode,
         relay: Multiaddr,
     ) -> Result<Paired, PairError> {
-        let host = if net::relay::is_relayed(&relay) {
-            relay
-        } else {
-            let joins = &self.neighborhood.joins;
-            joins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let found = self.find_pairing_host(code, &relay).await;
-            joins.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            found?
+        let joins = &self.neighborhood.joins;
+        joins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let found = match net::relay::relay_of(&relay) {
+            // The host's relayed address: ask the relay with the code all the same (the relay
+            // opens circuits to those that did, beside the few it opens for anyone), and dial
+            // the address as given if the relay cannot say.
+            Some(relay_addr) => Ok(self
+                .find_pairing_host(code, &relay_addr)
+                .await
+                .unwrap_or(relay)),
+            None => self.find_pairing_host(code, &relay).await,
         };
+        joins.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        let host = found?;
         self.pair_join(code, Some(host)).await
     }
 

@@ -271,9 +271,10 @@ async fn stranger_dial(addr: Multiaddr) -> (libp2p::Swarm<devicelink::net::Behav
 /// Finding 13: libp2p's own per-IP circuit limiter (60 circuits, then one a minute) ran behind
 /// devicelink's rules, unlisted: strangers behind one NAT spent it in 0.1 s and a new device
 /// behind the same NAT could not pair through the relay. Now the relay's rules are the only
-/// ones: linked devices open circuits freely, and a device that is not linked only after it
-/// found its pairing host by the code. 70 new identities from the joiner's own address get no
-/// circuit to the laptop, and the joiner then pairs through the relay all the same.
+/// ones: linked devices open circuits freely; devices that are not linked a few a minute each,
+/// and those that did not ask with the code 30 a minute all together. 70 new identities from
+/// the joiner's own address get at most those 30 circuits to the laptop, and the joiner, who
+/// asks with the code, then pairs through the relay all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_behind_one_address_cannot_spend_a_joiners_circuits() {
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -292,9 +293,10 @@ async fn strangers_behind_one_address_cannot_spend_a_joiners_circuits() {
         let (_swarm, connected) = stranger_dial(circuit.clone()).await;
         reached += usize::from(connected);
     }
-    assert_eq!(
-        reached, 0,
-        "strangers without the code got circuits to the laptop"
+    println!("{reached} of 70 new identities got a circuit to the laptop");
+    assert!(
+        reached <= devicelink::net::relay::UNASKED_CIRCUITS_PER_MINUTE as usize,
+        "{reached} circuits for strangers without the code"
     );
     let phone = start(dirs[2].path(), "phone").await;
     let paired = phone

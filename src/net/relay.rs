@@ -35,18 +35,22 @@ pub const MAX_CIRCUITS: usize = 256;
 pub const MAX_CIRCUITS_PER_PEER: usize = 16;
 /// How long one circuit may live; the devices then connect again (sync resumes where it was).
 pub const MAX_CIRCUIT_DURATION: Duration = Duration::from_secs(6 * 3600);
-/// Circuits a device that is not linked may open, per minute, once it has found a pairing host
-/// by its code ([`RelayLookups`]): enough to pair through the relay.
+/// Circuits a device that is not linked may open, per minute: enough to pair through the relay.
 pub const STRANGER_CIRCUITS_PER_MINUTE: u32 = 4;
+/// Circuits all devices that are not linked and have not found a host by its code (a joiner
+/// given the host's relayed address) may open together, per minute: new identities cannot
+/// multiply it, and a joiner that asks the relay with the code is not counted against it.
+pub const UNASKED_CIRCUITS_PER_MINUTE: u32 = 30;
 /// How long a found pairing host stays open to its joiner's circuits.
 pub const LOOKUP_GRANT: Duration = Duration::from_secs(120);
 /// Joiners remembered at once (a found host needs the whole code: there are few).
 const MAX_GRANTS: usize = 1024;
 
 /// The relay server: limits above, reservations only for admitted devices, circuits for them
-/// and for joiners that found a host by its code. These are the only rules: libp2p's default
-/// rate limiters (per device and per IP address, 60 then one a minute) are not used, since
-/// devices behind one NAT share an address with whoever else is there.
+/// and, a few a minute, for others (joiners); those that found their host by its code have
+/// their own budget. These are the only rules: libp2p's default rate limiters (per device and
+/// per IP address, 60 then one a minute) are not used, since devices behind one NAT share an
+/// address with whoever else is there.
 pub fn server(local: PeerId, access: RelayAccess, lookups: RelayLookups) -> relay::Behaviour {
     let mut config = relay::Config {
         max_reservations: MAX_RESERVATIONS,
@@ -64,12 +68,13 @@ pub fn server(local: PeerId, access: RelayAccess, lookups: RelayLookups) -> rela
     config.reservation_rate_limiters = vec![Box::new(move |peer: PeerId, _: &Multiaddr, _| {
         reserve_access(&peer)
     })];
-    // Circuits: linked devices freely; a joiner that found its host by the code, a few a
-    // minute (a stranger without a code gets none, whatever identities and addresses it uses).
+    // Circuits: linked devices freely; others a few a minute each, and those that did not ask
+    // with the code a few a minute together (so identity churn cannot crowd out a joiner that
+    // knows the code, nor fill its host's handshake slots).
     let mut stranger_circuits = StrangerRate::default();
     config.circuit_src_rate_limiters = vec![Box::new(move |peer: PeerId, _: &Multiaddr, _| {
         let now = std::time::Instant::now();
-        access(&peer) || (lookups.found_recently(&peer, now) && stranger_circuits.admit(peer, now))
+        access(&peer) || stranger_circuits.admit(peer, lookups.found_recently(&peer, now), now)
     })];
     let mut server = relay::Behaviour::new(local, config);
     // Fixed on: the relay does not wait for AutoNAT to call this device public (it is told so
@@ -102,28 +107,40 @@ impl RelayLookups {
     }
 }
 
-/// A per-device budget of [`STRANGER_CIRCUITS_PER_MINUTE`], for at most 1,024 devices a minute.
+/// A per-device budget of [`STRANGER_CIRCUITS_PER_MINUTE`], for at most 1,024 devices a minute,
+/// and [`UNASKED_CIRCUITS_PER_MINUTE`] over every device that did not ask with the code.
 #[derive(Default)]
 struct StrangerRate {
     window: Option<std::time::Instant>,
     used: HashMap<PeerId, u32>,
+    unasked: u32,
 }
 
 impl StrangerRate {
-    fn admit(&mut self, peer: PeerId, now: std::time::Instant) -> bool {
+    fn admit(&mut self, peer: PeerId, asked: bool, now: std::time::Instant) -> bool {
         if self
             .window
             .is_none_or(|w| now.duration_since(w) > Duration::from_secs(60))
         {
             self.window = Some(now);
             self.used.clear();
+            self.unasked = 0;
         }
         if self.used.len() >= 1024 && !self.used.contains_key(&peer) {
             return false;
         }
+        if !asked && self.unasked >= UNASKED_CIRCUITS_PER_MINUTE {
+            return false;
+        }
         let used = self.used.entry(peer).or_default();
+        if *used >= STRANGER_CIRCUITS_PER_MINUTE {
+            return false;
+        }
         *used += 1;
-        *used <= STRANGER_CIRCUITS_PER_MINUTE
+        if !asked {
+            self.unasked += 1;
+        }
+        true
     }
 }
 
@@ -154,6 +171,18 @@ pub fn parse_relay_addr(addr: &Multiaddr) -> Result<(PeerId, Multiaddr), String>
 /// Whether an address goes through a relay.
 pub fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// The relay's own address (`.../p2p/RELAY`) in a relayed address, if it names one.
+pub fn relay_of(addr: &Multiaddr) -> Option<Multiaddr> {
+    let mut relay = Multiaddr::empty();
+    for protocol in addr.iter() {
+        if protocol == Protocol::P2pCircuit {
+            return matches!(relay.iter().last(), Some(Protocol::P2p(_))).then_some(relay);
+        }
+        relay.push(protocol);
+    }
+    None
 }
 
 /// Whether an address is only meaningful on this machine (loopback) or says "any address".
@@ -446,13 +475,21 @@ mod tests {
         let mut rate = StrangerRate::default();
         let (a, b) = (PeerId::random(), PeerId::random());
         let now = std::time::Instant::now();
-        let admitted = (0..10).filter(|_| rate.admit(a, now)).count();
+        let admitted = (0..10).filter(|_| rate.admit(a, true, now)).count();
         assert_eq!(admitted, STRANGER_CIRCUITS_PER_MINUTE as usize);
-        assert!(rate.admit(b, now), "the budget is per device");
+        assert!(rate.admit(b, true, now), "the budget is per device");
         assert!(
-            rate.admit(a, now + Duration::from_secs(61)),
+            rate.admit(a, true, now + Duration::from_secs(61)),
             "and per minute"
         );
+        // New identities that did not ask with the code share one budget; one that asked
+        // still gets its circuits once that is spent.
+        let now = now + Duration::from_secs(61);
+        let churned = (0..100)
+            .filter(|_| rate.admit(PeerId::random(), false, now))
+            .count();
+        assert_eq!(churned, UNASKED_CIRCUITS_PER_MINUTE as usize);
+        assert!(rate.admit(PeerId::random(), true, now));
     }
 
     #[test]
