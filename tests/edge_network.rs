@@ -277,7 +277,7 @@ async fn stranger_dial(addr: Multiaddr) -> (libp2p::Swarm<devicelink::net::Behav
 /// asks with the code, then pairs through the relay all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_behind_one_address_cannot_spend_a_joiners_circuits() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let (relay, laptop, relay_addr) = relay_and_laptop(dirs[0].path(), dirs[1].path()).await;
     let (code, _events) = laptop
         .devices()
@@ -305,7 +305,22 @@ async fn strangers_behind_one_address_cannot_spend_a_joiners_circuits() {
         .await
         .expect("the joiner pairs through the relay beside 70 strangers on its address");
     assert_eq!(paired.device_id, laptop.device_id().to_string());
-    for agent in [relay, laptop, phone] {
+    // The strangers spent the minute's circuits for devices that did not ask with the code; a
+    // joiner given the host's relayed address (as `devicelink pair` prints it) asks first, so
+    // it still gets its circuit.
+    let (code, _events) = laptop
+        .devices()
+        .pair_open(Duration::from_secs(300))
+        .await
+        .unwrap();
+    let tablet = start(dirs[3].path(), "tablet").await;
+    let paired = tablet
+        .devices()
+        .pair_join_through_relay(&code, circuit.clone())
+        .await
+        .expect("a joiner with the host's relayed address pairs");
+    assert_eq!(paired.device_id, laptop.device_id().to_string());
+    for agent in [relay, laptop, phone, tablet] {
         agent.shutdown().await.unwrap();
     }
 }
