@@ -13,6 +13,11 @@ test:
 soak:
     cargo test --release --test soak -- --ignored --nocapture
 
+# One minute of attacks on the public always-on device (silent sockets, identity churn, lookup
+# scans) while a phone restarts every 10 s and a laptop keeps syncing (prints the figures).
+soak-edge:
+    cargo test --release --test soak_edge -- --ignored --nocapture
+
 # Lints and formatting, as CI expects them.
 check:
     cargo fmt --all -- --check
