@@ -7,6 +7,11 @@
 //! open: libp2p's QUIC transport accepts every Initial without a Retry); the agents here listen
 //! on TCP only.
 //!
+//! Known to fail its last check today: the relay keeps ~0.8 KiB per connection it ever had
+//! (libp2p-stream 0.5.0-alpha never drops a closed connection's stream sender), so a minute of
+//! ~700 new identities a second leaves it at ~2.5x its baseline. Run `DEVICELINK_SOAK_ONLY=churn`
+//! to see it alone.
+//!
 //! Ignored in the normal run: `just soak-edge`, or `cargo test --release --test soak_edge --
 //! --ignored --nocapture`. `DEVICELINK_SOAK_SECS` changes the duration.
 
@@ -90,12 +95,24 @@ async fn the_always_on_device_under_every_attack_at_once() {
     let baseline = rss_kib(relay_pid) >> 10;
 
     let deadline = Instant::now() + Duration::from_secs(secs);
+    // DEVICELINK_SOAK_ONLY=silent|churn|scan runs one attack alone (to see what costs what).
+    let only = std::env::var("DEVICELINK_SOAK_ONLY").ok();
+    let runs = |attack: &str| only.as_deref().is_none_or(|o| o == attack);
+    let attack_deadline = |attack: &str| {
+        if runs(attack) {
+            deadline
+        } else {
+            Instant::now()
+        }
+    };
     let relay_id: devicelink::PeerId = relay.device_id.parse().unwrap();
     let relay_addr: libp2p::Multiaddr = relay.addr.parse().unwrap();
     let port: u16 = relay.addr.rsplit('/').next().unwrap().parse().unwrap();
 
     // 1. 64 silent sockets from 127.0.0.2, reopened as the relay closes them.
+    let deadline_silent = attack_deadline("silent");
     let silent = tokio::spawn(async move {
+        let deadline = deadline_silent;
         let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
         let mut open: Vec<tokio::net::TcpStream> = Vec::new();
         let mut opened = 0u64;
@@ -121,10 +138,12 @@ async fn the_always_on_device_under_every_attack_at_once() {
 
     // 2. New identities, as fast as four tasks can make them.
     let identities = Arc::new(AtomicU64::new(0));
+    let deadline_churn = attack_deadline("churn");
     let churn: Vec<_> = (0..4)
         .map(|_| {
             let (identities, addr) = (identities.clone(), relay_addr.clone());
             tokio::spawn(async move {
+                let deadline = deadline_churn;
                 while Instant::now() < deadline {
                     let keypair = libp2p::identity::Keypair::generate_ed25519();
                     let visit = common::raw_peer::raw_peer_dialing(keypair, relay_id, addr.clone());
@@ -141,9 +160,11 @@ async fn the_always_on_device_under_every_attack_at_once() {
 
     // 3. Lookup scans with guessed codes, from one stranger (again when it is dropped).
     let asked = Arc::new(AtomicU64::new(0));
+    let deadline_scan = attack_deadline("scan");
     let scan = {
         let (asked, addr) = (asked.clone(), relay_addr.clone());
         tokio::spawn(async move {
+            let deadline = deadline_scan;
             let mut slot = 0u16;
             while Instant::now() < deadline {
                 let keypair = libp2p::identity::Keypair::generate_ed25519();
