@@ -658,7 +658,7 @@ impl AgentHandle {
 /// store knows) within the time left, then open the handoff stream.
 fn claim_stream_opener(
     commands: mpsc::UnboundedSender<NetCommand>,
-    control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
+    control: Arc<tokio::sync::Mutex<crate::net::streams::Control>>,
     trust: Arc<RwLock<Option<TrustStore>>>,
 ) -> crate::handoff::OpenClaimStream {
     Arc::new(move |holder, limit| {

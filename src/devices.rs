@@ -41,7 +41,7 @@ pub struct Devices {
     pub(crate) registry: Arc<DocRegistry>,
     pub(crate) trust: Arc<RwLock<Option<TrustStore>>>,
     pub(crate) commands: mpsc::UnboundedSender<NetCommand>,
-    pub(crate) control: Arc<tokio::sync::Mutex<libp2p_stream::Control>>,
+    pub(crate) control: Arc<tokio::sync::Mutex<crate::net::streams::Control>>,
     pub(crate) neighborhood: Arc<Neighborhood>,
 }
 

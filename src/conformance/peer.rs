@@ -22,8 +22,8 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connected raw peer; its swarm runs in a background task until this is dropped.
 pub struct RawPeer {
     target: PeerId,
-    control: libp2p_stream::Control,
-    incoming: libp2p_stream::IncomingStreams,
+    control: crate::net::streams::Control,
+    incoming: crate::net::streams::IncomingStreams,
     driver: tokio::task::JoinHandle<()>,
 }
 

@@ -37,6 +37,7 @@ pub mod pending;
 pub mod reach;
 pub mod relay;
 pub mod strangers;
+pub mod streams;
 pub mod swarm;
 
 pub use swarm::{
@@ -1075,9 +1076,14 @@ impl Network {
                 match result {
                     Ok(connection) => {
                         tracing::info!(peer = %remote_peer_id, "hole punch succeeded: direct connection");
-                        // Every stream goes direct from now on: the relayed link is closed.
-                        for relayed in self.reach.punched(remote_peer_id, connection) {
-                            self.swarm.close_connection(relayed);
+                        // Every stream goes direct from now on: the relayed link is closed. Not
+                        // for a device that is not linked: it is pairing, and its pairing stream
+                        // runs on the relayed link (which ends with the pairing).
+                        let relayed = self.reach.punched(remote_peer_id, connection);
+                        if self.trust.is_trusted(&remote_peer_id) {
+                            for relayed in relayed {
+                                self.swarm.close_connection(relayed);
+                            }
                         }
                     }
                     Err(e) => {
@@ -1481,7 +1487,11 @@ impl SessionRunner {
 }
 
 /// The opener side: opens the sync stream and reopens it while the peer stays connected.
-async fn open_sessions(peer: PeerId, mut control: libp2p_stream::Control, runner: SessionRunner) {
+async fn open_sessions(
+    peer: PeerId,
+    mut control: crate::net::streams::Control,
+    runner: SessionRunner,
+) {
     let mut delay = Duration::from_millis(50);
     loop {
         if !runner.ctx.peers.is_connected(&peer) || !runner.trust.is_trusted(&peer) {

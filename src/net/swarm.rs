@@ -33,7 +33,7 @@ pub struct Behaviour {
     pub limits: connection_limits::Behaviour,
     /// Devices that are not linked hold a share of the established slots, no more.
     pub strangers: Toggle<super::strangers::StrangerLimit>,
-    pub stream: libp2p_stream::Behaviour,
+    pub stream: super::streams::Behaviour,
     pub identify: identify::Behaviour,
     pub relay_client: relay::client::Behaviour,
     pub dcutr: dcutr::Behaviour,
@@ -119,7 +119,7 @@ pub fn build_swarm_with(
                 pending_per_ip: super::pending::PendingPerIp::default(),
                 limits: connection_limits::Behaviour::new(limits),
                 strangers: Toggle::from(linked.clone().map(super::strangers::StrangerLimit::new)),
-                stream: libp2p_stream::Behaviour::new(),
+                stream: super::streams::Behaviour::new(),
                 identify: identify::Behaviour::new(
                     // Any peer that reaches the device (a stranger over a relay circuit too)
                     // hears this: addresses confirmed as external only (linked devices learn

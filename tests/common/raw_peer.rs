@@ -19,7 +19,7 @@ pub type Transport =
 /// A raw libp2p peer connected to `agent`; its swarm is driven by a background task.
 pub struct RawPeer {
     pub id: PeerId,
-    pub control: libp2p_stream::Control,
+    pub control: devicelink::net::streams::Control,
     driver: tokio::task::JoinHandle<()>,
 }
 
