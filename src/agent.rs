@@ -259,7 +259,7 @@ impl Agent {
         });
         let linked = {
             let trust = trust.clone();
-            Arc::new(move |peer: &PeerId| trust.is_trusted(peer)) as net::strangers::Linked
+            Arc::new(move |peer: &PeerId| trust.is_trusted(peer)) as net::established::Linked
         };
         let relay_lookups = net::relay::RelayLookups::default();
         let swarm = net::build_swarm_with(

@@ -368,7 +368,7 @@ async fn identity_churn_does_not_keep_linked_devices_off_the_relay() {
     }
     wait_until(LIMIT, "the relay keeps the strangers' share only", || {
         open.load(std::sync::atomic::Ordering::SeqCst)
-            <= devicelink::net::strangers::MAX_STRANGER_CONNECTIONS
+            <= devicelink::net::established::MAX_STRANGER_CONNECTIONS
     })
     .await;
     let started = Instant::now();
@@ -663,7 +663,7 @@ async fn silent_lookup_streams_hold_no_memory_on_the_relay() {
     let before = rss_kib(pid);
     let mut strangers = Vec::new();
     let mut held = Vec::new();
-    for _ in 0..devicelink::net::strangers::MAX_STRANGER_CONNECTIONS {
+    for _ in 0..devicelink::net::established::MAX_STRANGER_CONNECTIONS {
         let keypair = libp2p::identity::Keypair::generate_ed25519();
         let mut stranger = raw_peer_dialing(keypair, relay_id, relay_addr.clone()).await;
         for _ in 0..1000 {

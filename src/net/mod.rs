@@ -31,18 +31,17 @@ use crate::sync::session::{self, SessionCtx, SessionError};
 use crate::sync::SYNC_PROTOCOL;
 
 mod dial_back;
+pub mod established;
 pub mod lookup;
 pub mod muxer;
 pub mod pending;
 pub mod reach;
 pub mod relay;
-pub mod strangers;
 pub mod streams;
 pub mod swarm;
 
 pub use swarm::{
     build_swarm, build_swarm_with, Behaviour, BehaviourEvent, SwarmOptions, HANDSHAKE_TIMEOUT,
-    MAX_ESTABLISHED, MAX_PENDING_INCOMING, MAX_PER_PEER,
 };
 
 #[derive(Debug, thiserror::Error)]

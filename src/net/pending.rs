@@ -1,7 +1,8 @@
-//! Connections in their handshake, per remote IP address: at most [`MAX_PENDING_PER_IP`] from one
-//! address (TCP and QUIC alike), so one host's silent sockets cannot fill the swarm's pending
-//! slots ([`super::swarm::MAX_PENDING_INCOMING`] over every address) and keep the user's
-//! devices from (re)connecting. Relayed connections are left to the relay's own circuit limits.
+//! Incoming connections in their handshake: at most [`MAX_PENDING_INCOMING`] in all (more are
+//! dropped at once, so half-open connections cannot use up the process's file descriptors) and
+//! [`MAX_PENDING_PER_IP`] from one address (TCP and QUIC alike), so one host's silent sockets
+//! cannot fill the slots and keep the user's devices from (re)connecting. Relayed connections
+//! count in the total only; the relay's own circuit limits bound them per device.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -17,22 +18,27 @@ use libp2p::swarm::{
 };
 use libp2p::{Multiaddr, PeerId};
 
+/// Handshakes in progress, at most, over every address.
+pub const MAX_PENDING_INCOMING: usize = 256;
 /// Handshakes in progress from one IP address, at most; further connections from it are
 /// refused at once until one finishes or times out.
 pub const MAX_PENDING_PER_IP: usize = 8;
 
-/// Counts handshakes in progress per remote IP address.
+/// Counts handshakes in progress, and those per remote IP address.
 #[derive(Default)]
-pub struct PendingPerIp {
-    by_connection: HashMap<ConnectionId, IpAddr>,
+pub struct PendingLimits {
+    /// Every pending connection, with its address if it is direct.
+    by_connection: HashMap<ConnectionId, Option<IpAddr>>,
     by_ip: HashMap<IpAddr, usize>,
 }
 
-/// The limit was reached for this address.
+/// A limit was reached.
 #[derive(Debug, thiserror::Error)]
-#[error("{ip} has {MAX_PENDING_PER_IP} connections in their handshake already")]
-pub struct TooManyPending {
-    ip: IpAddr,
+pub enum TooManyPending {
+    #[error("{MAX_PENDING_INCOMING} connections are in their handshake already")]
+    Full,
+    #[error("{0} has {MAX_PENDING_PER_IP} connections in their handshake already")]
+    FromAddress(IpAddr),
 }
 
 /// The IP address a direct connection comes from (none for a relayed one).
@@ -47,9 +53,9 @@ pub(super) fn remote_ip(addr: &Multiaddr) -> Option<IpAddr> {
     })
 }
 
-impl PendingPerIp {
+impl PendingLimits {
     fn finished(&mut self, connection: ConnectionId) {
-        let Some(ip) = self.by_connection.remove(&connection) else {
+        let Some(Some(ip)) = self.by_connection.remove(&connection) else {
             return;
         };
         if let Some(count) = self.by_ip.get_mut(&ip) {
@@ -61,7 +67,7 @@ impl PendingPerIp {
     }
 }
 
-impl NetworkBehaviour for PendingPerIp {
+impl NetworkBehaviour for PendingLimits {
     type ConnectionHandler = dummy::ConnectionHandler;
     type ToSwarm = Infallible;
 
@@ -71,14 +77,17 @@ impl NetworkBehaviour for PendingPerIp {
         _local_addr: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<(), ConnectionDenied> {
-        let Some(ip) = remote_ip(remote_addr) else {
-            return Ok(());
-        };
-        let count = self.by_ip.entry(ip).or_default();
-        if *count >= MAX_PENDING_PER_IP {
-            return Err(ConnectionDenied::new(TooManyPending { ip }));
+        if self.by_connection.len() >= MAX_PENDING_INCOMING {
+            return Err(ConnectionDenied::new(TooManyPending::Full));
         }
-        *count += 1;
+        let ip = remote_ip(remote_addr);
+        if let Some(ip) = ip {
+            let count = self.by_ip.entry(ip).or_default();
+            if *count >= MAX_PENDING_PER_IP {
+                return Err(ConnectionDenied::new(TooManyPending::FromAddress(ip)));
+            }
+            *count += 1;
+        }
         self.by_connection.insert(connection_id, ip);
         Ok(())
     }
@@ -139,7 +148,7 @@ mod tests {
 
     #[test]
     fn one_address_gets_a_few_handshakes_the_others_are_unaffected() {
-        let mut pending = PendingPerIp::default();
+        let mut pending = PendingLimits::default();
         let local = addr("/ip4/203.0.113.1/tcp/4001");
         let attacker = addr("/ip4/198.51.100.66/tcp/50000");
         let ids: Vec<_> = (0..MAX_PENDING_PER_IP)

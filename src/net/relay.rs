@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 /// Which devices may reserve on this relay (and open circuits without a pair lookup).
-pub type RelayAccess = super::strangers::Linked;
+pub type RelayAccess = super::established::Linked;
 
 /// How long a reservation lasts; clients renew it at 3/4 of this.
 pub const RESERVATION_DURATION: Duration = Duration::from_secs(3600);

@@ -16,23 +16,20 @@ use std::time::Duration;
 
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{
-    autonat, connection_limits, dcutr, identify, identity::Keypair, noise, relay, tcp, Swarm,
-};
+use libp2p::{autonat, dcutr, identify, identity::Keypair, noise, relay, tcp, Swarm};
 
+use super::established::Linked;
 use super::muxer::Yamux;
 use super::relay::RelayLookups;
-use super::strangers::Linked;
 use super::NetError;
 
 /// The composed network behaviour.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
-    /// Before `limits`: one address cannot fill the pending slots.
-    pub pending_per_ip: super::pending::PendingPerIp,
-    pub limits: connection_limits::Behaviour,
-    /// Devices that are not linked hold a share of the established slots, no more.
-    pub strangers: Toggle<super::strangers::StrangerLimit>,
+    /// Connections in their handshake: in all, and from one address.
+    pub pending: super::pending::PendingLimits,
+    /// Established connections: in all, per device, and the share of devices not linked.
+    pub established: super::established::EstablishedLimits,
     pub stream: super::streams::Behaviour,
     pub identify: identify::Behaviour,
     pub relay_client: relay::client::Behaviour,
@@ -46,15 +43,6 @@ pub struct Behaviour {
     pub autonat_server: Toggle<super::dial_back::DialBackGuard>,
 }
 
-/// Connections still in their handshake (TCP accepted, Noise not finished), at most; more are
-/// dropped at once, so half-open connections cannot use up this process's file descriptors.
-/// One address holds at most [`super::pending::MAX_PENDING_PER_IP`] of them.
-pub const MAX_PENDING_INCOMING: u32 = 256;
-/// Established connections, at most, in and out (each device needs one; pairing, one more).
-pub const MAX_ESTABLISHED: u32 = 256;
-/// Established connections per device, at most (a relayed and a direct one during a hole punch,
-/// an AutoNAT dial-back, a pairing: each counts).
-pub const MAX_PER_PEER: u32 = 8;
 /// How long a connection may take to finish its handshake (Noise + Yamux, or QUIC).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The identify protocol version string devicelink announces.
@@ -63,7 +51,7 @@ pub const IDENTIFY_VERSION: &str = "/devicelink/1.4.0";
 /// What kind of swarm to build.
 #[derive(Default, Clone)]
 pub struct SwarmOptions {
-    /// The user's linked devices: everyone else shares [`super::strangers::MAX_STRANGER_CONNECTIONS`]
+    /// The user's linked devices: everyone else shares [`super::established::MAX_STRANGER_CONNECTIONS`]
     /// connections, and (with `serve_relay`) only these may reserve on the relay. `None`: no
     /// share for strangers and, as a relay, no reservations (test peers).
     pub linked: Option<Linked>,
@@ -86,10 +74,6 @@ pub fn build_swarm_with(
 ) -> Result<Swarm<Behaviour>, NetError> {
     use libp2p::Transport as _;
     let transport_error = |e: &dyn std::fmt::Display| NetError::Transport(e.to_string());
-    let limits = connection_limits::ConnectionLimits::default()
-        .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
-        .with_max_established(Some(MAX_ESTABLISHED))
-        .with_max_established_per_peer(Some(MAX_PER_PEER));
     let dns_config = system_resolver();
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -116,9 +100,8 @@ pub fn build_swarm_with(
             let serving = options.serve_relay;
             let linked = options.linked.clone();
             Behaviour {
-                pending_per_ip: super::pending::PendingPerIp::default(),
-                limits: connection_limits::Behaviour::new(limits),
-                strangers: Toggle::from(linked.clone().map(super::strangers::StrangerLimit::new)),
+                pending: super::pending::PendingLimits::default(),
+                established: super::established::EstablishedLimits::new(linked.clone()),
                 stream: super::streams::Behaviour::new(),
                 identify: identify::Behaviour::new(
                     // Any peer that reaches the device (a stranger over a relay circuit too)
