@@ -20,7 +20,8 @@ use libp2p::{Multiaddr, PeerId};
 
 /// Handshakes in progress, at most, over every address.
 pub const MAX_PENDING_INCOMING: usize = 256;
-/// Handshakes in progress from one IP address, at most; further connections from it are
+/// Handshakes in progress from one IP address (for IPv6, one /64: a host is usually given a
+/// whole /64 and can pick any address in it), at most; further connections from it are
 /// refused at once until one finishes or times out.
 pub const MAX_PENDING_PER_IP: usize = 8;
 
@@ -53,6 +54,14 @@ pub(super) fn remote_ip(addr: &Multiaddr) -> Option<IpAddr> {
     })
 }
 
+/// The block of addresses one host may use: an IPv4 address, or the /64 an IPv6 address is in.
+fn address_block(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+    }
+}
+
 impl PendingLimits {
     fn finished(&mut self, connection: ConnectionId) {
         let Some(Some(ip)) = self.by_connection.remove(&connection) else {
@@ -80,7 +89,7 @@ impl NetworkBehaviour for PendingLimits {
         if self.by_connection.len() >= MAX_PENDING_INCOMING {
             return Err(ConnectionDenied::new(TooManyPending::Full));
         }
-        let ip = remote_ip(remote_addr);
+        let ip = remote_ip(remote_addr).map(address_block);
         if let Some(ip) = ip {
             let count = self.by_ip.entry(ip).or_default();
             if *count >= MAX_PENDING_PER_IP {
@@ -177,6 +186,23 @@ mod tests {
                 .handle_pending_inbound_connection(id, &local, &circuit)
                 .is_ok());
         }
+        // One host in IPv6 has a whole /64: new addresses in it are the same host.
+        let block = |n: u16| addr(&format!("/ip6/2001:db8:1:2::{n:x}/tcp/5000"));
+        for n in 0..MAX_PENDING_PER_IP as u16 {
+            let id = ConnectionId::new_unchecked(rand::random());
+            pending
+                .handle_pending_inbound_connection(id, &local, &block(n + 1))
+                .unwrap();
+        }
+        let next = ConnectionId::new_unchecked(rand::random());
+        assert!(pending
+            .handle_pending_inbound_connection(next, &local, &block(999))
+            .is_err());
+        let elsewhere = addr("/ip6/2001:db8:1:3::1/tcp/5000");
+        let id = ConnectionId::new_unchecked(rand::random());
+        assert!(pending
+            .handle_pending_inbound_connection(id, &local, &elsewhere)
+            .is_ok());
         // A finished handshake frees its slot.
         pending.finished(ids[0]);
         let again = ConnectionId::new_unchecked(rand::random());
