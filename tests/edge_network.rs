@@ -236,10 +236,6 @@ async fn stranger_dial(addr: Multiaddr) -> (libp2p::Swarm<devicelink::net::Behav
     use libp2p::swarm::SwarmEvent;
     let keypair = libp2p::identity::Keypair::generate_ed25519();
     let mut swarm = devicelink::net::build_swarm(keypair).unwrap();
-    let target = addr.iter().find_map(|p| match p {
-        Protocol::P2p(id) => Some(id),
-        _ => None,
-    });
     let target = addr
         .iter()
         .filter_map(|p| match p {
@@ -247,7 +243,6 @@ async fn stranger_dial(addr: Multiaddr) -> (libp2p::Swarm<devicelink::net::Behav
             _ => None,
         })
         .last()
-        .or(target)
         .expect("an address ending in /p2p/ID");
     swarm.dial(addr).unwrap();
     let outcome = tokio::time::timeout(Duration::from_secs(10), async {
