@@ -49,6 +49,10 @@ pub struct AgentConfig {
     /// Addresses this device is reachable at from outside, when its interfaces do not show
     /// them (a VPS behind 1:1 NAT): announced to peers and in relay reservations.
     pub external: Vec<Multiaddr>,
+    /// A blind store (`agent --serve-relay --blind`): it keeps and forwards only sealed
+    /// envelopes, never a document or a key (see [`crate::blind`]). A data dir started blind
+    /// stays blind.
+    pub blind: bool,
 }
 
 impl AgentConfig {
@@ -67,6 +71,7 @@ impl AgentConfig {
             relays: Vec::new(),
             serve_relay: false,
             external: Vec::new(),
+            blind: false,
         }
     }
 
@@ -230,6 +235,8 @@ impl Agent {
                 damage.summary
             );
         }
+        let blind_store = check_blind_role(&db, &doc_store, config.blind)?;
+        let member_state = crate::blind::MemberState::open(&db)?;
         let manifest = Arc::new(store::Manifest::from_store(dir, &doc_store, &trust)?);
         manifest.save(&doc_store, &trust)?;
         doc_store.attach_manifest(manifest.clone());
@@ -262,6 +269,15 @@ impl Agent {
             Arc::new(move |peer: &PeerId| trust.is_trusted(peer)) as net::established::Linked
         };
         let relay_lookups = net::relay::RelayLookups::default();
+        let blind_role = match blind_store {
+            Some(store) => net::BlindRole::Blind(store),
+            None => net::BlindRole::Member(crate::blind::member::MemberCtx {
+                registry: registry.clone(),
+                keypair: keypair.clone(),
+                trust: trust.clone(),
+                state: member_state.clone(),
+            }),
+        };
         let swarm = net::build_swarm_with(
             keypair,
             net::SwarmOptions {
@@ -290,6 +306,7 @@ impl Agent {
                 serve_relay: config.serve_relay,
                 relay_lookups,
                 external: config.external.clone(),
+                blind: blind_role,
             },
         );
         if let Err(e) = network.listen(&config.listen).await {
@@ -339,6 +356,7 @@ impl Agent {
             commands: commands.clone(),
             control: control.clone(),
             neighborhood: neighborhood.clone(),
+            blind: config.blind,
         };
         let docs = Documents::new(registry.clone());
         let diagnostics = Diagnostics {
@@ -562,6 +580,34 @@ impl AgentHandle {
         self.inner.apps.close();
         tracing::info!(device = %self.inner.device_id, "agent stopped");
         Ok(flushed?)
+    }
+}
+
+/// A data dir's role with blind devices, fixed at its first start: returns the blind store of a
+/// blind device. A blind data dir refuses to start as a full member (it would join nothing and
+/// look broken), and a data dir that holds documents cannot become blind.
+fn check_blind_role(
+    db: &sled::Db,
+    docs: &DocStore,
+    blind: bool,
+) -> Result<Option<crate::blind::BlindStore>, AgentError> {
+    let meta = db.open_tree("blind_meta").map_err(StoreError::from)?;
+    let was_blind = meta.contains_key("role").map_err(StoreError::from)?;
+    match (was_blind, blind) {
+        (true, false) => Err(AgentError::Config(
+            "this data dir belongs to a blind device: start it with `devicelink agent --serve-relay --blind`"
+                .into(),
+        )),
+        (false, true) if docs.count() > 0 => Err(AgentError::Config(format!(
+            "this data dir holds {} documents: a blind device must start from an empty data dir (use another --data-dir)",
+            docs.count()
+        ))),
+        (_, true) => {
+            meta.insert("role", "blind").map_err(StoreError::from)?;
+            meta.flush().map_err(StoreError::from)?;
+            Ok(Some(crate::blind::BlindStore::open(db)?))
+        }
+        (false, false) => Ok(None),
     }
 }
 

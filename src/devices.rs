@@ -43,6 +43,8 @@ pub struct Devices {
     pub(crate) commands: mpsc::UnboundedSender<NetCommand>,
     pub(crate) control: Arc<tokio::sync::Mutex<crate::net::streams::Control>>,
     pub(crate) neighborhood: Arc<Neighborhood>,
+    /// This device is a blind store (`agent --blind`).
+    pub(crate) blind: bool,
 }
 
 impl Devices {
@@ -304,7 +306,7 @@ impl Devices {
         let me = LocalDevice {
             id: self.me,
             name: self.name.clone(),
-            listen_addrs: self.listen_addrs().iter().map(|a| a.to_string()).collect(),
+            listen_addrs: self.pairing_addrs(),
         };
         let trust = self.trust().map_err(|e| PairError::Store(e.to_string()))?;
         let paired = pairing::join(&me, peer, stream, code, |p| {
@@ -331,9 +333,25 @@ impl Devices {
             || crate::group::members(&group)
                 .iter()
                 .any(|m| m.id == *device && !m.removed);
+        let was_full_member = !trust.is_blind(device);
         crate::group::remove(&group, *device, name.as_deref().unwrap_or("")).await?;
         trust.revoke(device)?;
         self.notify(NetCommand::TrustChanged)?;
+        // What is written from now on is sealed with a key the removed device never gets.
+        let keys = self.registry.handle(crate::blind::keyring::KEYS_DOC)?;
+        if was_full_member && !crate::blind::keyring::Keyring::load(&keys).is_empty() {
+            let (epoch, _) = crate::blind::keyring::rotate(&keys).await?;
+            tracing::info!(epoch = epoch.number, "new group key after removing {device}");
+        }
         Ok(known)
+    }
+
+    /// The addresses this device gives in pairing (with the blind mark on a blind device).
+    fn pairing_addrs(&self) -> Vec<String> {
+        let mut addrs: Vec<String> = self.listen_addrs().iter().map(|a| a.to_string()).collect();
+        if self.blind {
+            addrs.push(crate::blind::BLIND_MARK.to_string());
+        }
+        addrs
     }
 }

@@ -734,6 +734,17 @@ pub struct Durable {
 }
 
 impl Durable {
+    /// The wait for a change of `doc` applied with an acknowledgement (`None`: nothing to wait for).
+    pub(crate) fn pending(
+        doc: &str,
+        ack: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
+    ) -> Self {
+        Self {
+            doc: doc.into(),
+            ack: Some(ack),
+        }
+    }
+
     /// Completes once the change is on disk (at once if it changed nothing).
     pub async fn wait(self) -> Result<(), DocError> {
         let Some(ack) = self.ack else { return Ok(()) };

@@ -33,6 +33,8 @@ pub struct Member {
     pub removed: bool,
     /// It serves as a relay for the group.
     pub relay: bool,
+    /// A blind device: it stores only ciphertext and never gets a key (see [`crate::blind`]).
+    pub blind: bool,
     /// The slot and the lookup tag of the pairing code open on it now, if any.
     pub pair_slot: Option<u16>,
     pub pair_tag: Option<String>,
@@ -53,8 +55,10 @@ pub async fn upsert(
             if !readmit.contains(id) && old.as_ref().is_some_and(|m| m.removed) {
                 continue;
             }
-            let relay = old.is_some_and(|m| m.relay);
-            map.insert(txn, key, entry(name, addrs, false, relay, None));
+            let (relay, blind) = old.map_or((false, false), |m| (m.relay, m.blind));
+            let mut value = entry(name, addrs, false, relay, None);
+            set_blind(&mut value, blind);
+            map.insert(txn, key, value);
         }
     })
     .await
@@ -67,6 +71,31 @@ pub async fn remove(doc: &DocHandle, id: PeerId, name: &str) -> Result<(), DocEr
         map.insert(txn, id.to_string(), entry(name, &[], true, false, None));
     })
     .await
+}
+
+/// Records `id` as a blind device serving as the group's relay (by the member that paired it:
+/// a blind device writes nothing in the group).
+pub async fn mark_blind(doc: &DocHandle, id: PeerId) -> Result<(), DocError> {
+    let map = doc.yrs_doc().get_or_insert_map(MAP);
+    let key = id.to_string();
+    let Some(old) = doc.read(|txn| read_member(txn, &map, &key)) else {
+        return Ok(());
+    };
+    if old.blind && old.relay {
+        return Ok(());
+    }
+    doc.transact(|txn| {
+        let mut value = entry(&old.name, &old.addrs, old.removed, true, None);
+        set_blind(&mut value, true);
+        map.insert(txn, key, value);
+    })
+    .await
+}
+
+fn set_blind(value: &mut Any, blind: bool) {
+    if let (Any::Map(fields), true) = (value, blind) {
+        Arc::make_mut(fields).insert("blind".to_string(), Any::Bool(true));
+    }
 }
 
 /// What a device says about itself in its group entry.
@@ -172,6 +201,7 @@ fn read_member<T: ReadTxn>(txn: &T, map: &yrs::MapRef, key: &str) -> Option<Memb
         addrs,
         removed: matches!(fields.get("removed"), Some(Any::Bool(true))),
         relay: matches!(fields.get("relay"), Some(Any::Bool(true))),
+        blind: matches!(fields.get("blind"), Some(Any::Bool(true))),
         pair_slot: match fields.get("pair_slot") {
             Some(Any::Number(n)) => n.as_i64().and_then(|n| u16::try_from(n).ok()),
             _ => None,
@@ -209,6 +239,12 @@ pub fn reconcile(doc: &DocHandle, trust: &TrustStore, me: PeerId) -> Reconciled 
         if member.id == me {
             out.removed_self |= member.removed;
             continue;
+        }
+        if member.blind && !trust.is_blind(&member.id) {
+            if let Err(e) = trust.set_blind(&member.id) {
+                tracing::error!(device = %member.id, "cannot record it as blind: {e}");
+                continue;
+            }
         }
         if member.removed {
             if !trust.is_revoked(&member.id) || trust.is_trusted(&member.id) {

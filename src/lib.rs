@@ -42,6 +42,7 @@ pub mod agent;
 pub mod apps;
 pub mod args;
 pub mod bench;
+pub mod blind;
 pub mod bridge;
 pub(crate) mod budget;
 pub mod client;

@@ -77,6 +77,11 @@ enum Command {
         /// documents like any linked device. Only linked devices may reserve.
         #[arg(long)]
         serve_relay: bool,
+        /// With --serve-relay: a blind always-on device. It stores and forwards your documents
+        /// only as sealed envelopes (it never holds a name, a document or a key), so it may run
+        /// on a machine you do not trust with their content. Fixed at the data dir's first start.
+        #[arg(long, requires = "serve_relay")]
+        blind: bool,
         /// Reserve on this relay, so devices on other networks can reach this one: its address
         /// ending in /p2p/ID (repeatable). Relays your device group knows are used too.
         #[arg(long, value_name = "ADDR", value_parser = devicelink::args::parse_multiaddr)]
@@ -205,6 +210,9 @@ enum ServiceCommand {
         /// Serve as the relay of your devices (see `agent --serve-relay`).
         #[arg(long)]
         serve_relay: bool,
+        /// A blind always-on device (see `agent --blind`).
+        #[arg(long, requires = "serve_relay")]
+        blind: bool,
         /// Reserve on this relay (see `agent --relay`; repeatable).
         #[arg(long, value_name = "ADDR", value_parser = devicelink::args::parse_multiaddr)]
         relay: Vec<Multiaddr>,
@@ -478,6 +486,7 @@ async fn run(cli: Cli) -> Result<()> {
             no_ws,
             new_identity,
             serve_relay,
+            blind,
             relay,
             external,
         } => {
@@ -496,6 +505,7 @@ async fn run(cli: Cli) -> Result<()> {
             config.listen = listen;
             config.peers = peer;
             config.serve_relay = serve_relay;
+            config.blind = blind;
             config.relays = relay;
             config.external = external;
             config.discovery = discovery;
@@ -1203,6 +1213,7 @@ fn service(global: &Global, command: ServiceCommand) -> Result<()> {
             system,
             user,
             serve_relay,
+            blind,
             relay,
             listen,
             external,
@@ -1228,6 +1239,9 @@ fn service(global: &Global, command: ServiceCommand) -> Result<()> {
             }
             if serve_relay {
                 agent_args.push("--serve-relay".to_string());
+            }
+            if blind {
+                agent_args.push("--blind".to_string());
             }
             for (flag, addrs) in [
                 ("--relay", &relay),

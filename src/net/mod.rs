@@ -236,6 +236,17 @@ pub(crate) struct NetworkDeps {
     pub relay_lookups: relay::RelayLookups,
     /// Addresses this device is reachable at from outside (`--external`), announced as is.
     pub external: Vec<Multiaddr>,
+    /// This device's role with blind devices: it is one (`--blind`), or a full member.
+    pub blind: BlindRole,
+}
+
+/// Whether this device is a blind store or a full member that uses them.
+#[derive(Clone)]
+pub(crate) enum BlindRole {
+    /// This device is blind: it serves sealed items and syncs no documents.
+    Blind(crate::blind::BlindStore),
+    /// A full member: it opens a blind session to every blind device of its group.
+    Member(crate::blind::member::MemberCtx),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -312,6 +323,9 @@ pub(crate) struct Network {
     /// Dials through a relay in flight, per peer (at most one each).
     relayed_dials: HashMap<PeerId, ConnectionId>,
     serve_relay: bool,
+    blind: BlindRole,
+    /// Blind sessions (this device a member), per blind device.
+    blind_session_of: HashMap<PeerId, AbortHandle>,
     /// The relay's bound on pair lookups from strangers.
     lookups: lookup::LookupLimit,
     relay_lookups: relay::RelayLookups,
@@ -369,6 +383,8 @@ impl Network {
             reservations,
             relayed_dials: HashMap::new(),
             serve_relay: deps.serve_relay,
+            blind: deps.blind,
+            blind_session_of: HashMap::new(),
             lookups: lookup::LookupLimit::default(),
             relay_lookups: deps.relay_lookups,
             upkept: Instant::now() - UPKEEP,
@@ -469,6 +485,13 @@ impl Network {
             control.accept(crate::handoff::HANDOFF_PROTOCOL),
             control.accept(lookup::PAIR_LOOKUP_PROTOCOL),
         );
+        let mut incoming_blind = match control.accept(crate::blind::protocol::BLIND_PROTOCOL) {
+            Ok(streams) => streams,
+            Err(_) => {
+                tracing::error!("cannot accept blind store streams");
+                return;
+            }
+        };
         let mut legacy = futures::stream::select_all(
             crate::sync::message::LEGACY_SYNC_PROTOCOLS
                 .into_iter()
@@ -499,6 +522,7 @@ impl Network {
                 Some((peer, stream)) = incoming_pair.next() => self.on_pair_stream(peer, stream),
                 Some((peer, stream)) = incoming_claims.next() => self.on_claim_stream(peer, stream),
                 Some((asker, stream)) = lookups.next() => self.on_lookup_stream(asker, stream),
+                Some((peer, stream)) = incoming_blind.next() => self.on_blind_stream(peer, stream),
                 Some((protocol, (peer, stream))) = legacy.next() => {
                     let message = format!(
                         "this device speaks devicelink sync {PROTOCOL_VERSION}; {protocol} is too old: update devicelink on device {peer}"
@@ -574,6 +598,7 @@ impl Network {
         drop(incoming_pair);
         drop(incoming_claims);
         drop(lookups);
+        drop(incoming_blind);
         drop(self);
         if let Some(done) = done {
             let _ = done.send(());
@@ -716,10 +741,14 @@ impl Network {
 
     /// A pairing stream from `peer`: run the host side of the exchange.
     fn on_pair_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        let mut listen_addrs = self.listen_addr_strings();
+        if matches!(self.blind, BlindRole::Blind(_)) {
+            listen_addrs.push(crate::blind::BLIND_MARK.to_string());
+        }
         let me = LocalDevice {
             id: *self.swarm.local_peer_id(),
             name: self.device_name.clone(),
-            listen_addrs: self.listen_addr_strings(),
+            listen_addrs,
         };
         let (host, trust, commands, registry) = (
             self.neighborhood.host.clone(),
@@ -745,6 +774,34 @@ impl Network {
                 Err(e) => tracing::warn!(device = %peer, "pairing attempt failed: {e}"),
             }
             let _ = commands.send(NetCommand::PairingEnded);
+        });
+    }
+
+    /// A blind session from member `peer` (this device blind): serve it from the blind store.
+    fn on_blind_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        let BlindRole::Blind(store) = &self.blind else {
+            return; // a full member serves no blind sessions: dropping the stream says so
+        };
+        if !self.trust.is_trusted(&peer) {
+            tracing::warn!(%peer, "refused a blind session from a device that is not a member");
+            return;
+        }
+        let commands = self.commands.clone();
+        let server = crate::blind::protocol::Server {
+            store: store.clone(),
+            trust: self.trust.clone(),
+            addrs: self.listen_addr_strings(),
+            trust_changed: Box::new(move || {
+                let _ = commands.send(NetCommand::TrustChanged);
+            }),
+        };
+        self.sessions.spawn(async move {
+            match server.serve(peer, stream).await {
+                Ok(()) | Err(crate::blind::protocol::BlindSessionError::Closed) => {
+                    tracing::info!(%peer, "blind session ended")
+                }
+                Err(e) => tracing::warn!(%peer, "blind session ended: {e}"),
+            }
         });
     }
 
@@ -1328,8 +1385,26 @@ impl Network {
         }
     }
 
-    /// Of two devices, the one with the smaller id opens the sync stream.
+    /// Of two devices, the one with the smaller id opens the sync stream. With a blind device
+    /// there is no sync session: the member opens a blind session instead.
     fn start_session_if_opener(&mut self, peer: PeerId) {
+        match &self.blind {
+            BlindRole::Blind(_) => return,
+            BlindRole::Member(ctx) if self.trust.is_blind(&peer) => {
+                if self
+                    .blind_session_of
+                    .get(&peer)
+                    .is_none_or(|h| h.is_finished())
+                {
+                    let control = self.swarm.behaviour().stream.new_control();
+                    let task = open_blind_sessions(peer, control, ctx.clone(), self.ctx.peers.clone());
+                    let handle = self.sessions.spawn(task);
+                    self.blind_session_of.insert(peer, handle);
+                }
+                return;
+            }
+            BlindRole::Member(_) => {}
+        }
         let opener = *self.swarm.local_peer_id() < peer;
         if opener && self.session_of.get(&peer).is_none_or(|h| h.is_finished()) {
             let control = self.swarm.behaviour().stream.new_control();
@@ -1340,6 +1415,20 @@ impl Network {
     }
 
     fn on_inbound_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
+        let blind = matches!(self.blind, BlindRole::Blind(_));
+        if self.trust.is_trusted(&peer) && (blind || self.trust.is_blind(&peer)) {
+            let message = if blind {
+                "this device is a blind store: it holds only ciphertext and syncs no documents"
+            } else {
+                "you were paired as a blind device: documents go to you sealed, over /devicelink/blind"
+            };
+            let refusal = Refusal {
+                code: RefuseCode::ProtocolViolation,
+                message: message.into(),
+            };
+            self.sessions.spawn(refuse(stream, refusal));
+            return;
+        }
         if !self.trust.is_trusted(&peer) {
             tracing::warn!(%peer, "refused a sync stream from a device that is not trusted");
             let refusal = if self.trust.is_revoked(&peer) {
@@ -1485,6 +1574,40 @@ impl SessionRunner {
     }
 }
 
+/// A member's side with a blind device: opens the blind session and reopens it while the
+/// blind device stays connected and trusted.
+async fn open_blind_sessions(
+    peer: PeerId,
+    mut control: crate::net::streams::Control,
+    ctx: crate::blind::member::MemberCtx,
+    peers: Arc<PeerTable>,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        if !peers.is_connected(&peer) || !ctx.trust.is_trusted(&peer) {
+            return;
+        }
+        let result = match control
+            .open_stream(peer, crate::blind::protocol::BLIND_PROTOCOL)
+            .await
+        {
+            Ok(stream) => crate::blind::member::run(&ctx, peer, stream).await,
+            Err(e) => Err(crate::blind::protocol::BlindSessionError::Refused(e.to_string())),
+        };
+        match result {
+            Ok(()) | Err(crate::blind::protocol::BlindSessionError::Closed) => {
+                tracing::info!(%peer, "blind session ended")
+            }
+            Err(e) => {
+                tracing::warn!(%peer, "blind session ended: {e}");
+                peers.set_error(peer, format!("blind store: {e}"));
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
 /// The opener side: opens the sync stream and reopens it while the peer stays connected.
 async fn open_sessions(
     peer: PeerId,
@@ -1542,8 +1665,16 @@ pub(crate) fn save_paired(
     paired: &pairing::Paired,
 ) -> Result<(), String> {
     trust.unrevoke(&peer).map_err(|e| e.to_string())?;
+    if crate::blind::is_marked_blind(&paired.listen_addrs) {
+        trust.set_blind(&peer).map_err(|e| e.to_string())?;
+    }
     let mut device = TrustedDevice::new(paired.name.clone());
-    device.addrs = paired.listen_addrs.clone();
+    device.addrs = paired
+        .listen_addrs
+        .iter()
+        .filter(|a| a.as_str() != crate::blind::BLIND_MARK)
+        .cloned()
+        .collect();
     trust.add(peer, device).map_err(|e| e.to_string())
 }
 
@@ -1561,13 +1692,33 @@ pub(crate) async fn record_in_group(
             return;
         }
     };
+    if crate::blind::is_marked_blind(&me.listen_addrs) {
+        return; // a blind device keeps no group document: its members tell it who they are
+    }
+    let peer_is_blind = crate::blind::is_marked_blind(&paired.listen_addrs);
+    let peer_addrs: Vec<String> = paired
+        .listen_addrs
+        .iter()
+        .filter(|a| a.as_str() != crate::blind::BLIND_MARK)
+        .cloned()
+        .collect();
     let members = [
         (me.id, me.name.clone(), me.listen_addrs.clone()),
-        (peer, paired.name.clone(), paired.listen_addrs.clone()),
+        (peer, paired.name.clone(), peer_addrs),
     ];
     // The user paired `peer` on purpose: an earlier removal from the group is lifted.
     if let Err(e) = crate::group::upsert(&doc, &members, &[peer]).await {
         tracing::error!("cannot record the pairing in the device group: {e}");
+    }
+    if peer_is_blind {
+        if let Err(e) = crate::group::mark_blind(&doc, peer).await {
+            tracing::error!("cannot record the blind device in the device group: {e}");
+        }
+        // The group key exists before the first envelope is sealed.
+        let keys = registry.handle(crate::blind::keyring::KEYS_DOC);
+        if let Err(e) = async { crate::blind::keyring::ensure(&keys?).await }.await {
+            tracing::error!("cannot make the group key: {e}");
+        }
     }
 }
 

@@ -43,6 +43,8 @@ pub struct TrustStore {
     db: sled::Db,
     tree: sled::Tree,
     revoked: sled::Tree,
+    /// Devices paired as blind (they get ciphertext only; see `crate::blind`).
+    blind: sled::Tree,
 }
 
 impl TrustStore {
@@ -51,6 +53,7 @@ impl TrustStore {
             db: db.clone(),
             tree: db.open_tree("trust")?,
             revoked: db.open_tree("revoked")?,
+            blind: db.open_tree("blind_devices")?,
         })
     }
 
@@ -74,6 +77,19 @@ impl TrustStore {
             }
         }
         self.put(&peer, &device)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether `peer` is a blind device: it is never sent a document or a key.
+    pub fn is_blind(&self, peer: &PeerId) -> bool {
+        matches!(self.blind.contains_key(peer.to_bytes()), Ok(true))
+    }
+
+    /// Records `peer` as blind, for good (a device is never promoted to a full member by data
+    /// from the network).
+    pub fn set_blind(&self, peer: &PeerId) -> Result<(), StoreError> {
+        self.blind.insert(peer.to_bytes(), &[])?;
         self.db.flush()?;
         Ok(())
     }
