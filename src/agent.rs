@@ -269,6 +269,10 @@ impl Agent {
             Arc::new(move |peer: &PeerId| trust.is_trusted(peer)) as net::established::Linked
         };
         let relay_lookups = net::relay::RelayLookups::default();
+        let blind_view = match &blind_store {
+            Some(store) => crate::diagnostics::BlindView::Blind(store.clone()),
+            None => crate::diagnostics::BlindView::Member(member_state.clone()),
+        };
         let blind_role = match blind_store {
             Some(store) => net::BlindRole::Blind(store),
             None => net::BlindRole::Member(crate::blind::member::MemberCtx {
@@ -366,6 +370,7 @@ impl Agent {
             apps: apps.clone(),
             damage,
             endpoint: Arc::default(),
+            blind: blind_view,
         };
         Ok(AgentHandle {
             inner: Arc::new(Inner {

@@ -68,6 +68,29 @@ pub struct AgentStatus {
     /// Whether devices on other networks can reach this one: public or behind a NAT, relay
     /// reservations and the relayed addresses they give.
     pub reach: net::reach::ReachReport,
+    /// Blind devices: on a blind device what it holds for each member (never a name); on a
+    /// full member which documents it has backed up on each blind device and how far.
+    pub blind: BlindStatus,
+}
+
+/// The blind part of `status`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BlindStatus {
+    /// This device is blind.
+    pub is_blind: bool,
+    /// On a blind device: documents (counted by keyed hash), and per member device id its
+    /// envelopes, snapshots, key grants and bytes.
+    pub documents: usize,
+    pub held: BTreeMap<String, crate::blind::Holding>,
+    /// On a full member: per blind device, documents backed up there and how far.
+    pub backups: Vec<crate::blind::BackupReport>,
+}
+
+/// What diagnostics read of the blind store (a blind device) or of the member's backups.
+#[derive(Clone)]
+pub(crate) enum BlindView {
+    Blind(crate::blind::BlindStore),
+    Member(crate::blind::MemberState),
 }
 
 /// What `devicelink doctor` reports.
@@ -124,9 +147,29 @@ pub struct Diagnostics {
     /// What the start-up check found missing from the store, if anything.
     pub(crate) damage: Option<store::StoreDamage>,
     pub(crate) endpoint: Arc<EndpointState>,
+    pub(crate) blind: BlindView,
 }
 
 impl Diagnostics {
+    fn blind_status(&self) -> Result<BlindStatus, DiagnosticsError> {
+        Ok(match &self.blind {
+            BlindView::Blind(store) => BlindStatus {
+                is_blind: true,
+                documents: store.doc_count(),
+                held: store.holdings().map_err(DocError::Store)?,
+                backups: Vec::new(),
+            },
+            BlindView::Member(state) => {
+                let store = self.devices.registry.store().map_err(DocError::Store)?;
+                let head = store.feed_head().map_err(DocError::Store)?;
+                BlindStatus {
+                    backups: state.reports(head),
+                    ..Default::default()
+                }
+            }
+        })
+    }
+
     /// The y-websocket endpoint's state.
     pub fn endpoint(&self) -> &EndpointState {
         &self.endpoint
@@ -188,6 +231,7 @@ impl Diagnostics {
             others,
             store_damage,
             reach: devices.neighborhood.reach(),
+            blind: self.blind_status()?,
         })
     }
 

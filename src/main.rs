@@ -1451,6 +1451,44 @@ async fn doctor(global: &Global) -> Result<()> {
 }
 
 /// The human summary of `status`: this device, its documents, each of your devices.
+/// The blind lines of `status`: what a blind device holds per member, or a member's backups.
+fn blind_summary(out: &mut String, blind: &serde_json::Value) {
+    use std::fmt::Write as _;
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    if blind["is_blind"] == true {
+        let _ = writeln!(
+            out,
+            "blind store: {} documents, sealed (this device holds no name, content or key)",
+            n(&blind["documents"])
+        );
+        for (member, held) in blind["held"].as_object().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  {member}: {} envelopes, {} snapshots, {} key grants, {} bytes",
+                n(&held["envelopes"]),
+                n(&held["snapshots"]),
+                n(&held["grants"]),
+                n(&held["bytes"])
+            );
+        }
+        return;
+    }
+    for backup in blind["backups"].as_array().into_iter().flatten() {
+        let behind = n(&backup["behind"]);
+        let _ = writeln!(
+            out,
+            "backed up on blind device {}: {} documents, {}",
+            backup["device"].as_str().unwrap_or("?"),
+            n(&backup["documents"]),
+            if behind == 0 {
+                "every change".to_string()
+            } else {
+                format!("{behind} changes not yet")
+            }
+        );
+    }
+}
+
 fn status_summary(status: &serde_json::Value) -> String {
     use std::fmt::Write as _;
     let text = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
@@ -1480,6 +1518,7 @@ fn status_summary(status: &serde_json::Value) -> String {
                     .unwrap_or("see `devicelink doctor`")
             ))
     );
+    blind_summary(&mut out, &status["blind"]);
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
     let yours: Vec<_> = peers.iter().filter(|p| p["trusted"] == true).collect();
     if let Some(line) = removed_notice(&peers) {

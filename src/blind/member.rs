@@ -273,7 +273,15 @@ impl Session<'_> {
             tokio::select! {
                 reply = receive::<Reply>(&mut self.transport) => self.on_reply(reply?).await?,
                 update = updates.recv() => match update {
-                    Ok(update) => self.on_local_change(&update.doc).await?,
+                    Ok(update) => {
+                        self.on_local_change(&update.doc).await?;
+                        // A change is announced before its feed entry is written: with no
+                        // announcement left unread, every entry in the feed has been seen.
+                        if updates.is_empty() {
+                            let head = self.ctx.registry.store()?.feed_head()?;
+                            self.upload_target = self.upload_target.max(head);
+                        }
+                    }
                     Err(RecvError::Lagged(_)) => self.mark_changed_since_upload()?,
                     Err(RecvError::Closed) => return Ok(()),
                 },
