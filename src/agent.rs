@@ -269,6 +269,7 @@ impl Agent {
             Arc::new(move |peer: &PeerId| trust.is_trusted(peer)) as net::established::Linked
         };
         let relay_lookups = net::relay::RelayLookups::default();
+        let (commands, command_rx) = mpsc::unbounded_channel();
         let blind_view = match &blind_store {
             Some(store) => crate::diagnostics::BlindView::Blind(store.clone()),
             None => crate::diagnostics::BlindView::Member(member_state.clone()),
@@ -280,6 +281,14 @@ impl Agent {
                 keypair: keypair.clone(),
                 trust: trust.clone(),
                 state: member_state.clone(),
+                stop_untrusted: {
+                    let commands = commands.clone();
+                    Arc::new(move || {
+                        let (done, stopped) = oneshot::channel();
+                        let _ = commands.send(NetCommand::TrustChangedThen(done));
+                        stopped
+                    })
+                },
             }),
         };
         let swarm = net::build_swarm_with(
@@ -292,7 +301,6 @@ impl Agent {
         )?;
         let control = swarm.behaviour().stream.new_control();
         let neighborhood = Arc::new(Neighborhood::default());
-        let (commands, command_rx) = mpsc::unbounded_channel();
         let mut network = Network::new(
             swarm,
             NetworkDeps {

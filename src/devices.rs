@@ -334,9 +334,12 @@ impl Devices {
                 .iter()
                 .any(|m| m.id == *device && !m.removed);
         let was_full_member = !trust.is_blind(device);
-        crate::group::remove(&group, *device, name.as_deref().unwrap_or("")).await?;
         trust.revoke(device)?;
-        self.notify(NetCommand::TrustChanged)?;
+        // Its sessions stop before anything more is written (the removal, the new key).
+        let (done, stopped) = oneshot::channel();
+        self.notify(NetCommand::TrustChangedThen(done))?;
+        let _ = stopped.await;
+        crate::group::remove(&group, *device, name.as_deref().unwrap_or("")).await?;
         // What is written from now on is sealed with a key the removed device never gets.
         let keys = self.registry.handle(crate::blind::keyring::KEYS_DOC)?;
         if was_full_member && !crate::blind::keyring::Keyring::load(&keys).is_empty() {

@@ -159,14 +159,10 @@ impl Diagnostics {
                 held: store.holdings().map_err(DocError::Store)?,
                 backups: Vec::new(),
             },
-            BlindView::Member(state) => {
-                let store = self.devices.registry.store().map_err(DocError::Store)?;
-                let head = store.feed_head().map_err(DocError::Store)?;
-                BlindStatus {
-                    backups: state.reports(head),
-                    ..Default::default()
-                }
-            }
+            BlindView::Member(state) => BlindStatus {
+                backups: state.reports(&self.devices.registry),
+                ..Default::default()
+            },
         })
     }
 

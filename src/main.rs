@@ -1134,7 +1134,11 @@ async fn pair(
         };
         let paired: Paired = serde_json::from_value(client.request(body).await?)?;
         show(&paired);
-        first_sync_progress(&client, &paired.device_id, None).await;
+        if devicelink::blind::is_marked_blind(&paired.listen_addrs) {
+            println!("a blind device: your documents are kept on it sealed (it cannot read them)");
+        } else {
+            first_sync_progress(&client, &paired.device_id, None).await;
+        }
         return Ok(());
     }
     let mut events = client.take_events().context("event stream already taken")?;

@@ -231,6 +231,15 @@ impl Envelope {
     }
 }
 
+/// What a key grant carries: the epoch key, and the devices removed from the group when it was
+/// made (a member that was offline learns of the removal with the key, before anything sealed
+/// with it, and stops syncing with them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Granted {
+    pub key: Key,
+    pub removed: Vec<Vec<u8>>,
+}
+
 /// An epoch key sealed by one member to another, for a member that was offline when the key
 /// was made (kept on the blind device and handed only to `to`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,8 +255,14 @@ pub struct KeyGrant {
 }
 
 impl KeyGrant {
-    /// Seals `key` (of `epoch`) from `from` to device `to`: X25519 between their device keys.
-    pub fn seal(from: &Keypair, to: &PeerId, epoch: Epoch, key: &Key) -> Result<Self, SealError> {
+    /// Seals `granted` (the key of `epoch`) from `from` to device `to`: X25519 between their
+    /// device keys.
+    pub fn seal(
+        from: &Keypair,
+        to: &PeerId,
+        epoch: Epoch,
+        granted: &Granted,
+    ) -> Result<Self, SealError> {
         let mut nonce = [0; 24];
         rand::thread_rng().fill_bytes(&mut nonce);
         let mut grant = KeyGrant {
@@ -260,11 +275,13 @@ impl KeyGrant {
         };
         let shared = shared_key(from, to, &grant)?;
         let cipher = XChaCha20Poly1305::new(&shared.into());
+        let plaintext =
+            postcard::to_allocvec(granted).map_err(|e| SealError::Malformed(e.to_string()))?;
         grant.ciphertext = cipher
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
-                    msg: key,
+                    msg: &plaintext,
                     aad: &grant.header(),
                 },
             )
@@ -294,11 +311,11 @@ impl KeyGrant {
     }
 
     /// Opens the grant as its recipient `me`.
-    pub fn open(&self, me: &Keypair) -> Result<Key, SealError> {
+    pub fn open(&self, me: &Keypair) -> Result<Granted, SealError> {
         let from = self.verify()?;
         let shared = shared_key(me, &from, self)?;
         let cipher = XChaCha20Poly1305::new(&shared.into());
-        let key = cipher
+        let plaintext = cipher
             .decrypt(
                 XNonce::from_slice(&self.nonce),
                 Payload {
@@ -307,13 +324,12 @@ impl KeyGrant {
                 },
             )
             .map_err(|_| SealError::Decrypt)?;
-        let key: Key = key
-            .try_into()
-            .map_err(|_| SealError::Malformed("an epoch key is 32 bytes".into()))?;
-        if Epoch::of(self.epoch.number, &key) != self.epoch {
+        let granted: Granted =
+            postcard::from_bytes(&plaintext).map_err(|e| SealError::Malformed(e.to_string()))?;
+        if Epoch::of(self.epoch.number, &granted.key) != self.epoch {
             return Err(SealError::Malformed("the key does not match its epoch".into()));
         }
-        Ok(key)
+        Ok(granted)
     }
 
     fn header(&self) -> Vec<u8> {
@@ -428,8 +444,12 @@ mod tests {
         );
         let key = random_key();
         let epoch = Epoch::of(2, &key);
-        let grant = KeyGrant::seal(&laptop, &phone.public().to_peer_id(), epoch, &key).unwrap();
-        assert_eq!(grant.open(&phone).unwrap(), key);
+        let granted = Granted {
+            key,
+            removed: vec![other.public().to_peer_id().to_bytes()],
+        };
+        let grant = KeyGrant::seal(&laptop, &phone.public().to_peer_id(), epoch, &granted).unwrap();
+        assert_eq!(grant.open(&phone).unwrap(), granted);
         assert!(grant.open(&other).is_err());
         assert!(grant.open(&laptop).is_err());
     }

@@ -22,7 +22,7 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::StateVector;
 
-use super::envelope::{doc_id, Content, DocId, Envelope, KeyGrant, Kind};
+use super::envelope::{doc_id, Content, DocId, Envelope, Epoch, Granted, Key, KeyGrant, Kind};
 use super::keyring::{self, Keyring, KEYS_DOC};
 use super::protocol::{framed, receive, send, BlindSessionError, Reply, Request, Transport};
 use super::store::{Item, Refusal, Stored};
@@ -39,6 +39,8 @@ const UPLOAD_DELAY: Duration = Duration::from_millis(20);
 /// this much and at least as much as its snapshot: storage stays within about twice the
 /// document, and a large document is not re-sent for every small change.
 const COMPACT_MIN_BYTES: u64 = 64 << 10;
+/// How long after going idle the feed is read again (see `Session::run`).
+const RECHECK_DELAY: Duration = Duration::from_millis(500);
 /// How long to wait for the blind device's hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,7 +80,7 @@ pub struct BackupReport {
     pub documents: u64,
     pub fetched: u64,
     pub uploaded: u64,
-    /// Changes of the local feed not uploaded yet.
+    /// Documents with changes not on the blind device yet.
     pub behind: u64,
 }
 
@@ -150,7 +152,7 @@ impl MemberState {
     }
 
     /// What this member knows of each blind device it has used.
-    pub fn reports(&self, feed_head: u64) -> Vec<BackupReport> {
+    pub(crate) fn reports(&self, registry: &DocRegistry) -> Vec<BackupReport> {
         let mut out = Vec::new();
         for (key, value) in self.tree.scan_prefix(b"p").flatten() {
             let Ok(blind) = PeerId::from_bytes(&key[1..]) else {
@@ -163,12 +165,40 @@ impl MemberState {
                 documents,
                 fetched: progress.fetched,
                 uploaded: progress.uploaded,
-                behind: feed_head.saturating_sub(progress.uploaded),
+                behind: self.behind(registry, &blind, progress.uploaded),
             });
         }
         out
     }
 }
+
+impl MemberState {
+    /// Documents changed after feed position `uploaded` whose state the blind device does not
+    /// hold all of (as far as this member knows).
+    fn behind(&self, registry: &DocRegistry, blind: &PeerId, uploaded: u64) -> u64 {
+        let Ok(store) = registry.store() else {
+            return 0;
+        };
+        let Ok((names, _)) = store.changed_after(uploaded, usize::MAX) else {
+            return 0;
+        };
+        let names: BTreeSet<String> = names
+            .into_iter()
+            .filter(|n| !n.starts_with(RESERVED_PREFIX) && !registry.is_deleted(n))
+            .collect();
+        names
+            .iter()
+            .filter(|name| {
+                let held = decode_sv(&self.backup(blind, name).state);
+                let local = registry.state_vector_of(name).map(|sv| decode_sv(&sv));
+                local.is_ok_and(|local| !(local <= held))
+            })
+            .count() as u64
+    }
+}
+
+/// Stops the sessions of devices no longer trusted; the receiver completes once they stopped.
+pub(crate) type StopUntrusted = Arc<dyn Fn() -> tokio::sync::oneshot::Receiver<()> + Send + Sync>;
 
 /// What a member's blind sessions need.
 #[derive(Clone)]
@@ -177,6 +207,7 @@ pub(crate) struct MemberCtx {
     pub keypair: Keypair,
     pub trust: TrustStore,
     pub state: MemberState,
+    pub stop_untrusted: StopUntrusted,
 }
 
 /// One upload waiting for its answer.
@@ -268,6 +299,11 @@ impl Session<'_> {
         let upload_at = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(upload_at);
         let mut armed = false;
+        // Once idle, the feed is read again a moment later: a change's feed entry is written
+        // after it is announced, and is then recorded as uploaded.
+        let recheck_at = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(recheck_at);
+        let mut recheck = false;
         loop {
             let can_upload = self.caught && self.in_flight.len() < UPLOAD_WINDOW;
             tokio::select! {
@@ -289,6 +325,19 @@ impl Session<'_> {
                     armed = false;
                     self.upload_some().await?;
                 }
+                _ = &mut recheck_at, if recheck => {
+                    recheck = false;
+                    if self.caught && self.dirty.is_empty() && self.in_flight.is_empty() {
+                        self.mark_changed_since_upload()?;
+                    }
+                }
+            }
+            let idle = self.dirty.is_empty() && self.in_flight.is_empty();
+            if self.caught && idle && !recheck && self.behind_feed()? {
+                recheck = true;
+                recheck_at
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + RECHECK_DELAY);
             }
             let work = !self.dirty.is_empty() || !self.reseal.is_empty();
             if self.caught && work && !armed {
@@ -337,6 +386,11 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Whether the feed has entries after the last recorded upload.
+    fn behind_feed(&self) -> Result<bool, BlindSessionError> {
+        Ok(self.ctx.registry.store()?.feed_head()? > self.progress.uploaded)
+    }
+
     /// Once every change is uploaded, records how far the feed went.
     fn maybe_record_upload(&mut self) -> Result<(), BlindSessionError> {
         if self.caught
@@ -373,22 +427,29 @@ impl Session<'_> {
             return Ok(());
         };
         let group = self.ctx.registry.handle(GROUP_DOC)?;
-        for member in crate::group::members(&group) {
+        let members = crate::group::members(&group);
+        let removed: Vec<Vec<u8>> = members
+            .iter()
+            .filter(|m| m.removed)
+            .map(|m| m.id.to_bytes())
+            .collect();
+        let granted = Granted { key, removed };
+        for member in members {
             if member.removed || member.blind || member.id == self.me {
                 continue;
             }
-            let granted = MemberState::granted_key(&self.blind, &epoch, &member.id);
-            if matches!(self.ctx.state.tree.contains_key(&granted), Ok(true)) {
+            let granted_key = MemberState::granted_key(&self.blind, &epoch, &member.id);
+            if matches!(self.ctx.state.tree.contains_key(&granted_key), Ok(true)) {
                 continue;
             }
-            match KeyGrant::seal(&self.ctx.keypair, &member.id, epoch, &key) {
+            match KeyGrant::seal(&self.ctx.keypair, &member.id, epoch, &granted) {
                 Ok(grant) => send(&mut self.transport, &Request::Grant(grant)).await?,
                 Err(e) => {
                     tracing::warn!(device = %member.id, "cannot seal the group key to it: {e}");
                     continue;
                 }
             }
-            let _ = self.ctx.state.tree.insert(granted, &[]);
+            let _ = self.ctx.state.tree.insert(granted_key, &[]);
         }
         Ok(())
     }
@@ -448,13 +509,40 @@ impl Session<'_> {
             return Ok(());
         }
         match grant.open(&self.ctx.keypair) {
-            Ok(key) => {
+            Ok(granted) => {
+                self.learn_removals(&granted.removed).await?;
                 let keys = self.ctx.registry.handle(KEYS_DOC)?;
-                keyring::add(&keys, grant.epoch.number, key).await?;
+                keyring::add(&keys, grant.epoch.number, granted.key).await?;
                 self.ring = Keyring::load(&keys);
                 tracing::info!(epoch = grant.epoch.number, "received a new group key through the blind device");
             }
             Err(e) => tracing::warn!("a key grant from the blind device does not open: {e}"),
+        }
+        Ok(())
+    }
+
+    /// Devices a member removed while this one was away: removed here too (in the group, so
+    /// it replicates), and their sessions stopped before anything sealed with the new key is
+    /// opened.
+    async fn learn_removals(&mut self, removed: &[Vec<u8>]) -> Result<(), BlindSessionError> {
+        let group = self.ctx.registry.handle(GROUP_DOC)?;
+        let members = crate::group::members(&group);
+        let mut any = false;
+        for id in removed.iter().filter_map(|b| PeerId::from_bytes(b).ok()) {
+            if id == self.me || self.ctx.trust.is_revoked(&id) {
+                continue;
+            }
+            let name = members
+                .iter()
+                .find(|m| m.id == id)
+                .map_or(String::new(), |m| m.name.clone());
+            tracing::warn!(device = %id, "removed from the group while this device was away (told with the new group key)");
+            self.ctx.trust.revoke(&id)?;
+            crate::group::remove(&group, id, &name).await?;
+            any = true;
+        }
+        if any {
+            let _ = (self.ctx.stop_untrusted)().await;
         }
         Ok(())
     }
@@ -547,52 +635,16 @@ impl Session<'_> {
             let Some(name) = self.next_dirty(&name_key) else {
                 break;
             };
-            let id = doc_id(&name_key, &name);
-            if self.ctx.registry.is_deleted(&name) {
-                continue;
-            }
-            let doc = self.ctx.registry.handle(&name)?;
-            let backup = self.ctx.state.backup(&self.blind, &name);
-            let diff = doc.diff(&backup.state)?;
-            let deletes = delete_set_hash(&doc);
-            let adds = crate::docs::decode_update(&diff)
-                .map(|u| !crate::docs::upper_state_vector(&u).is_empty())
-                .unwrap_or(true);
-            if !adds && deletes == backup.deletes {
-                continue;
-            }
-            let seq = backup.seq + 1;
-            let content = Content {
-                name: name.clone(),
-                update: diff,
-            };
-            let envelope = match Envelope::seal(
-                &self.ctx.keypair,
-                Kind::Update,
-                id,
-                seq,
-                epoch,
-                &key,
-                Vec::new(),
-                &content,
-            ) {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(doc = %name, "cannot seal: {e}");
-                    continue;
+            match self.seal_update(&name, &name_key, epoch, &key) {
+                Ok(Some((envelope, flight))) => {
+                    let id = envelope.doc;
+                    send(&mut self.transport, &Request::Put(envelope)).await?;
+                    self.in_flight.insert(id, flight);
                 }
-            };
-            let state = doc.state_vector();
-            send(&mut self.transport, &Request::Put(envelope)).await?;
-            self.in_flight.insert(
-                id,
-                InFlight {
-                    name,
-                    seq,
-                    state,
-                    deletes,
-                },
-            );
+                Ok(None) => {}
+                // One document that cannot be read or sealed does not hold up the others.
+                Err(e) => tracing::error!(doc = %name, "cannot back it up on the blind device: {e}"),
+            }
         }
         while self.compacting.len() < UPLOAD_WINDOW {
             let Some(name) = self.reseal.pop_first() else {
@@ -603,6 +655,52 @@ impl Session<'_> {
             send(&mut self.transport, &Request::Heads { doc: id }).await?;
         }
         Ok(())
+    }
+
+    /// The envelope with what the blind device lacks of document `name` (`None`: nothing).
+    fn seal_update(
+        &self,
+        name: &str,
+        name_key: &Key,
+        epoch: Epoch,
+        key: &Key,
+    ) -> Result<Option<(Envelope, InFlight)>, BlindSessionError> {
+        if self.ctx.registry.is_deleted(name) {
+            return Ok(None);
+        }
+        let doc = self.ctx.registry.handle(name)?;
+        let backup = self.ctx.state.backup(&self.blind, name);
+        let diff = doc.diff(&decode_sv(&backup.state).encode_v1())?;
+        let deletes = delete_set_hash(&doc);
+        let adds = crate::docs::decode_update(&diff)
+            .map(|u| !crate::docs::upper_state_vector(&u).is_empty())
+            .unwrap_or(true);
+        if !adds && deletes == backup.deletes {
+            return Ok(None);
+        }
+        let seq = backup.seq + 1;
+        let content = Content {
+            name: name.to_string(),
+            update: diff,
+        };
+        let id = doc_id(name_key, name);
+        let envelope = Envelope::seal(
+            &self.ctx.keypair,
+            Kind::Update,
+            id,
+            seq,
+            epoch,
+            key,
+            Vec::new(),
+            &content,
+        )?;
+        let flight = InFlight {
+            name: name.to_string(),
+            seq,
+            state: doc.state_vector(),
+            deletes,
+        };
+        Ok(Some((envelope, flight)))
     }
 
     /// The next dirty document with no upload in flight.

@@ -83,6 +83,9 @@ pub(crate) enum NetCommand {
     },
     /// The trust store changed: drop peers no longer trusted, dial new ones.
     TrustChanged,
+    /// Same, and say when the sessions of devices no longer trusted have been stopped (so
+    /// nothing written after this reaches them: `unpair` then makes a new group key).
+    TrustChangedThen(oneshot::Sender<()>),
     /// A pairing attempt ended: re-advertise and drop leftover untrusted connections.
     PairingEnded,
     /// A trusted device refused this one as not trusted: stop dialing it for a while.
@@ -546,6 +549,11 @@ impl Network {
                     Some(NetCommand::TrustChanged) => {
                         self.refused_by.clear();
                         self.enforce_trust();
+                    }
+                    Some(NetCommand::TrustChangedThen(done)) => {
+                        self.refused_by.clear();
+                        self.enforce_trust();
+                        let _ = done.send(());
                     }
                     Some(NetCommand::RefusedBy { peer, message }) => self.on_refused_by(peer, message),
                     Some(NetCommand::PairingEnded) => {
@@ -1461,10 +1469,17 @@ impl Network {
                 // Newly trusted while connected (just paired): start syncing.
                 self.start_session_if_opener(peer);
             }
-            let was_syncing = self.session_of.get(&peer).is_some_and(|h| !h.is_finished());
+            let was_syncing = self.session_of.get(&peer).is_some_and(|h| !h.is_finished())
+                || self
+                    .blind_session_of
+                    .get(&peer)
+                    .is_some_and(|h| !h.is_finished());
             if !trusted && (self.trust.is_revoked(&peer) || was_syncing) {
                 tracing::info!(%peer, "no longer trusted; disconnecting");
                 if let Some(handle) = self.session_of.remove(&peer) {
+                    handle.abort();
+                }
+                if let Some(handle) = self.blind_session_of.remove(&peer) {
                     handle.abort();
                 }
                 let _ = self.swarm.disconnect_peer_id(peer);
