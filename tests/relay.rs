@@ -489,3 +489,73 @@ fn symmetric_nats_stay_relayed_relay_restarts_and_strangers_are_refused() {
         stderr(&out)
     );
 }
+
+/// The always-on device blind (`--serve-relay --blind`, issue 20) on the same topology: the
+/// laptop links with it by name, the phone pairs with the laptop through it (the blind relay
+/// answers the lookup from what its members told it), they sync through it, and the phone,
+/// started after the laptop stopped, gets the laptop's edit from it alone; its data dir holds
+/// none of the document.
+#[test]
+fn a_blind_always_on_device_relays_and_stores_across_nats() {
+    let Some(t) = topology(Nat::Symmetric) else {
+        return;
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let always_on = AgentProcess::start_in(
+        &t.ns("internet"),
+        dirs[0].path(),
+        &[
+            "--listen",
+            "/ip4/0.0.0.0/tcp/4001",
+            "--serve-relay",
+            "--blind",
+            "--name",
+            "always-on",
+        ],
+    );
+    let laptop = start_laptop(&t, dirs[1].path(), &always_on);
+    link_with(&laptop, &always_on);
+    wait_until("the laptop's reservation", NAT_LIMIT, || {
+        reservation(&laptop)["state"] == "reserved"
+    });
+    let phone = start_device(&t, "cafe", dirs[2].path(), &[]);
+    let host = OpenCode::open(&laptop, 60);
+    let out = phone.cli(&["pair", &host.code, "--relay", &relay_addr(&always_on)]);
+    assert!(out.status.success(), "pairing through the blind relay: {}", stderr(&out));
+    set(&laptop, "trip", "from_laptop", "1");
+    wait_until("the laptop's edit on the phone, relayed", NAT_LIMIT, || {
+        get(&phone, "trip")["m"]["from_laptop"] == 1
+    });
+    assert_eq!(link(&phone, &laptop), "relayed");
+
+    // Store and forward: the phone is off while the laptop writes, then the laptop is off.
+    phone.stop();
+    let secret = "written-behind-the-nat-3b7c";
+    set(&laptop, "notes-7f1e", "written", &format!("\"{secret}\""));
+    wait_until("the laptop to back up its edit", NAT_LIMIT, || {
+        status(&laptop)["blind"]["backups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|b| b["device"] == always_on.device_id.as_str() && b["behind"] == 0)
+    });
+    laptop.stop();
+    let phone = start_device(&t, "cafe", dirs[2].path(), &[]);
+    wait_until("the phone to get the edit from the blind device", NAT_LIMIT, || {
+        get(&phone, "notes-7f1e")["m"]["written"] == secret
+    });
+    for needle in [secret, "notes-7f1e", "from_laptop"] {
+        let mut stack = vec![dirs[0].path().to_path_buf()];
+        while let Some(path) = stack.pop() {
+            if path.is_dir() {
+                stack.extend(std::fs::read_dir(&path).unwrap().flatten().map(|e| e.path()));
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                assert!(
+                    !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{needle:?} in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+}

@@ -410,14 +410,25 @@ impl Session<'_> {
     async fn send_members(&mut self) -> Result<(), BlindSessionError> {
         let group = self.ctx.registry.handle(GROUP_DOC)?;
         let (mut full, mut removed) = (vec![self.me.to_bytes()], Vec::new());
+        let mut open_codes = Vec::new();
         for member in crate::group::members(&group) {
             if member.removed {
                 removed.push(member.id.to_bytes());
-            } else if !member.blind && member.id != self.me {
+                continue;
+            }
+            if let (Some(slot), Some(tag)) = (member.pair_slot, member.pair_tag.clone()) {
+                open_codes.push((member.id.to_bytes(), slot, tag));
+            }
+            if !member.blind && member.id != self.me {
                 full.push(member.id.to_bytes());
             }
         }
-        send(&mut self.transport, &Request::Members { full, removed }).await
+        let members = Request::Members {
+            full,
+            removed,
+            open_codes,
+        };
+        send(&mut self.transport, &members).await
     }
 
     /// Seals the current epoch's key to every other full member that has not been sent it

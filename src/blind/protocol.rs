@@ -36,10 +36,13 @@ pub enum Request {
     Hello {
         version: Version,
     },
-    /// The group's full members and removed devices, as the member knows them.
+    /// The group's full members and removed devices, as the member knows them, and the
+    /// pairing codes open on members (slot and lookup tag: the blind device, serving as the
+    /// relay, answers pair lookups with them; see `net::lookup`).
     Members {
         full: Vec<Vec<u8>>,
         removed: Vec<Vec<u8>>,
+        open_codes: Vec<(Vec<u8>, u16, String)>,
     },
     /// Every item after index `after`, then live.
     Fetch {
@@ -219,8 +222,17 @@ impl Server {
     ) -> Result<Option<Reply>, BlindSessionError> {
         Ok(Some(match request {
             Request::Hello { .. } => return Ok(None),
-            Request::Members { full, removed } => {
+            Request::Members {
+                full,
+                removed,
+                open_codes,
+            } => {
                 self.apply_members(member, &full, &removed);
+                let codes = open_codes
+                    .into_iter()
+                    .filter_map(|(id, slot, tag)| Some((PeerId::from_bytes(&id).ok()?, slot, tag)))
+                    .collect();
+                self.store.set_open_codes(codes);
                 return Ok(None);
             }
             Request::Fetch { after } => {

@@ -118,6 +118,9 @@ pub struct BlindStore {
     /// Serializes writers: an order check and its write are one step.
     write: Arc<Mutex<()>>,
     head: Arc<watch::Sender<u64>>,
+    /// Pairing codes open on members (device, slot, lookup tag), as the last member told:
+    /// in memory only.
+    open_codes: Arc<Mutex<Vec<(PeerId, u16, String)>>>,
 }
 
 impl BlindStore {
@@ -134,7 +137,19 @@ impl BlindStore {
             meta,
             write: Arc::new(Mutex::new(())),
             head: Arc::new(head),
+            open_codes: Arc::default(),
         })
+    }
+
+    pub fn set_open_codes(&self, codes: Vec<(PeerId, u16, String)>) {
+        *self.open_codes.lock().unwrap_or_else(|p| p.into_inner()) = codes;
+    }
+
+    pub fn open_codes(&self) -> Vec<(PeerId, u16, String)> {
+        self.open_codes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The index of the last item stored, watched: it changes whenever one is.

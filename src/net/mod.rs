@@ -824,22 +824,7 @@ impl Network {
             tracing::debug!("pair lookup dropped: over the relay's rate");
             return;
         };
-        let open: Vec<lookup::OpenCode> = match self.ctx.registry.handle(crate::group::GROUP_DOC) {
-            Ok(group) => crate::group::members(&group)
-                .into_iter()
-                .filter(|m| {
-                    !m.removed && self.trust.is_trusted(&m.id) && self.swarm.is_connected(&m.id)
-                })
-                .filter_map(|m| {
-                    Some(lookup::OpenCode {
-                        device: m.id,
-                        slot: m.pair_slot?,
-                        tag: m.pair_tag?,
-                    })
-                })
-                .collect(),
-            Err(_) => Vec::new(),
-        };
+        let open = self.open_codes();
         let misses = self.lookups.misses();
         let found = self.relay_lookups.clone();
         self.sessions.spawn(async move {
@@ -853,6 +838,34 @@ impl Network {
             .await;
             drop(ticket);
         });
+    }
+
+    /// The pairing codes open on group devices connected here: from the device group, or on a
+    /// blind relay (which holds no group) as its members told it.
+    fn open_codes(&self) -> Vec<lookup::OpenCode> {
+        let reachable = |id: &PeerId| self.trust.is_trusted(id) && self.swarm.is_connected(id);
+        if let BlindRole::Blind(store) = &self.blind {
+            return store
+                .open_codes()
+                .into_iter()
+                .filter(|(id, _, _)| reachable(id))
+                .map(|(device, slot, tag)| lookup::OpenCode { device, slot, tag })
+                .collect();
+        }
+        match self.ctx.registry.handle(crate::group::GROUP_DOC) {
+            Ok(group) => crate::group::members(&group)
+                .into_iter()
+                .filter(|m| !m.removed && reachable(&m.id))
+                .filter_map(|m| {
+                    Some(lookup::OpenCode {
+                        device: m.id,
+                        slot: m.pair_slot?,
+                        tag: m.pair_tag?,
+                    })
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// A handoff claim from `peer` for an activity this device holds.
