@@ -178,3 +178,156 @@ fn removing_a_device_cuts_it_off_and_a_member_offline_gets_the_new_key() {
         .any(|p| p["device_id"] == phone.device_id.as_str() && p["trusted"] == true);
     assert!(!phone_trusted, "the blind device still serves the phone: {peers}");
 }
+
+/// 20,000 small updates through IPC, uploaded live: the blind device ends up holding one
+/// snapshot and fewer update bytes than it, so its storage stays under twice the snapshot.
+#[test]
+fn many_small_updates_compact_to_under_twice_the_snapshot() {
+    use futures::StreamExt as _;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let blind = start_blind(dirs[0].path());
+    let laptop = AgentProcess::start(dirs[1].path(), &[]);
+    pair(&blind, &laptop);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = laptop.client().await;
+        let appended: Vec<_> = futures::stream::iter(0..20_000)
+            .map(|i| {
+                let client = &client;
+                async move { client.doc_text_append("log", "body", &format!("{} ", i % 10)).await }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        assert!(appended.iter().all(Result::is_ok));
+    });
+    wait_for("the laptop to upload its changes", || backed_up(&laptop, &blind));
+    let held = || status(&blind)["blind"]["held"][laptop.device_id.as_str()].clone();
+    wait_for("storage under twice the snapshot", || {
+        let held = held();
+        let (bytes, snapshot) = (held["bytes"].as_u64(), held["snapshot_bytes"].as_u64());
+        held["snapshots"] == 1 && bytes.zip(snapshot).is_some_and(|(b, s)| b <= 2 * s)
+    });
+    let held = held();
+    println!(
+        "20,000 updates: the blind device holds {} bytes ({} in the snapshot, {} updates after it)",
+        held["bytes"], held["snapshot_bytes"], held["envelopes"]
+    );
+    // The document itself arrived whole: a new member gets it from the blind device.
+    let phone_dir = tempfile::tempdir().unwrap();
+    let phone = AgentProcess::start(phone_dir.path(), &[]);
+    pair(&laptop, &phone);
+    laptop.stop();
+    wait_for("the phone to get the document", || {
+        let text: serde_json::Value = serde_json::from_str(&doc(&phone, "log")).unwrap_or_default();
+        text["body"].as_str().is_some_and(|t| t.len() == 40_000)
+    });
+}
+
+/// A member's uploads, checked by the blind device itself: a replayed, a reordered and a forged
+/// envelope are refused with what was expected; a device that is not a member gets no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_blind_device_refuses_forged_replayed_and_reordered_envelopes() {
+    use devicelink::blind::envelope::{doc_id, random_key, Content, Envelope, Epoch, Kind};
+    use devicelink::blind::protocol::{Reply, Request, BLIND_PROTOCOL, MAX_BLIND_FRAME};
+    use devicelink::blind::store::Refusal;
+    use futures::{SinkExt as _, StreamExt as _};
+    use libp2p::identity::Keypair;
+    use tokio_util::compat::FuturesAsyncReadCompatExt as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = devicelink::AgentConfig::new(dir.path());
+    config.serve_relay = true;
+    config.blind = true;
+    let blind = devicelink::Agent::start(config).await.unwrap();
+    let member = Keypair::generate_ed25519();
+    let member_id = member.public().to_peer_id();
+    blind.devices().trust_add(member_id, "laptop").unwrap();
+
+    async fn session(
+        peer: &mut common::raw_peer::RawPeer,
+        blind: devicelink::PeerId,
+    ) -> common::raw_peer::Transport {
+        let stream = peer.control.open_stream(blind, BLIND_PROTOCOL).await.unwrap();
+        let codec = tokio_util::codec::LengthDelimitedCodec::builder()
+            .max_frame_length(MAX_BLIND_FRAME)
+            .new_codec();
+        tokio_util::codec::Framed::new(stream.compat(), codec)
+    }
+    async fn send(t: &mut common::raw_peer::Transport, request: &Request) -> std::io::Result<()> {
+        let bytes = postcard::to_allocvec(request).unwrap();
+        t.send(bytes::Bytes::from(bytes)).await
+    }
+    async fn receive(t: &mut common::raw_peer::Transport) -> Option<Reply> {
+        let frame = tokio::time::timeout(WAIT, t.next()).await.ok()??.ok()?;
+        postcard::from_bytes(&frame).ok()
+    }
+    let hello = Request::Hello {
+        version: devicelink::sync::message::PROTOCOL_VERSION,
+    };
+
+    let mut peer = common::raw_peer::raw_peer_with(member.clone(), &blind).await;
+    let mut t = session(&mut peer, blind.device_id()).await;
+    send(&mut t, &hello).await.unwrap();
+    assert!(matches!(receive(&mut t).await, Some(Reply::Hello { .. })));
+    let (key, name_key) = (random_key(), random_key());
+    let sealed = |author: &Keypair, seq: u64| {
+        let content = Content {
+            name: "notes".into(),
+            update: vec![0, 0],
+        };
+        let doc = doc_id(&name_key, "notes");
+        let epoch = Epoch::of(1, &key);
+        Envelope::seal(author, Kind::Update, doc, seq, epoch, &key, vec![], &content).unwrap()
+    };
+    async fn put(t: &mut common::raw_peer::Transport, envelope: Envelope) -> Result<(), Refusal> {
+        send(t, &Request::Put(envelope)).await.unwrap();
+        match receive(t).await {
+            Some(Reply::Stored { .. }) => Ok(()),
+            Some(Reply::Refused { refusal, .. }) => Err(refusal),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    let first = sealed(&member, 1);
+    assert_eq!(put(&mut t, first.clone()).await, Ok(()));
+    assert_eq!(
+        put(&mut t, first).await,
+        Err(Refusal::Replayed {
+            got: 1,
+            expected: 2
+        })
+    );
+    assert_eq!(
+        put(&mut t, sealed(&member, 3)).await,
+        Err(Refusal::OutOfOrder {
+            got: 3,
+            expected: 2
+        })
+    );
+    let mut forged = sealed(&Keypair::generate_ed25519(), 2);
+    forged.author = member_id.to_bytes();
+    assert!(matches!(put(&mut t, forged).await, Err(Refusal::Forged(_))));
+    let mut altered = sealed(&member, 2);
+    altered.ciphertext[0] ^= 1;
+    assert!(matches!(put(&mut t, altered).await, Err(Refusal::Forged(_))));
+    assert_eq!(put(&mut t, sealed(&member, 2)).await, Ok(()));
+    let held = blind.status().unwrap().blind.held;
+    assert_eq!(held[&member_id.to_string()].envelopes, 2);
+
+    // A device that is not a member: the stream is dropped without an answer.
+    let mut stranger = common::raw_peer::raw_peer_connected_to(&blind).await;
+    if let Ok(Ok(stream)) = tokio::time::timeout(
+        Duration::from_secs(5),
+        stranger.control.open_stream(blind.device_id(), BLIND_PROTOCOL),
+    )
+    .await
+    {
+        let codec = tokio_util::codec::LengthDelimitedCodec::new();
+        let mut t = tokio_util::codec::Framed::new(stream.compat(), codec);
+        // The connection may already be gone (strangers are dropped): then nothing is answered.
+        if send(&mut t, &hello).await.is_ok() {
+            assert!(receive(&mut t).await.is_none(), "a stranger got an answer");
+        }
+    }
+    blind.shutdown().await.unwrap();
+}

@@ -224,11 +224,6 @@ impl Envelope {
         out.extend_from_slice(&Sha256::digest(&self.ciphertext));
         out
     }
-
-    /// Bytes this envelope takes when stored.
-    pub fn stored_len(&self) -> usize {
-        self.ciphertext.len() + 160 + self.covers.len() * 48
-    }
 }
 
 /// What a key grant carries: the epoch key, and the devices removed from the group when it was

@@ -36,9 +36,10 @@ const UPLOAD_WINDOW: usize = 64;
 /// How long changes gather before they are uploaded (a burst of keystrokes is one envelope).
 const UPLOAD_DELAY: Duration = Duration::from_millis(20);
 /// A document is compacted once the updates held for it on the blind device weigh at least
-/// this much and at least as much as its snapshot: storage stays within about twice the
-/// document, and a large document is not re-sent for every small change.
-const COMPACT_MIN_BYTES: u64 = 64 << 10;
+/// as much as its snapshot (and at least this much): storage stays under twice the snapshot,
+/// and the snapshot of a document is re-sent after as many bytes of changes as it holds, so
+/// the upload cost stays proportional to the changes.
+const COMPACT_MIN_BYTES: u64 = 4 << 10;
 /// How long after going idle the feed is read again (see `Session::run`).
 const RECHECK_DELAY: Duration = Duration::from_millis(500);
 /// How long to wait for the blind device's hello.
