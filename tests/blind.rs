@@ -184,10 +184,14 @@ fn removing_a_device_cuts_it_off_and_a_member_offline_gets_the_new_key() {
 #[test]
 fn many_small_updates_compact_to_under_twice_the_snapshot() {
     use futures::StreamExt as _;
-    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let blind = start_blind(dirs[0].path());
     let laptop = AgentProcess::start(dirs[1].path(), &[]);
+    let phone = AgentProcess::start(dirs[2].path(), &[]);
     pair(&blind, &laptop);
+    pair(&laptop, &phone);
+    wait_for("the phone to use the blind device", || backed_up(&phone, &blind));
+    phone.stop();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let client = laptop.client().await;
@@ -213,11 +217,10 @@ fn many_small_updates_compact_to_under_twice_the_snapshot() {
         "20,000 updates: the blind device holds {} bytes ({} in the snapshot, {} updates after it)",
         held["bytes"], held["snapshot_bytes"], held["envelopes"]
     );
-    // The document itself arrived whole: a new member gets it from the blind device.
-    let phone_dir = tempfile::tempdir().unwrap();
-    let phone = AgentProcess::start(phone_dir.path(), &[]);
-    pair(&laptop, &phone);
+    // The snapshot and the updates after it are the whole document: the phone, started after
+    // the laptop stopped, gets it from them.
     laptop.stop();
+    let phone = AgentProcess::start(dirs[2].path(), &[]);
     wait_for("the phone to get the document", || {
         let text: serde_json::Value = serde_json::from_str(&doc(&phone, "log")).unwrap_or_default();
         text["body"].as_str().is_some_and(|t| t.len() == 40_000)
