@@ -276,7 +276,7 @@ impl Agent {
         };
         let blind_role = match blind_store {
             Some(store) => net::BlindRole::Blind(store),
-            None => net::BlindRole::Member(crate::blind::member::MemberCtx {
+            None => net::BlindRole::Member(Box::new(crate::blind::member::MemberCtx {
                 registry: registry.clone(),
                 keypair: keypair.clone(),
                 trust: trust.clone(),
@@ -289,7 +289,7 @@ impl Agent {
                         stopped
                     })
                 },
-            }),
+            })),
         };
         let swarm = net::build_swarm_with(
             keypair,

@@ -344,7 +344,10 @@ impl Devices {
         let keys = self.registry.handle(crate::blind::keyring::KEYS_DOC)?;
         if was_full_member && !crate::blind::keyring::Keyring::load(&keys).is_empty() {
             let (epoch, _) = crate::blind::keyring::rotate(&keys).await?;
-            tracing::info!(epoch = epoch.number, "new group key after removing {device}");
+            tracing::info!(
+                epoch = epoch.number,
+                "new group key after removing {device}"
+            );
         }
         Ok(known)
     }

@@ -78,7 +78,9 @@ fn a_blind_device_carries_documents_it_cannot_read() {
     assert!(said.contains("blind device"), "{said}");
     pair(&laptop, &phone);
     // The phone learns the blind device from the group and keeps a session with it.
-    wait_for("the phone to use the blind device", || backed_up(&phone, &blind));
+    wait_for("the phone to use the blind device", || {
+        backed_up(&phone, &blind)
+    });
     phone.stop();
 
     // The laptop writes while the phone is off, then stops too.
@@ -153,7 +155,9 @@ fn removing_a_device_cuts_it_off_and_a_member_offline_gets_the_new_key() {
     let secret = "written-after-removal-5e8b";
     let out = laptop.cli(&["doc", "text", "after", "body", "--append", secret]);
     assert!(out.status.success(), "{}", stderr(&out));
-    wait_for("the laptop to upload its changes", || backed_up(&laptop, &blind));
+    wait_for("the laptop to upload its changes", || {
+        backed_up(&laptop, &blind)
+    });
     laptop.stop();
 
     // The tablet comes back with only the blind device online: it gets the new key sealed to
@@ -166,17 +170,26 @@ fn removing_a_device_cuts_it_off_and_a_member_offline_gets_the_new_key() {
     // it (and it lacks the new key).
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        assert!(!doc(&phone, "after").contains(secret), "the removed phone got it");
+        assert!(
+            !doc(&phone, "after").contains(secret),
+            "the removed phone got it"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(doc(&phone, "before").contains("shared-before"), "it keeps what it had");
+    assert!(
+        doc(&phone, "before").contains("shared-before"),
+        "it keeps what it had"
+    );
     let peers = status(&blind)["peers"].clone();
     let phone_trusted = peers
         .as_array()
         .into_iter()
         .flatten()
         .any(|p| p["device_id"] == phone.device_id.as_str() && p["trusted"] == true);
-    assert!(!phone_trusted, "the blind device still serves the phone: {peers}");
+    assert!(
+        !phone_trusted,
+        "the blind device still serves the phone: {peers}"
+    );
 }
 
 /// 20,000 small updates through IPC, uploaded live: the blind device ends up holding one
@@ -190,7 +203,9 @@ fn many_small_updates_compact_to_under_twice_the_snapshot() {
     let phone = AgentProcess::start(dirs[2].path(), &[]);
     pair(&blind, &laptop);
     pair(&laptop, &phone);
-    wait_for("the phone to use the blind device", || backed_up(&phone, &blind));
+    wait_for("the phone to use the blind device", || {
+        backed_up(&phone, &blind)
+    });
     phone.stop();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -198,14 +213,20 @@ fn many_small_updates_compact_to_under_twice_the_snapshot() {
         let appended: Vec<_> = futures::stream::iter(0..20_000)
             .map(|i| {
                 let client = &client;
-                async move { client.doc_text_append("log", "body", &format!("{} ", i % 10)).await }
+                async move {
+                    client
+                        .doc_text_append("log", "body", &format!("{} ", i % 10))
+                        .await
+                }
             })
             .buffer_unordered(64)
             .collect()
             .await;
         assert!(appended.iter().all(Result::is_ok));
     });
-    wait_for("the laptop to upload its changes", || backed_up(&laptop, &blind));
+    wait_for("the laptop to upload its changes", || {
+        backed_up(&laptop, &blind)
+    });
     let held = || status(&blind)["blind"]["held"][laptop.device_id.as_str()].clone();
     wait_for("storage under twice the snapshot", || {
         let held = held();
@@ -251,7 +272,11 @@ async fn the_blind_device_refuses_forged_replayed_and_reordered_envelopes() {
         peer: &mut common::raw_peer::RawPeer,
         blind: devicelink::PeerId,
     ) -> common::raw_peer::Transport {
-        let stream = peer.control.open_stream(blind, BLIND_PROTOCOL).await.unwrap();
+        let stream = peer
+            .control
+            .open_stream(blind, BLIND_PROTOCOL)
+            .await
+            .unwrap();
         let codec = tokio_util::codec::LengthDelimitedCodec::builder()
             .max_frame_length(MAX_BLIND_FRAME)
             .new_codec();
@@ -281,7 +306,17 @@ async fn the_blind_device_refuses_forged_replayed_and_reordered_envelopes() {
         };
         let doc = doc_id(&name_key, "notes");
         let epoch = Epoch::of(1, &key);
-        Envelope::seal(author, Kind::Update, doc, seq, epoch, &key, vec![], &content).unwrap()
+        Envelope::seal(
+            author,
+            Kind::Update,
+            doc,
+            seq,
+            epoch,
+            &key,
+            vec![],
+            &content,
+        )
+        .unwrap()
     };
     async fn put(t: &mut common::raw_peer::Transport, envelope: Envelope) -> Result<(), Refusal> {
         send(t, &Request::Put(envelope)).await.unwrap();
@@ -312,7 +347,10 @@ async fn the_blind_device_refuses_forged_replayed_and_reordered_envelopes() {
     assert!(matches!(put(&mut t, forged).await, Err(Refusal::Forged(_))));
     let mut altered = sealed(&member, 2);
     altered.ciphertext[0] ^= 1;
-    assert!(matches!(put(&mut t, altered).await, Err(Refusal::Forged(_))));
+    assert!(matches!(
+        put(&mut t, altered).await,
+        Err(Refusal::Forged(_))
+    ));
     assert_eq!(put(&mut t, sealed(&member, 2)).await, Ok(()));
     let held = blind.status().unwrap().blind.held;
     assert_eq!(held[&member_id.to_string()].envelopes, 2);
@@ -321,7 +359,9 @@ async fn the_blind_device_refuses_forged_replayed_and_reordered_envelopes() {
     let mut stranger = common::raw_peer::raw_peer_connected_to(&blind).await;
     if let Ok(Ok(stream)) = tokio::time::timeout(
         Duration::from_secs(5),
-        stranger.control.open_stream(blind.device_id(), BLIND_PROTOCOL),
+        stranger
+            .control
+            .open_stream(blind.device_id(), BLIND_PROTOCOL),
     )
     .await
     {

@@ -521,7 +521,11 @@ fn a_blind_always_on_device_relays_and_stores_across_nats() {
     let phone = start_device(&t, "cafe", dirs[2].path(), &[]);
     let host = OpenCode::open(&laptop, 60);
     let out = phone.cli(&["pair", &host.code, "--relay", &relay_addr(&always_on)]);
-    assert!(out.status.success(), "pairing through the blind relay: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "pairing through the blind relay: {}",
+        stderr(&out)
+    );
     set(&laptop, "trip", "from_laptop", "1");
     wait_until("the laptop's edit on the phone, relayed", NAT_LIMIT, || {
         get(&phone, "trip")["m"]["from_laptop"] == 1
@@ -541,14 +545,21 @@ fn a_blind_always_on_device_relays_and_stores_across_nats() {
     });
     laptop.stop();
     let phone = start_device(&t, "cafe", dirs[2].path(), &[]);
-    wait_until("the phone to get the edit from the blind device", NAT_LIMIT, || {
-        get(&phone, "notes-7f1e")["m"]["written"] == secret
-    });
+    wait_until(
+        "the phone to get the edit from the blind device",
+        NAT_LIMIT,
+        || get(&phone, "notes-7f1e")["m"]["written"] == secret,
+    );
     for needle in [secret, "notes-7f1e", "from_laptop"] {
         let mut stack = vec![dirs[0].path().to_path_buf()];
         while let Some(path) = stack.pop() {
             if path.is_dir() {
-                stack.extend(std::fs::read_dir(&path).unwrap().flatten().map(|e| e.path()));
+                stack.extend(
+                    std::fs::read_dir(&path)
+                        .unwrap()
+                        .flatten()
+                        .map(|e| e.path()),
+                );
             } else if let Ok(bytes) = std::fs::read(&path) {
                 assert!(
                     !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),

@@ -322,7 +322,9 @@ impl KeyGrant {
         let granted: Granted =
             postcard::from_bytes(&plaintext).map_err(|e| SealError::Malformed(e.to_string()))?;
         if Epoch::of(self.epoch.number, &granted.key) != self.epoch {
-            return Err(SealError::Malformed("the key does not match its epoch".into()));
+            return Err(SealError::Malformed(
+                "the key does not match its epoch".into(),
+            ));
         }
         Ok(granted)
     }
@@ -403,8 +405,17 @@ mod tests {
             update: vec![1, 2, 3],
         };
         let doc = doc_id(name_key, "notes");
-        Envelope::seal(author, Kind::Update, doc, seq, Epoch::of(1, key), key, vec![], &content)
-            .unwrap()
+        Envelope::seal(
+            author,
+            Kind::Update,
+            doc,
+            seq,
+            Epoch::of(1, key),
+            key,
+            vec![],
+            &content,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -413,8 +424,14 @@ mod tests {
         let (key, name_key) = (random_key(), random_key());
         let envelope = sealed(&author, &key, &name_key, 1);
         assert_eq!(envelope.verify().unwrap(), author.public().to_peer_id());
-        assert_eq!(envelope.open(&key, &name_key).unwrap().update, vec![1, 2, 3]);
-        assert_eq!(envelope.open(&random_key(), &name_key), Err(SealError::Decrypt));
+        assert_eq!(
+            envelope.open(&key, &name_key).unwrap().update,
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            envelope.open(&random_key(), &name_key),
+            Err(SealError::Decrypt)
+        );
         // The header is signed: another sequence number (a reorder) is caught.
         let mut moved = envelope.clone();
         moved.seq = 2;

@@ -192,7 +192,12 @@ impl MemberState {
             .filter(|name| {
                 let held = decode_sv(&self.backup(blind, name).state);
                 let local = registry.state_vector_of(name).map(|sv| decode_sv(&sv));
-                local.is_ok_and(|local| !(local <= held))
+                local.is_ok_and(|local| {
+                    !matches!(
+                        local.partial_cmp(&held),
+                        Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+                    )
+                })
             })
             .count() as u64
     }
@@ -381,8 +386,11 @@ impl Session<'_> {
     fn mark_changed_since_upload(&mut self) -> Result<(), BlindSessionError> {
         let store = self.ctx.registry.store()?;
         let (names, last) = store.changed_after(self.progress.uploaded, usize::MAX)?;
-        self.dirty
-            .extend(names.into_iter().filter(|n| !n.starts_with(RESERVED_PREFIX)));
+        self.dirty.extend(
+            names
+                .into_iter()
+                .filter(|n| !n.starts_with(RESERVED_PREFIX)),
+        );
         self.upload_target = self.upload_target.max(last);
         Ok(())
     }
@@ -526,7 +534,10 @@ impl Session<'_> {
                 let keys = self.ctx.registry.handle(KEYS_DOC)?;
                 keyring::add(&keys, grant.epoch.number, granted.key).await?;
                 self.ring = Keyring::load(&keys);
-                tracing::info!(epoch = grant.epoch.number, "received a new group key through the blind device");
+                tracing::info!(
+                    epoch = grant.epoch.number,
+                    "received a new group key through the blind device"
+                );
             }
             Err(e) => tracing::warn!("a key grant from the blind device does not open: {e}"),
         }
@@ -655,7 +666,9 @@ impl Session<'_> {
                 }
                 Ok(None) => {}
                 // One document that cannot be read or sealed does not hold up the others.
-                Err(e) => tracing::error!(doc = %name, "cannot back it up on the blind device: {e}"),
+                Err(e) => {
+                    tracing::error!(doc = %name, "cannot back it up on the blind device: {e}")
+                }
             }
         }
         while self.compacting.len() < UPLOAD_WINDOW {
@@ -739,7 +752,10 @@ impl Session<'_> {
                 };
                 let backup = Backup {
                     seq: done.seq,
-                    state: merged(&self.ctx.state.backup(&self.blind, &done.name).state, &done.state),
+                    state: merged(
+                        &self.ctx.state.backup(&self.blind, &done.name).state,
+                        &done.state,
+                    ),
                     deletes: done.deletes,
                 };
                 self.ctx
@@ -763,13 +779,19 @@ impl Session<'_> {
 
     fn on_refused(&mut self, doc: DocId, kind: Kind, refusal: Refusal) {
         match (kind, &refusal) {
-            (Kind::Update, Refusal::Replayed { expected, .. } | Refusal::OutOfOrder { expected, .. }) => {
+            (
+                Kind::Update,
+                Refusal::Replayed { expected, .. } | Refusal::OutOfOrder { expected, .. },
+            ) => {
                 // Its count and ours differ (an answer lost in a crash): take its count and
                 // send the diff again.
                 if let Some(flight) = self.in_flight.remove(&doc) {
                     let mut backup = self.ctx.state.backup(&self.blind, &flight.name);
                     backup.seq = expected.saturating_sub(1);
-                    let _ = self.ctx.state.set_backup(&self.blind, &flight.name, &backup);
+                    let _ = self
+                        .ctx
+                        .state
+                        .set_backup(&self.blind, &flight.name, &backup);
                     self.dirty.insert(flight.name);
                 }
             }

@@ -158,7 +158,11 @@ pub(crate) struct Server {
 }
 
 impl Server {
-    pub async fn serve(&self, member: PeerId, stream: libp2p::Stream) -> Result<(), BlindSessionError> {
+    pub async fn serve(
+        &self,
+        member: PeerId,
+        stream: libp2p::Stream,
+    ) -> Result<(), BlindSessionError> {
         let mut transport = framed(stream);
         let hello = tokio::time::timeout(HELLO_TIMEOUT, receive::<Request>(&mut transport))
             .await
@@ -170,7 +174,13 @@ impl Server {
                     "this blind device speaks {} of /devicelink/blind; got {other:?}",
                     PROTOCOL_VERSION
                 );
-                send(&mut transport, &Reply::Refuse { message: message.clone() }).await?;
+                send(
+                    &mut transport,
+                    &Reply::Refuse {
+                        message: message.clone(),
+                    },
+                )
+                .await?;
                 return Err(BlindSessionError::Refused(message));
             }
         }

@@ -47,7 +47,9 @@ impl Item {
 pub enum Refusal {
     #[error("not signed by the device that sent it: {0}")]
     Forged(String),
-    #[error("sequence {got} of this document and author is already held (replayed); next is {expected}")]
+    #[error(
+        "sequence {got} of this document and author is already held (replayed); next is {expected}"
+    )]
     Replayed { got: u64, expected: u64 },
     #[error("sequence {got} skips ahead (reordered or lost); next is {expected}")]
     OutOfOrder { got: u64, expected: u64 },
@@ -408,8 +410,17 @@ mod tests {
             update: vec![seq as u8; 100],
         };
         let doc = doc_id(key, "notes");
-        Envelope::seal(author, Kind::Update, doc, seq, Epoch::of(1, key), key, vec![], &content)
-            .unwrap()
+        Envelope::seal(
+            author,
+            Kind::Update,
+            doc,
+            seq,
+            Epoch::of(1, key),
+            key,
+            vec![],
+            &content,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -424,22 +435,37 @@ mod tests {
         // Replayed: the same envelope again.
         assert!(matches!(
             store.put(&laptop_id, first),
-            Err(Refusal::Replayed { got: 1, expected: 2 })
+            Err(Refusal::Replayed {
+                got: 1,
+                expected: 2
+            })
         ));
         // Reordered: 3 before 2.
         assert!(matches!(
             store.put(&laptop_id, update(&laptop, &key, 3)),
-            Err(Refusal::OutOfOrder { got: 3, expected: 2 })
+            Err(Refusal::OutOfOrder {
+                got: 3,
+                expected: 2
+            })
         ));
         // Forged: the phone uploads as the laptop, or a header was changed.
         let mut forged = update(&phone, &key, 2);
         forged.author = laptop_id.to_bytes();
-        assert!(matches!(store.put(&laptop_id, forged), Err(Refusal::Forged(_))));
+        assert!(matches!(
+            store.put(&laptop_id, forged),
+            Err(Refusal::Forged(_))
+        ));
         assert!(matches!(
             store.put(&phone.public().to_peer_id(), update(&laptop, &key, 2)),
             Err(Refusal::Forged(_))
         ));
-        assert_eq!(store.put(&laptop_id, update(&laptop, &key, 2)).unwrap().index, 2);
+        assert_eq!(
+            store
+                .put(&laptop_id, update(&laptop, &key, 2))
+                .unwrap()
+                .index,
+            2
+        );
     }
 
     #[test]
@@ -479,7 +505,10 @@ mod tests {
         let (items, last) = store.after(0, 100, |_| true).unwrap();
         assert_eq!(items.len(), 1);
         assert_eq!(last, 11);
-        assert_eq!(store.put_snapshot(&id, snapshot(10)), Err(Refusal::StaleSnapshot));
+        assert_eq!(
+            store.put_snapshot(&id, snapshot(10)),
+            Err(Refusal::StaleSnapshot)
+        );
         // Sequences stay: a replay of update 10 is still refused after compaction.
         assert!(matches!(
             store.put(&id, update(&laptop, &key, 10)),

@@ -249,7 +249,7 @@ pub(crate) enum BlindRole {
     /// This device is blind: it serves sealed items and syncs no documents.
     Blind(crate::blind::BlindStore),
     /// A full member: it opens a blind session to every blind device of its group.
-    Member(crate::blind::member::MemberCtx),
+    Member(Box<crate::blind::member::MemberCtx>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1418,7 +1418,8 @@ impl Network {
                     .is_none_or(|h| h.is_finished())
                 {
                     let control = self.swarm.behaviour().stream.new_control();
-                    let task = open_blind_sessions(peer, control, ctx.clone(), self.ctx.peers.clone());
+                    let task =
+                        open_blind_sessions(peer, control, (**ctx).clone(), self.ctx.peers.clone());
                     let handle = self.sessions.spawn(task);
                     self.blind_session_of.insert(peer, handle);
                 }
@@ -1620,7 +1621,9 @@ async fn open_blind_sessions(
             .await
         {
             Ok(stream) => crate::blind::member::run(&ctx, peer, stream).await,
-            Err(e) => Err(crate::blind::protocol::BlindSessionError::Refused(e.to_string())),
+            Err(e) => Err(crate::blind::protocol::BlindSessionError::Refused(
+                e.to_string(),
+            )),
         };
         match result {
             Ok(()) | Err(crate::blind::protocol::BlindSessionError::Closed) => {
