@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the hot paths: frame codec, a local change (transaction + encoded update),
-//! merging queued updates for the wire, and the group-commit writer's durable append.
+//! merging queued updates for the wire, the group-commit writer's durable append, and sealing
+//! and opening blind-store envelopes (encryption throughput per core).
 //! End-to-end figures come from `devicelink bench`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -106,11 +107,40 @@ fn durable_append(c: &mut Criterion) {
     runtime.block_on(agent.shutdown()).unwrap();
 }
 
+/// What a member pays per update it sends through a blind device (seal: encrypt + sign) and per
+/// update it receives (open: verify + decrypt), one core, for a keystroke-sized update and a
+/// 1 MiB one.
+fn blind_envelopes(c: &mut Criterion) {
+    use devicelink::blind::envelope::{doc_id, random_key, Content, Envelope, Epoch, Kind};
+    let author = libp2p::identity::Keypair::generate_ed25519();
+    let (key, name_key) = (random_key(), random_key());
+    let doc = doc_id(&name_key, "notes");
+    let epoch = Epoch::of(1, &key);
+    let mut group = c.benchmark_group("blind");
+    for size in [64usize, 1 << 20] {
+        let content = Content {
+            name: "notes".into(),
+            update: vec![7; size],
+        };
+        let seal = || {
+            Envelope::seal(&author, Kind::Update, doc, 1, epoch, &key, vec![], &content).unwrap()
+        };
+        let sealed = seal();
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(format!("seal_{size}b"), |b| b.iter(seal));
+        group.bench_function(format!("open_{size}b"), |b| {
+            b.iter(|| sealed.open(&key, &name_key).unwrap())
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     frame_codec,
     local_change,
     merge_for_wire,
-    durable_append
+    durable_append,
+    blind_envelopes
 );
 criterion_main!(benches);

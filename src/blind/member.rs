@@ -33,8 +33,10 @@ use crate::sync::message::PROTOCOL_VERSION;
 
 /// Uploads in flight at once (one per document).
 const UPLOAD_WINDOW: usize = 64;
-/// How long changes gather before they are uploaded (a burst of keystrokes is one envelope).
-const UPLOAD_DELAY: Duration = Duration::from_millis(20);
+/// How long changes gather before they are uploaded. None: a change goes at once, and the
+/// changes made while a document's upload awaits its answer go together in the next one (a
+/// burst of keystrokes becomes a few envelopes, not one each).
+const UPLOAD_DELAY: Duration = Duration::ZERO;
 /// A document is compacted once the updates held for it on the blind device weigh at least
 /// as much as its snapshot (and at least this much): storage stays under twice the snapshot,
 /// and the snapshot of a document is re-sent after as many bytes of changes as it holds, so
@@ -235,7 +237,10 @@ struct Session<'a> {
     /// The feed position the current uploads reach once done.
     upload_target: u64,
     caught: bool,
+    /// Documents to upload, none of them in flight.
     dirty: BTreeSet<String>,
+    /// Documents changed while their upload is in flight: dirty again once it is answered.
+    again: BTreeSet<String>,
     in_flight: HashMap<DocId, InFlight>,
     /// Documents to compact or re-seal: asked `Heads`, waiting for the answer.
     compacting: HashMap<DocId, String>,
@@ -286,6 +291,7 @@ pub(crate) async fn run(
         progress,
         caught: false,
         dirty: BTreeSet::new(),
+        again: BTreeSet::new(),
         in_flight: HashMap::new(),
         compacting: HashMap::new(),
         reseal: BTreeSet::new(),
@@ -345,7 +351,8 @@ impl Session<'_> {
                     .as_mut()
                     .reset(tokio::time::Instant::now() + RECHECK_DELAY);
             }
-            let work = !self.dirty.is_empty() || !self.reseal.is_empty();
+            let work = (!self.dirty.is_empty() && self.in_flight.len() < UPLOAD_WINDOW)
+                || (!self.reseal.is_empty() && self.compacting.len() < UPLOAD_WINDOW);
             if self.caught && work && !armed {
                 armed = true;
                 upload_at
@@ -370,9 +377,25 @@ impl Session<'_> {
             self.send_members().await?;
             self.send_grants().await?;
         } else if !doc.starts_with(RESERVED_PREFIX) {
-            self.dirty.insert(doc.to_string());
+            self.mark_dirty(doc.to_string());
         }
         Ok(())
+    }
+
+    /// `name` changed: upload it, or again once its upload in flight is answered.
+    fn mark_dirty(&mut self, name: String) {
+        if self.in_flight.values().any(|f| f.name == name) {
+            self.again.insert(name);
+        } else {
+            self.dirty.insert(name);
+        }
+    }
+
+    /// The upload of `name` was answered: a change made meanwhile goes next.
+    fn landed(&mut self, name: &str) {
+        if self.again.remove(name) {
+            self.dirty.insert(name.to_string());
+        }
     }
 
     fn local_docs(&self) -> Result<Vec<String>, BlindSessionError> {
@@ -386,11 +409,11 @@ impl Session<'_> {
     fn mark_changed_since_upload(&mut self) -> Result<(), BlindSessionError> {
         let store = self.ctx.registry.store()?;
         let (names, last) = store.changed_after(self.progress.uploaded, usize::MAX)?;
-        self.dirty.extend(
-            names
-                .into_iter()
-                .filter(|n| !n.starts_with(RESERVED_PREFIX)),
-        );
+        for name in names {
+            if !name.starts_with(RESERVED_PREFIX) {
+                self.mark_dirty(name);
+            }
+        }
         self.upload_target = self.upload_target.max(last);
         Ok(())
     }
@@ -404,6 +427,7 @@ impl Session<'_> {
     fn maybe_record_upload(&mut self) -> Result<(), BlindSessionError> {
         if self.caught
             && self.dirty.is_empty()
+            && self.again.is_empty()
             && self.in_flight.is_empty()
             && self.upload_target > self.progress.uploaded
         {
@@ -655,7 +679,7 @@ impl Session<'_> {
             return Ok(());
         };
         while self.in_flight.len() < UPLOAD_WINDOW {
-            let Some(name) = self.next_dirty(&name_key) else {
+            let Some(name) = self.dirty.pop_first() else {
                 break;
             };
             match self.seal_update(&name, &name_key, epoch, &key) {
@@ -728,17 +752,6 @@ impl Session<'_> {
         Ok(Some((envelope, flight)))
     }
 
-    /// The next dirty document with no upload in flight.
-    fn next_dirty(&mut self, name_key: &[u8; 32]) -> Option<String> {
-        let name = self
-            .dirty
-            .iter()
-            .find(|n| !self.in_flight.contains_key(&doc_id(name_key, n)))?
-            .clone();
-        self.dirty.remove(&name);
-        Some(name)
-    }
-
     async fn on_stored(
         &mut self,
         doc: DocId,
@@ -750,6 +763,7 @@ impl Session<'_> {
                 let Some(done) = self.in_flight.remove(&doc) else {
                     return Ok(());
                 };
+                self.landed(&done.name);
                 let backup = Backup {
                     seq: done.seq,
                     state: merged(
@@ -792,12 +806,14 @@ impl Session<'_> {
                         .ctx
                         .state
                         .set_backup(&self.blind, &flight.name, &backup);
+                    self.again.remove(&flight.name);
                     self.dirty.insert(flight.name);
                 }
             }
             (Kind::Update, _) => {
                 if let Some(flight) = self.in_flight.remove(&doc) {
                     tracing::error!(doc = %flight.name, "the blind device refused an update: {refusal}");
+                    self.landed(&flight.name);
                 }
             }
             (Kind::Snapshot, _) => {
