@@ -128,6 +128,25 @@ impl Envelope {
     ) -> Result<Self, SealError> {
         let mut nonce = [0; 24];
         rand::thread_rng().fill_bytes(&mut nonce);
+        Self::seal_with_nonce(
+            author, kind, doc, seq, epoch, epoch_key, covers, content, nonce,
+        )
+    }
+
+    /// [`Envelope::seal`] with a given nonce: for test vectors only (a nonce must never repeat
+    /// under one key; `seal` draws a random one).
+    #[allow(clippy::too_many_arguments)]
+    pub fn seal_with_nonce(
+        author: &Keypair,
+        kind: Kind,
+        doc: DocId,
+        seq: u64,
+        epoch: Epoch,
+        epoch_key: &Key,
+        covers: Vec<(Vec<u8>, u64)>,
+        content: &Content,
+        nonce: [u8; 24],
+    ) -> Result<Self, SealError> {
         let mut envelope = Envelope {
             kind,
             doc,
@@ -260,6 +279,17 @@ impl KeyGrant {
     ) -> Result<Self, SealError> {
         let mut nonce = [0; 24];
         rand::thread_rng().fill_bytes(&mut nonce);
+        Self::seal_with_nonce(from, to, epoch, granted, nonce)
+    }
+
+    /// [`KeyGrant::seal`] with a given nonce: for test vectors only.
+    pub fn seal_with_nonce(
+        from: &Keypair,
+        to: &PeerId,
+        epoch: Epoch,
+        granted: &Granted,
+        nonce: [u8; 24],
+    ) -> Result<Self, SealError> {
         let mut grant = KeyGrant {
             from: from.public().to_peer_id().to_bytes(),
             to: to.to_bytes(),

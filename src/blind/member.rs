@@ -727,6 +727,10 @@ impl Session<'_> {
         if !adds && deletes == backup.deletes {
             return Ok(None);
         }
+        if too_large(diff.len()) {
+            tracing::error!(doc = %name, bytes = diff.len(), "a change over the blind device's 64 MiB envelope limit is not backed up there");
+            return Ok(None);
+        }
         let seq = backup.seq + 1;
         let content = Content {
             name: name.to_string(),
@@ -848,6 +852,11 @@ impl Session<'_> {
             name: name.clone(),
             update: handle.encode_state(),
         };
+        if too_large(content.update.len()) {
+            tracing::error!(doc = %name, bytes = content.update.len(), "a document over the blind device's 64 MiB envelope limit is not compacted there");
+            self.compacting.remove(&doc);
+            return Ok(());
+        }
         let envelope = Envelope::seal(
             &self.ctx.keypair,
             Kind::Snapshot,
@@ -876,6 +885,12 @@ impl Session<'_> {
         }
         Ok(())
     }
+}
+
+/// Whether an update of `len` bytes would not fit one frame of the blind protocol (with room
+/// for the envelope's header, the name and the signature).
+fn too_large(len: usize) -> bool {
+    len + (64 << 10) > super::protocol::MAX_BLIND_FRAME
 }
 
 fn decode_sv(bytes: &[u8]) -> StateVector {
