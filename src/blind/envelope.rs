@@ -160,26 +160,15 @@ impl Envelope {
         };
         let plaintext =
             postcard::to_allocvec(content).map_err(|e| SealError::Malformed(e.to_string()))?;
-        let cipher = XChaCha20Poly1305::new(&doc_key(epoch_key, &doc).into());
-        let aad = envelope.header();
-        envelope.ciphertext = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| SealError::Decrypt)?;
-        envelope.signature = author
-            .sign(&envelope.signed_bytes())
-            .map_err(|_| SealError::KeyType)?;
+        let key = doc_key(epoch_key, &doc);
+        envelope.ciphertext = encrypt(&key, &nonce, &plaintext, &envelope.header())?;
+        envelope.signature = sign(author, &envelope.signed_bytes())?;
         Ok(envelope)
     }
 
     /// The author's device id.
     pub fn author(&self) -> Result<PeerId, SealError> {
-        PeerId::from_bytes(&self.author).map_err(|e| SealError::BadAuthor(e.to_string()))
+        device_id(&self.author)
     }
 
     /// Checks the author's signature (what the blind device can check).
@@ -197,17 +186,8 @@ impl Envelope {
     /// the header's document id.
     pub fn open(&self, epoch_key: &Key, name_key: &Key) -> Result<Content, SealError> {
         self.verify()?;
-        let cipher = XChaCha20Poly1305::new(&doc_key(epoch_key, &self.doc).into());
-        let aad = self.header();
-        let plaintext = cipher
-            .decrypt(
-                XNonce::from_slice(&self.nonce),
-                Payload {
-                    msg: &self.ciphertext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| SealError::Decrypt)?;
+        let key = doc_key(epoch_key, &self.doc);
+        let plaintext = decrypt(&key, &self.nonce, &self.ciphertext, &self.header())?;
         let content: Content =
             postcard::from_bytes(&plaintext).map_err(|e| SealError::Malformed(e.to_string()))?;
         if doc_id(name_key, &content.name) != self.doc {
@@ -299,30 +279,19 @@ impl KeyGrant {
             signature: Vec::new(),
         };
         let shared = shared_key(from, to, &grant)?;
-        let cipher = XChaCha20Poly1305::new(&shared.into());
         let plaintext =
             postcard::to_allocvec(granted).map_err(|e| SealError::Malformed(e.to_string()))?;
-        grant.ciphertext = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &plaintext,
-                    aad: &grant.header(),
-                },
-            )
-            .map_err(|_| SealError::Decrypt)?;
-        grant.signature = from
-            .sign(&grant.signed_bytes())
-            .map_err(|_| SealError::KeyType)?;
+        grant.ciphertext = encrypt(&shared, &nonce, &plaintext, &grant.header())?;
+        grant.signature = sign(from, &grant.signed_bytes())?;
         Ok(grant)
     }
 
     pub fn to(&self) -> Result<PeerId, SealError> {
-        PeerId::from_bytes(&self.to).map_err(|e| SealError::BadAuthor(e.to_string()))
+        device_id(&self.to)
     }
 
     pub fn from(&self) -> Result<PeerId, SealError> {
-        PeerId::from_bytes(&self.from).map_err(|e| SealError::BadAuthor(e.to_string()))
+        device_id(&self.from)
     }
 
     /// Checks the sender's signature.
@@ -339,16 +308,7 @@ impl KeyGrant {
     pub fn open(&self, me: &Keypair) -> Result<Granted, SealError> {
         let from = self.verify()?;
         let shared = shared_key(me, &from, self)?;
-        let cipher = XChaCha20Poly1305::new(&shared.into());
-        let plaintext = cipher
-            .decrypt(
-                XNonce::from_slice(&self.nonce),
-                Payload {
-                    msg: &self.ciphertext,
-                    aad: &self.header(),
-                },
-            )
-            .map_err(|_| SealError::Decrypt)?;
+        let plaintext = decrypt(&shared, &self.nonce, &self.ciphertext, &self.header())?;
         let granted: Granted =
             postcard::from_bytes(&plaintext).map_err(|e| SealError::Malformed(e.to_string()))?;
         if Epoch::of(self.epoch.number, &granted.key) != self.epoch {
@@ -403,6 +363,26 @@ fn shared_key(mine: &Keypair, theirs: &PeerId, grant: &KeyGrant) -> Result<Key, 
     Ok(key)
 }
 
+fn encrypt(key: &Key, nonce: &[u8; 24], msg: &[u8], aad: &[u8]) -> Result<Vec<u8>, SealError> {
+    XChaCha20Poly1305::new(key.into())
+        .encrypt(XNonce::from_slice(nonce), Payload { msg, aad })
+        .map_err(|_| SealError::Decrypt)
+}
+
+fn decrypt(key: &Key, nonce: &[u8; 24], msg: &[u8], aad: &[u8]) -> Result<Vec<u8>, SealError> {
+    XChaCha20Poly1305::new(key.into())
+        .decrypt(XNonce::from_slice(nonce), Payload { msg, aad })
+        .map_err(|_| SealError::Decrypt)
+}
+
+fn sign(keypair: &Keypair, bytes: &[u8]) -> Result<Vec<u8>, SealError> {
+    keypair.sign(bytes).map_err(|_| SealError::KeyType)
+}
+
+fn device_id(bytes: &[u8]) -> Result<PeerId, SealError> {
+    PeerId::from_bytes(bytes).map_err(|e| SealError::BadAuthor(e.to_string()))
+}
+
 /// The public key inside an Ed25519 device id.
 fn public_key_of(peer: &PeerId) -> Result<PublicKey, SealError> {
     let multihash: &libp2p::multihash::Multihash<64> = peer.as_ref();
@@ -425,27 +405,31 @@ pub fn random_key() -> Key {
     key
 }
 
+/// An update envelope of document `notes` (epoch 1 of `key`), for tests.
+#[cfg(test)]
+pub(crate) fn sealed_update(
+    author: &Keypair,
+    key: &Key,
+    name_key: &Key,
+    seq: u64,
+    update: Vec<u8>,
+) -> Envelope {
+    let content = Content {
+        name: "notes".into(),
+        update,
+    };
+    let doc = doc_id(name_key, "notes");
+    let epoch = Epoch::of(1, key);
+    Envelope::seal(author, Kind::Update, doc, seq, epoch, key, vec![], &content)
+        .expect("an Ed25519 key seals")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn sealed(author: &Keypair, key: &Key, name_key: &Key, seq: u64) -> Envelope {
-        let content = Content {
-            name: "notes".into(),
-            update: vec![1, 2, 3],
-        };
-        let doc = doc_id(name_key, "notes");
-        Envelope::seal(
-            author,
-            Kind::Update,
-            doc,
-            seq,
-            Epoch::of(1, key),
-            key,
-            vec![],
-            &content,
-        )
-        .unwrap()
+        sealed_update(author, key, name_key, seq, vec![1, 2, 3])
     }
 
     #[test]

@@ -402,25 +402,10 @@ mod tests {
     use libp2p::identity::Keypair;
 
     use super::*;
-    use crate::blind::envelope::{doc_id, random_key, Content, Epoch};
+    use crate::blind::envelope::{doc_id, random_key, sealed_update, Content, Epoch};
 
     fn update(author: &Keypair, key: &[u8; 32], seq: u64) -> Envelope {
-        let content = Content {
-            name: "notes".into(),
-            update: vec![seq as u8; 100],
-        };
-        let doc = doc_id(key, "notes");
-        Envelope::seal(
-            author,
-            Kind::Update,
-            doc,
-            seq,
-            Epoch::of(1, key),
-            key,
-            vec![],
-            &content,
-        )
-        .unwrap()
+        sealed_update(author, key, key, seq, vec![seq as u8; 100])
     }
 
     #[test]
