@@ -41,11 +41,14 @@ pub struct Member {
 }
 
 /// Adds or refreshes members. A removed one is not resurrected, except those in `readmit`: a
-/// device the user has just paired again, explicitly.
+/// device the user has just paired again, explicitly. Those in `blind` are recorded as blind
+/// devices serving as the group's relay, in the same change (no member ever sees them
+/// unmarked).
 pub async fn upsert(
     doc: &DocHandle,
     members: &[(PeerId, String, Vec<String>)],
     readmit: &[PeerId],
+    blind: &[PeerId],
 ) -> Result<(), DocError> {
     let map = doc.yrs_doc().get_or_insert_map(MAP);
     doc.transact(|txn| {
@@ -55,9 +58,12 @@ pub async fn upsert(
             if !readmit.contains(id) && old.as_ref().is_some_and(|m| m.removed) {
                 continue;
             }
-            let (relay, blind) = old.map_or((false, false), |m| (m.relay, m.blind));
+            let (mut relay, mut is_blind) = old.map_or((false, false), |m| (m.relay, m.blind));
+            if blind.contains(id) {
+                (relay, is_blind) = (true, true);
+            }
             let mut value = entry(name, addrs, false, relay, None);
-            set_blind(&mut value, blind);
+            set_blind(&mut value, is_blind);
             map.insert(txn, key, value);
         }
     })
@@ -69,25 +75,6 @@ pub async fn remove(doc: &DocHandle, id: PeerId, name: &str) -> Result<(), DocEr
     let map = doc.yrs_doc().get_or_insert_map(MAP);
     doc.transact(|txn| {
         map.insert(txn, id.to_string(), entry(name, &[], true, false, None));
-    })
-    .await
-}
-
-/// Records `id` as a blind device serving as the group's relay (by the member that paired it:
-/// a blind device writes nothing in the group).
-pub async fn mark_blind(doc: &DocHandle, id: PeerId) -> Result<(), DocError> {
-    let map = doc.yrs_doc().get_or_insert_map(MAP);
-    let key = id.to_string();
-    let Some(old) = doc.read(|txn| read_member(txn, &map, &key)) else {
-        return Ok(());
-    };
-    if old.blind && old.relay {
-        return Ok(());
-    }
-    doc.transact(|txn| {
-        let mut value = entry(&old.name, &old.addrs, old.removed, true, None);
-        set_blind(&mut value, true);
-        map.insert(txn, key, value);
     })
     .await
 }
@@ -213,6 +200,13 @@ fn read_member<T: ReadTxn>(txn: &T, map: &yrs::MapRef, key: &str) -> Option<Memb
     })
 }
 
+/// Whether `id` is marked removed in the group.
+pub fn is_removed(doc: &DocHandle, id: PeerId) -> bool {
+    let map = doc.yrs_doc().get_or_insert_map(MAP);
+    doc.read(|txn| read_member(txn, &map, &id.to_string()))
+        .is_some_and(|m| m.removed)
+}
+
 /// Every member in the document.
 pub fn members(doc: &DocHandle) -> Vec<Member> {
     let map = doc.yrs_doc().get_or_insert_map(MAP);
@@ -245,6 +239,8 @@ pub fn reconcile(doc: &DocHandle, trust: &TrustStore, me: PeerId) -> Reconciled 
                 tracing::error!(device = %member.id, "cannot record it as blind: {e}");
                 continue;
             }
+            // The network ends a sync session it may have with it (see `enforce_trust`).
+            out.trusted.push(member.id);
         }
         if member.removed {
             if !trust.is_revoked(&member.id) || trust.is_trusted(&member.id) {

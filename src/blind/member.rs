@@ -232,7 +232,13 @@ struct Session<'a> {
     blind: PeerId,
     me: PeerId,
     ring: Keyring,
-    transport: Transport,
+    /// The sending half; the receiving half is read by its own task into `replies`, so this
+    /// member never stops reading while it sends (two sides both blocked on sending would
+    /// wait for each other for good).
+    transport: futures::stream::SplitSink<Transport, bytes::Bytes>,
+    replies: tokio::sync::mpsc::UnboundedReceiver<Result<Reply, BlindSessionError>>,
+    /// Grants sent and not yet answered, in order (answers come in order).
+    grants_pending: std::collections::VecDeque<Vec<u8>>,
     progress: Progress,
     /// The feed position the current uploads reach once done.
     upload_target: u64,
@@ -242,8 +248,10 @@ struct Session<'a> {
     /// Documents changed while their upload is in flight: dirty again once it is answered.
     again: BTreeSet<String>,
     in_flight: HashMap<DocId, InFlight>,
-    /// Documents to compact or re-seal: asked `Heads`, waiting for the answer.
+    /// Documents to compact or re-seal: asked `Heads`, waiting for the answer (then for the
+    /// snapshot's, with what it holds).
     compacting: HashMap<DocId, String>,
+    snapshots_in_flight: HashMap<DocId, InFlight>,
     /// Documents to re-seal under the current epoch, not asked yet.
     reseal: BTreeSet<String>,
     /// Last sequence per (document, author) received in this session: the blind device may
@@ -278,15 +286,35 @@ pub(crate) async fn run(
         Reply::Refuse { message } => return Err(BlindSessionError::Refused(message)),
         other => return Err(BlindSessionError::Refused(format!("unexpected {other:?}"))),
     }
-    let keys = ctx.registry.handle(KEYS_DOC)?;
-    let ring = keyring::ensure(&keys).await?;
+    // The group key is made when a member pairs the blind device and reaches the others by
+    // sync; a session never makes one (two made at once would name documents differently).
+    let ring = Keyring::load(&ctx.registry.handle(KEYS_DOC)?);
+    if ring.is_empty() {
+        return Err(BlindSessionError::Refused(
+            "this device does not hold the group key yet (it comes from the device that paired the blind device)".into(),
+        ));
+    }
     let progress = ctx.state.progress(&blind);
+    let (sink, mut source) = futures::StreamExt::split(transport);
+    let (replies_tx, replies) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        loop {
+            let reply = receive::<Reply>(&mut source).await;
+            let end = reply.is_err();
+            if replies_tx.send(reply).is_err() || end {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
     let mut session = Session {
         ctx,
         blind,
         me: ctx.keypair.public().to_peer_id(),
         ring,
-        transport,
+        transport: sink,
+        replies,
+        grants_pending: Default::default(),
         upload_target: progress.uploaded,
         progress,
         caught: false,
@@ -294,6 +322,7 @@ pub(crate) async fn run(
         again: BTreeSet::new(),
         in_flight: HashMap::new(),
         compacting: HashMap::new(),
+        snapshots_in_flight: HashMap::new(),
         reseal: BTreeSet::new(),
         seen: HashMap::new(),
         durable: Vec::new(),
@@ -303,6 +332,15 @@ pub(crate) async fn run(
     let after = session.progress.fetched;
     send(&mut session.transport, &Request::Fetch { after }).await?;
     session.run().await
+}
+
+/// Aborts the reader task when the session ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Session<'_> {
@@ -319,7 +357,10 @@ impl Session<'_> {
         loop {
             let can_upload = self.caught && self.in_flight.len() < UPLOAD_WINDOW;
             tokio::select! {
-                reply = receive::<Reply>(&mut self.transport) => self.on_reply(reply?).await?,
+                reply = self.replies.recv() => match reply {
+                    Some(reply) => self.on_reply(reply?).await?,
+                    None => return Err(BlindSessionError::Closed),
+                },
                 update = updates.recv() => match update {
                     Ok(update) => {
                         self.on_local_change(&update.doc).await?;
@@ -370,6 +411,7 @@ impl Session<'_> {
             self.ring = ring;
             if rotated {
                 tracing::info!(blind = %self.blind, "new key epoch: re-sealing every document");
+                self.send_members().await?;
                 self.send_grants().await?;
                 self.reseal = self.local_docs()?.into_iter().collect();
             }
@@ -493,7 +535,7 @@ impl Session<'_> {
                     continue;
                 }
             }
-            let _ = self.ctx.state.tree.insert(granted_key, &[]);
+            self.grants_pending.push_back(granted_key);
         }
         Ok(())
     }
@@ -511,10 +553,29 @@ impl Session<'_> {
                 doc, kind, stored, ..
             } => self.on_stored(doc, kind, stored).await?,
             Reply::Refused {
+                doc,
+                kind: Kind::Update,
+                seq: 0,
+                refusal,
+            } if doc == [0; 32] => {
+                // A grant (the only request answered with no document).
+                self.grants_pending.pop_front();
+                tracing::error!(blind = %self.blind, "the blind device refused a key grant: {refusal}");
+            }
+            Reply::Refused {
                 doc, kind, refusal, ..
             } => self.on_refused(doc, kind, refusal),
             Reply::Heads { doc, heads } => self.seal_snapshot(doc, heads).await?,
-            Reply::GrantStored { .. } | Reply::Hello { .. } => {}
+            Reply::GrantStored { .. } => {
+                if let Some(granted_key) = self.grants_pending.pop_front() {
+                    self.ctx
+                        .state
+                        .tree
+                        .insert(granted_key, &[])
+                        .map_err(crate::store::StoreError::from)?;
+                }
+            }
+            Reply::Hello { .. } => {}
             Reply::Refuse { message } => return Err(BlindSessionError::Refused(message)),
         }
         Ok(())
@@ -595,15 +656,30 @@ impl Session<'_> {
     }
 
     fn on_envelope(&mut self, envelope: Envelope) -> Result<(), BlindSessionError> {
+        if self.ring.get(&envelope.epoch).is_none() {
+            // Another member may still hand it over (by sync, or sealed here): stop before it,
+            // so the fetch resumes from this item once the key has arrived.
+            self.ring = Keyring::load(&self.ctx.registry.handle(KEYS_DOC)?);
+        }
         let (Some(key), Some(name_key)) = (self.ring.get(&envelope.epoch), self.ring.name_key())
         else {
-            tracing::warn!(
-                epoch = envelope.epoch.number,
-                "an envelope sealed with a key this device does not hold (removed from the group, or the key has not arrived yet)"
-            );
-            return Ok(());
+            return Err(BlindSessionError::Refused(format!(
+                "an envelope is sealed with key epoch {} that this device does not hold yet; fetching resumes there once it arrives",
+                envelope.epoch.number
+            )));
         };
+        let author = envelope.author()?;
+        if self.ctx.trust.is_revoked(&author) {
+            tracing::warn!(%author, "ignored an envelope from a device removed from the group");
+            return Ok(());
+        }
         let content = match envelope.open(&key, &name_key) {
+            // The agent's own documents (the group, its keys) never travel sealed: only members
+            // write them, over sync.
+            Ok(content) if content.name.starts_with(RESERVED_PREFIX) => {
+                tracing::error!(%author, doc = %content.name, "refused a sealed update of a reserved document");
+                return Ok(());
+            }
             Ok(content) => content,
             Err(e) => {
                 tracing::error!(blind = %self.blind, "refused an envelope from the blind device: {e}");
@@ -632,7 +708,6 @@ impl Session<'_> {
                 }
             }
         }
-        let author = envelope.author()?;
         let name = content.name;
         let applied = self.ctx.registry.apply_update_by(
             &name,
@@ -719,8 +794,15 @@ impl Session<'_> {
         }
         let doc = self.ctx.registry.handle(name)?;
         let backup = self.ctx.state.backup(&self.blind, name);
-        let diff = doc.diff(&decode_sv(&backup.state).encode_v1())?;
-        let deletes = delete_set_hash(&doc);
+        // The diff, the state it reaches and the delete set, read together: a change landing
+        // in between would otherwise count as uploaded without being sent.
+        let held = decode_sv(&backup.state);
+        let (diff, state, deletes) = doc.read(|txn| {
+            use yrs::ReadTxn as _;
+            let own = txn.state_vector();
+            let deletes: [u8; 32] = Sha256::digest(txn.encode_diff_v1(&own)).into();
+            (txn.encode_diff_v1(&held), own.encode_v1(), deletes)
+        });
         let adds = crate::docs::decode_update(&diff)
             .map(|u| !crate::docs::upper_state_vector(&u).is_empty())
             .unwrap_or(true);
@@ -750,7 +832,7 @@ impl Session<'_> {
         let flight = InFlight {
             name: name.to_string(),
             seq,
-            state: doc.state_vector(),
+            state,
             deletes,
         };
         Ok(Some((envelope, flight)))
@@ -787,8 +869,16 @@ impl Session<'_> {
                 }
             }
             Kind::Snapshot => {
-                if let Some(name) = self.compacting.remove(&doc) {
-                    tracing::debug!(doc = %name, bytes = stored.snapshot_bytes, "compacted on the blind device");
+                self.compacting.remove(&doc);
+                if let Some(done) = self.snapshots_in_flight.remove(&doc) {
+                    let mut backup = self.ctx.state.backup(&self.blind, &done.name);
+                    backup.state = merged(&backup.state, &done.state);
+                    backup.deletes = done.deletes;
+                    self.ctx
+                        .state
+                        .set_backup(&self.blind, &done.name, &backup)
+                        .map_err(crate::store::StoreError::from)?;
+                    tracing::debug!(doc = %done.name, bytes = stored.snapshot_bytes, "compacted on the blind device");
                 }
             }
         }
@@ -823,6 +913,7 @@ impl Session<'_> {
             (Kind::Snapshot, _) => {
                 // Someone else's update arrived first, or nothing was new: compacting waits
                 // for the next time it is due.
+                self.snapshots_in_flight.remove(&doc);
                 if let Some(name) = self.compacting.remove(&doc) {
                     tracing::debug!(doc = %name, "snapshot not taken: {refusal}");
                 }
@@ -848,9 +939,17 @@ impl Session<'_> {
             return Ok(());
         }
         let handle = self.ctx.registry.handle(&name)?;
+        // The content and the state it reaches, read together.
+        let (update, state) = handle.read(|txn| {
+            use yrs::ReadTxn as _;
+            (
+                txn.encode_state_as_update_v1(&StateVector::default()),
+                txn.state_vector().encode_v1(),
+            )
+        });
         let content = Content {
             name: name.clone(),
-            update: handle.encode_state(),
+            update,
         };
         if too_large(content.update.len()) {
             tracing::error!(doc = %name, bytes = content.update.len(), "a document over the blind device's 64 MiB envelope limit is not compacted there");
@@ -869,13 +968,14 @@ impl Session<'_> {
         );
         match envelope {
             Ok(envelope) => {
-                let mut backup = self.ctx.state.backup(&self.blind, &name);
-                backup.state = merged(&backup.state, &handle.state_vector());
-                backup.deletes = delete_set_hash(&handle);
-                self.ctx
-                    .state
-                    .set_backup(&self.blind, &name, &backup)
-                    .map_err(crate::store::StoreError::from)?;
+                // What it holds counts as on the blind device once the snapshot is stored.
+                let flight = InFlight {
+                    name,
+                    seq: 0,
+                    state,
+                    deletes: delete_set_hash(&handle),
+                };
+                self.snapshots_in_flight.insert(doc, flight);
                 send(&mut self.transport, &Request::Snapshot(envelope)).await?;
             }
             Err(e) => {

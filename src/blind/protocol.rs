@@ -131,7 +131,7 @@ pub(crate) fn framed(stream: libp2p::Stream) -> Transport {
 }
 
 pub(crate) async fn send<T: Serialize>(
-    transport: &mut Transport,
+    transport: &mut (impl futures::Sink<bytes::Bytes, Error = std::io::Error> + Unpin),
     message: &T,
 ) -> Result<(), BlindSessionError> {
     let bytes = postcard::to_allocvec(message)?;
@@ -140,7 +140,7 @@ pub(crate) async fn send<T: Serialize>(
 }
 
 pub(crate) async fn receive<T: for<'de> Deserialize<'de>>(
-    transport: &mut Transport,
+    transport: &mut (impl futures::Stream<Item = std::io::Result<bytes::BytesMut>> + Unpin),
 ) -> Result<T, BlindSessionError> {
     match transport.next().await {
         Some(frame) => Ok(postcard::from_bytes(&frame?)?),

@@ -16,6 +16,9 @@ use tokio::sync::watch;
 use super::envelope::{DocId, Envelope, KeyGrant, Kind, SealError};
 use crate::store::StoreError;
 
+/// Bytes of items read from the store at once (one item may exceed it).
+pub const READ_BUDGET: usize = 8 << 20;
+
 /// One stored object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Item {
@@ -250,8 +253,8 @@ impl BlindStore {
         Ok(index)
     }
 
-    /// Items after index `after`, oldest first, at most `limit`, with the last index read
-    /// (items skipped by `keep` count as read).
+    /// Items after index `after`, oldest first, at most `limit` of them and about
+    /// [`READ_BUDGET`] bytes, with the last index read (items skipped by `keep` count as read).
     pub fn after(
         &self,
         after: u64,
@@ -260,8 +263,13 @@ impl BlindStore {
     ) -> Result<(Vec<(u64, Item)>, u64), StoreError> {
         let mut out = Vec::new();
         let mut last = after;
+        let mut bytes = 0;
         for entry in self.items.range((after + 1).to_be_bytes()..) {
             let (key, value) = entry?;
+            if bytes >= READ_BUDGET {
+                break;
+            }
+            bytes += value.len();
             let Some(index) = read_u64(Some(&key)) else {
                 continue;
             };

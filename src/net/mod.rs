@@ -1479,6 +1479,13 @@ impl Network {
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         for peer in connected {
             let trusted = self.trust.is_trusted(&peer);
+            if trusted && self.trust.is_blind(&peer) {
+                // Learned to be blind while a sync session ran: it gets no document from now.
+                if let Some(handle) = self.session_of.remove(&peer) {
+                    tracing::info!(%peer, "a blind device: ending its sync session");
+                    handle.abort();
+                }
+            }
             if trusted && self.session_of.get(&peer).is_none_or(|h| h.is_finished()) {
                 // Newly trusted while connected (just paired): start syncing.
                 self.start_session_if_opener(peer);
@@ -1738,13 +1745,11 @@ pub(crate) async fn record_in_group(
         (peer, paired.name.clone(), peer_addrs),
     ];
     // The user paired `peer` on purpose: an earlier removal from the group is lifted.
-    if let Err(e) = crate::group::upsert(&doc, &members, &[peer]).await {
+    let blind: &[PeerId] = if peer_is_blind { &[peer] } else { &[] };
+    if let Err(e) = crate::group::upsert(&doc, &members, &[peer], blind).await {
         tracing::error!("cannot record the pairing in the device group: {e}");
     }
     if peer_is_blind {
-        if let Err(e) = crate::group::mark_blind(&doc, peer).await {
-            tracing::error!("cannot record the blind device in the device group: {e}");
-        }
         // The group key exists before the first envelope is sealed.
         let keys = registry.handle(crate::blind::keyring::KEYS_DOC);
         if let Err(e) = async { crate::blind::keyring::ensure(&keys?).await }.await {

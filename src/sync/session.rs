@@ -160,6 +160,7 @@ pub(crate) async fn run(
     let out = Writer {
         peer,
         sink,
+        registry: ctx.registry.clone(),
         peers: ctx.peers.clone(),
         features,
         bulk: VecDeque::new(),
@@ -905,6 +906,8 @@ struct FeedMarks {
 struct Writer {
     peer: PeerId,
     sink: futures::stream::SplitSink<Transport, Bytes>,
+    /// To check the group before the group's keys go out (see `withheld`).
+    registry: Arc<DocRegistry>,
     peers: Arc<PeerTable>,
     features: Features,
     /// Large messages still to send in parts, each cut into its next piece only when that
@@ -1136,6 +1139,16 @@ impl Writer {
     }
 
     /// Pushes `first` and every change already queued behind it (not those from the peer).
+    /// Whether a live change of `doc` is kept from this peer: the group's keys never go to a
+    /// device the group has removed, even in the moment before this session is stopped.
+    fn withheld(&self, doc: &str) -> bool {
+        doc == crate::blind::keyring::KEYS_DOC
+            && self
+                .registry
+                .handle(crate::group::GROUP_DOC)
+                .is_ok_and(|group| crate::group::is_removed(&group, self.peer))
+    }
+
     async fn push_live(
         &mut self,
         first: DocUpdate,
@@ -1149,7 +1162,7 @@ impl Writer {
         let mut event = first;
         let mut queued = 1;
         loop {
-            if event.origin != from_peer && !event.deleted {
+            if event.origin != from_peer && !event.deleted && !self.withheld(&event.doc) {
                 let frame = Message::Update {
                     doc: event.doc.to_string(),
                     update: event.update.to_vec(),
