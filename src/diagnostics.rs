@@ -109,6 +109,8 @@ pub struct DoctorReport {
     /// Reachability: public or behind a NAT (AutoNAT), relay reservations; per peer, the link
     /// kind and the last hole punch are in `peers`.
     pub reach: net::reach::ReachReport,
+    /// As in `status`: what a blind device holds per member, or a member's backups.
+    pub blind: BlindStatus,
 }
 
 /// Where the y-websocket endpoint listens, or why it does not (set by whoever serves it).
@@ -261,6 +263,7 @@ impl Diagnostics {
         Ok(DoctorReport {
             store,
             reach: status.reach.clone(),
+            blind: status.blind.clone(),
             device_id: status.device_id,
             listen_addrs: status.listen_addrs,
             mdns: self.mdns(),

@@ -1363,6 +1363,9 @@ async fn doctor(global: &Global) -> Result<()> {
     println!("mDNS: {}", r["mdns"].as_str().unwrap_or("?"));
     println!("Yjs apps: {}", r["yjs_apps"].as_str().unwrap_or("?"));
     println!("store: {}", r["store"].as_str().unwrap_or("?"));
+    let mut blind = String::new();
+    blind_summary(&mut blind, &r["blind"]);
+    print!("{blind}");
     println!(
         "reachability: {}",
         r["reach"]["summary"].as_str().unwrap_or("?")

@@ -122,6 +122,9 @@ fn a_blind_device_carries_documents_it_cannot_read() {
     let summary = stdout(&blind.cli(&["status"]));
     assert!(summary.contains("blind store: 1 documents"), "{summary}");
     assert!(summary.contains(&laptop_id), "{summary}");
+    let doctor = stdout(&blind.cli(&["doctor"]));
+    assert!(doctor.contains("blind store: 1 documents"), "{doctor}");
+    assert!(!doctor.contains(name), "{doctor}");
     let summary = stdout(&phone.cli(&["status"]));
     assert!(
         summary.contains(&format!("backed up on blind device {}", blind.device_id)),
