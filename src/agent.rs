@@ -378,7 +378,7 @@ impl Agent {
             apps: apps.clone(),
             damage,
             endpoint: Arc::default(),
-            blind: blind_view,
+            blind: Arc::new(RwLock::new(Some(blind_view))),
         };
         Ok(AgentHandle {
             inner: Arc::new(Inner {
@@ -591,6 +591,12 @@ impl AgentHandle {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         self.inner.apps.close();
+        self.inner
+            .diagnostics
+            .blind
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         tracing::info!(device = %self.inner.device_id, "agent stopped");
         Ok(flushed?)
     }

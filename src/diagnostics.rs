@@ -149,19 +149,22 @@ pub struct Diagnostics {
     /// What the start-up check found missing from the store, if anything.
     pub(crate) damage: Option<store::StoreDamage>,
     pub(crate) endpoint: Arc<EndpointState>,
-    pub(crate) blind: BlindView,
+    /// `None` once the agent has stopped (the database can then be reopened).
+    pub(crate) blind: Arc<RwLock<Option<BlindView>>>,
 }
 
 impl Diagnostics {
     fn blind_status(&self) -> Result<BlindStatus, DiagnosticsError> {
-        Ok(match &self.blind {
-            BlindView::Blind(store) => BlindStatus {
+        let view = self.blind.read().unwrap_or_else(|p| p.into_inner()).clone();
+        Ok(match view {
+            None => BlindStatus::default(),
+            Some(BlindView::Blind(store)) => BlindStatus {
                 is_blind: true,
                 documents: store.doc_count(),
                 held: store.holdings().map_err(DocError::Store)?,
                 backups: Vec::new(),
             },
-            BlindView::Member(state) => BlindStatus {
+            Some(BlindView::Member(state)) => BlindStatus {
                 backups: state.reports(&self.devices.registry),
                 ..Default::default()
             },
