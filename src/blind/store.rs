@@ -3,8 +3,10 @@
 //!
 //! Trees: `blind_items` (index -> item), `blind_doc_items` (document id + index), `blind_heads`
 //! (document id + author -> last sequence, kept after compaction so a replay stays refused),
-//! `blind_snapshots` (document id -> index of its snapshot), `blind_meta` (`next`: the next
-//! index; indexes are never reused, so a member's "everything after N" stays exact).
+//! `blind_snapshots` (document id -> index and bytes of its snapshot), `blind_held` (document id
+//! -> how many updates beyond the snapshot, and their bytes: kept as they change, so an upload's
+//! answer costs no scan), `blind_meta` (`next`: the next index; indexes are never reused, so a
+//! member's "everything after N" stays exact).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -114,6 +116,7 @@ pub struct BlindStore {
     doc_items: sled::Tree,
     heads: sled::Tree,
     snapshots: sled::Tree,
+    held: sled::Tree,
     meta: sled::Tree,
     /// Serializes writers: an order check and its write are one step.
     write: Arc<Mutex<()>>,
@@ -133,6 +136,7 @@ impl BlindStore {
             items: db.open_tree("blind_items")?,
             doc_items: db.open_tree("blind_doc_items")?,
             heads: db.open_tree("blind_heads")?,
+            held: db.open_tree("blind_held")?,
             snapshots: db.open_tree("blind_snapshots")?,
             meta,
             write: Arc::new(Mutex::new(())),
@@ -160,10 +164,7 @@ impl BlindStore {
     /// Stores `member`'s update envelope if it is signed by `member` and is the next of its
     /// document and author.
     pub fn put(&self, member: &PeerId, envelope: Envelope) -> Result<Stored, Refusal> {
-        check_author(member, envelope.verify()?)?;
-        if envelope.kind != Kind::Update {
-            return Err(Refusal::Forged("a snapshot sent as an update".into()));
-        }
+        check_envelope(member, &envelope, Kind::Update)?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let head_key = head_key(&envelope.doc, &envelope.author);
         let last = read_u64(self.heads.get(&head_key)?.as_deref()).unwrap_or(0);
@@ -181,9 +182,11 @@ impl BlindStore {
             });
         }
         let doc = envelope.doc;
-        let index = self.insert(&Item::Envelope(envelope))?;
+        let (index, len) = self.insert(&Item::Envelope(envelope))?;
         self.doc_items.insert(doc_index_key(&doc, index), &[])?;
         self.heads.insert(head_key, &expected.to_be_bytes())?;
+        let (count, bytes) = self.held_of(&doc)?;
+        self.held.insert(doc, pair(count + 1, bytes + len))?;
         self.db.flush()?;
         self.head.send_replace(index);
         self.describe(&doc, index)
@@ -192,10 +195,7 @@ impl BlindStore {
     /// Replaces the document's updates by `envelope`, a snapshot, if it covers every update
     /// held (compare and swap); what it covers is dropped.
     pub fn put_snapshot(&self, member: &PeerId, envelope: Envelope) -> Result<Stored, Refusal> {
-        check_author(member, envelope.verify()?)?;
-        if envelope.kind != Kind::Snapshot {
-            return Err(Refusal::Forged("an update sent as a snapshot".into()));
-        }
+        check_envelope(member, &envelope, Kind::Snapshot)?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let doc = envelope.doc;
         let covers: BTreeMap<&[u8], u64> = envelope
@@ -213,12 +213,12 @@ impl BlindStore {
             }
         }
         let old = self.snapshot_of(&doc)?;
-        if let Some((_, Item::Envelope(old), _)) = &old {
+        if let Some(Item::Envelope(old)) = &old {
             if old.covers == envelope.covers && old.epoch >= envelope.epoch {
                 return Err(Refusal::StaleSnapshot);
             }
         }
-        let index = self.insert(&Item::Envelope(envelope))?;
+        let (index, len) = self.insert(&Item::Envelope(envelope))?;
         // Everything held before it is covered: the updates (checked above) and the old
         // snapshot.
         let mut batch = sled::Batch::default();
@@ -236,7 +236,8 @@ impl BlindStore {
         self.items.apply_batch(batch)?;
         self.doc_items.apply_batch(doc_batch)?;
         self.doc_items.insert(doc_index_key(&doc, index), &[])?;
-        self.snapshots.insert(doc, &index.to_be_bytes())?;
+        self.snapshots.insert(doc, pair(index, len))?;
+        self.held.insert(doc, pair(0, 0))?;
         self.db.flush()?;
         self.head.send_replace(index);
         self.describe(&doc, index)
@@ -247,7 +248,7 @@ impl BlindStore {
         check_author(member, grant.verify()?)?;
         grant.to()?;
         let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
-        let index = self.insert(&Item::Grant(grant))?;
+        let (index, _) = self.insert(&Item::Grant(grant))?;
         self.db.flush()?;
         self.head.send_replace(index);
         Ok(index)
@@ -320,12 +321,19 @@ impl BlindStore {
             .len()
     }
 
-    fn insert(&self, item: &Item) -> Result<u64, Refusal> {
+    /// Stores `item` under the next index; returns the index and the bytes it takes.
+    fn insert(&self, item: &Item) -> Result<(u64, u64), Refusal> {
         let next = read_u64(self.meta.get("next")?.as_deref()).unwrap_or(1);
         let bytes = postcard::to_allocvec(item).map_err(|e| Refusal::Store(e.to_string()))?;
+        let len = bytes.len() as u64;
         self.items.insert(next.to_be_bytes(), bytes)?;
         self.meta.insert("next", &(next + 1).to_be_bytes())?;
-        Ok(next)
+        Ok((next, len))
+    }
+
+    /// Updates held for `doc` beyond its snapshot: how many, and their bytes.
+    fn held_of(&self, doc: &DocId) -> Result<(u64, u64), StoreError> {
+        Ok(read_pair(self.held.get(doc)?.as_deref()).unwrap_or((0, 0)))
     }
 
     pub fn heads(&self, doc: &DocId) -> Result<Vec<(Vec<u8>, u64)>, StoreError> {
@@ -340,35 +348,18 @@ impl BlindStore {
     }
 
     /// The document's snapshot: its index, the item, and the bytes it takes.
-    fn snapshot_of(&self, doc: &DocId) -> Result<Option<(u64, Item, u64)>, StoreError> {
-        let Some(index) = read_u64(self.snapshots.get(doc)?.as_deref()) else {
+    /// The document's snapshot, decoded.
+    fn snapshot_of(&self, doc: &DocId) -> Result<Option<Item>, StoreError> {
+        let Some((index, _)) = read_pair(self.snapshots.get(doc)?.as_deref()) else {
             return Ok(None);
         };
         let item = self.items.get(index.to_be_bytes())?;
-        Ok(item.and_then(|bytes| {
-            let item = postcard::from_bytes(&bytes).ok()?;
-            Some((index, item, bytes.len() as u64))
-        }))
+        Ok(item.and_then(|bytes| postcard::from_bytes(&bytes).ok()))
     }
 
     fn describe(&self, doc: &DocId, index: u64) -> Result<Stored, Refusal> {
-        let snapshot = self.snapshot_of(doc)?;
-        let snapshot_index = snapshot.as_ref().map(|(i, _, _)| *i);
-        let snapshot_bytes = snapshot.map_or(0, |(_, _, len)| len);
-        let (mut held_updates, mut held_bytes) = (0, 0);
-        for key in self.doc_items.scan_prefix(doc).keys() {
-            let key = key?;
-            let Some(i) = read_u64(key.get(32..)) else {
-                continue;
-            };
-            if Some(i) == snapshot_index {
-                continue;
-            }
-            if let Some(bytes) = self.items.get(i.to_be_bytes())? {
-                held_updates += 1;
-                held_bytes += bytes.len() as u64;
-            }
-        }
+        let (_, snapshot_bytes) = read_pair(self.snapshots.get(doc)?.as_deref()).unwrap_or((0, 0));
+        let (held_updates, held_bytes) = self.held_of(doc)?;
         Ok(Stored {
             index,
             held_updates,
@@ -376,6 +367,16 @@ impl BlindStore {
             snapshot_bytes,
             heads: self.heads(doc)?,
         })
+    }
+}
+
+/// An upload of `kind` from `member`: signed by `member` itself.
+fn check_envelope(member: &PeerId, envelope: &Envelope, kind: Kind) -> Result<(), Refusal> {
+    check_author(member, envelope.verify()?)?;
+    match (envelope.kind, kind) {
+        (Kind::Update, Kind::Update) | (Kind::Snapshot, Kind::Snapshot) => Ok(()),
+        (_, Kind::Update) => Err(Refusal::Forged("a snapshot sent as an update".into())),
+        (_, Kind::Snapshot) => Err(Refusal::Forged("an update sent as a snapshot".into())),
     }
 }
 
@@ -399,6 +400,16 @@ fn doc_index_key(doc: &DocId, index: u64) -> Vec<u8> {
     let mut key = doc.to_vec();
     key.extend_from_slice(&index.to_be_bytes());
     key
+}
+
+/// Two numbers as one value (16 bytes, big-endian).
+fn pair(a: u64, b: u64) -> Vec<u8> {
+    [a.to_be_bytes(), b.to_be_bytes()].concat()
+}
+
+fn read_pair(bytes: Option<&[u8]>) -> Option<(u64, u64)> {
+    let bytes = bytes?;
+    Some((read_u64(bytes.get(..8))?, read_u64(bytes.get(8..16))?))
 }
 
 fn read_u64(bytes: Option<&[u8]>) -> Option<u64> {
