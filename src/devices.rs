@@ -354,10 +354,7 @@ impl Devices {
 
     /// The addresses this device gives in pairing (with the blind mark on a blind device).
     fn pairing_addrs(&self) -> Vec<String> {
-        let mut addrs: Vec<String> = self.listen_addrs().iter().map(|a| a.to_string()).collect();
-        if self.blind {
-            addrs.push(crate::blind::BLIND_MARK.to_string());
-        }
-        addrs
+        let addrs = self.listen_addrs().iter().map(|a| a.to_string()).collect();
+        crate::blind::marked(addrs, self.blind)
     }
 }

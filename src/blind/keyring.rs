@@ -15,7 +15,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use hkdf::Hkdf;
 use sha2::Sha256;
-use yrs::{Any, Map, Out, ReadTxn};
+use yrs::{Any, Map, Out};
 
 use super::envelope::{random_key, Epoch, Key};
 use crate::docs::{DocError, DocHandle};
@@ -36,7 +36,7 @@ impl Keyring {
         let map = doc.yrs_doc().get_or_insert_map(MAP);
         let epochs = doc.read(|txn| {
             map.iter(txn)
-                .filter_map(|(_, value)| parse_entry(txn, value))
+                .filter_map(|(_, value)| parse_entry(value))
                 .collect()
         });
         Self { epochs }
@@ -70,7 +70,7 @@ impl Keyring {
     }
 }
 
-fn parse_entry<T: ReadTxn>(_txn: &T, value: Out) -> Option<(Epoch, Key)> {
+fn parse_entry(value: Out) -> Option<(Epoch, Key)> {
     let Out::Any(Any::Map(fields)) = value else {
         return None;
     };

@@ -18,7 +18,6 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::broadcast::error::RecvError;
-use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::StateVector;
 
@@ -734,7 +733,7 @@ impl Session<'_> {
         if !self.in_flight.contains_key(&envelope.doc) {
             let doc = self.ctx.registry.handle(&name)?;
             if doc.state_vector_decoded() <= state {
-                backup.deletes = delete_set_hash(&doc);
+                backup.deletes = doc.read(|txn| delete_set_hash(txn));
             }
         }
         self.ctx
@@ -799,9 +798,8 @@ impl Session<'_> {
         let held = decode_sv(&backup.state);
         let (diff, state, deletes) = doc.read(|txn| {
             use yrs::ReadTxn as _;
-            let own = txn.state_vector();
-            let deletes: [u8; 32] = Sha256::digest(txn.encode_diff_v1(&own)).into();
-            (txn.encode_diff_v1(&held), own.encode_v1(), deletes)
+            let own = txn.state_vector().encode_v1();
+            (txn.encode_diff_v1(&held), own, delete_set_hash(txn))
         });
         let adds = crate::docs::decode_update(&diff)
             .map(|u| !crate::docs::upper_state_vector(&u).is_empty())
@@ -939,12 +937,13 @@ impl Session<'_> {
             return Ok(());
         }
         let handle = self.ctx.registry.handle(&name)?;
-        // The content and the state it reaches, read together.
-        let (update, state) = handle.read(|txn| {
+        // The content, the state it reaches and its delete set, read together.
+        let (update, state, deletes) = handle.read(|txn| {
             use yrs::ReadTxn as _;
             (
                 txn.encode_state_as_update_v1(&StateVector::default()),
                 txn.state_vector().encode_v1(),
+                delete_set_hash(txn),
             )
         });
         let content = Content {
@@ -973,7 +972,7 @@ impl Session<'_> {
                     name,
                     seq: 0,
                     state,
-                    deletes: delete_set_hash(&handle),
+                    deletes,
                 };
                 self.snapshots_in_flight.insert(doc, flight);
                 send(&mut self.transport, &Request::Snapshot(envelope)).await?;
@@ -993,11 +992,9 @@ fn too_large(len: usize) -> bool {
     len + (64 << 10) > super::protocol::MAX_BLIND_FRAME
 }
 
+/// A state vector kept in this member's records (empty: nothing held yet).
 fn decode_sv(bytes: &[u8]) -> StateVector {
-    if bytes.is_empty() {
-        return StateVector::default();
-    }
-    StateVector::decode_v1(bytes).unwrap_or_default()
+    crate::docs::decode_state_vector(bytes).unwrap_or_default()
 }
 
 fn merged(a: &[u8], b: &[u8]) -> Vec<u8> {
@@ -1007,7 +1004,6 @@ fn merged(a: &[u8], b: &[u8]) -> Vec<u8> {
 }
 
 /// Hash of the document's delete set (the update a holder of its whole state vector lacks).
-fn delete_set_hash(doc: &crate::docs::DocHandle) -> [u8; 32] {
-    let deletes = doc.diff(&doc.state_vector()).unwrap_or_default();
-    Sha256::digest(&deletes).into()
+fn delete_set_hash<T: yrs::ReadTxn>(txn: &T) -> [u8; 32] {
+    Sha256::digest(txn.encode_diff_v1(&txn.state_vector())).into()
 }

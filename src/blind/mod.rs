@@ -22,6 +22,19 @@ pub use store::{BlindStore, Holding};
 /// multiaddr, so a device without this feature ignores it).
 pub const BLIND_MARK: &str = "devicelink-features:blind";
 
+/// The addresses a device gives in pairing: with the mark when it is blind.
+pub(crate) fn marked(mut addrs: Vec<String>, blind: bool) -> Vec<String> {
+    if blind {
+        addrs.push(BLIND_MARK.to_string());
+    }
+    addrs
+}
+
+/// The addresses a device gave in pairing, without the mark.
+pub(crate) fn unmarked(addrs: &[String]) -> Vec<String> {
+    addrs.iter().filter(|a| *a != BLIND_MARK).cloned().collect()
+}
+
 /// Whether the addresses a device gave in pairing say it is blind.
 pub fn is_marked_blind(addrs: &[String]) -> bool {
     addrs.iter().any(|a| a == BLIND_MARK)

@@ -749,14 +749,11 @@ impl Network {
 
     /// A pairing stream from `peer`: run the host side of the exchange.
     fn on_pair_stream(&mut self, peer: PeerId, stream: libp2p::Stream) {
-        let mut listen_addrs = self.listen_addr_strings();
-        if matches!(self.blind, BlindRole::Blind(_)) {
-            listen_addrs.push(crate::blind::BLIND_MARK.to_string());
-        }
+        let blind = matches!(self.blind, BlindRole::Blind(_));
         let me = LocalDevice {
             id: *self.swarm.local_peer_id(),
             name: self.device_name.clone(),
-            listen_addrs,
+            listen_addrs: crate::blind::marked(self.listen_addr_strings(), blind),
         };
         let (host, trust, commands, registry) = (
             self.neighborhood.host.clone(),
@@ -1707,12 +1704,7 @@ pub(crate) fn save_paired(
         trust.set_blind(&peer).map_err(|e| e.to_string())?;
     }
     let mut device = TrustedDevice::new(paired.name.clone());
-    device.addrs = paired
-        .listen_addrs
-        .iter()
-        .filter(|a| a.as_str() != crate::blind::BLIND_MARK)
-        .cloned()
-        .collect();
+    device.addrs = crate::blind::unmarked(&paired.listen_addrs);
     trust.add(peer, device).map_err(|e| e.to_string())
 }
 
@@ -1734,12 +1726,7 @@ pub(crate) async fn record_in_group(
         return; // a blind device keeps no group document: its members tell it who they are
     }
     let peer_is_blind = crate::blind::is_marked_blind(&paired.listen_addrs);
-    let peer_addrs: Vec<String> = paired
-        .listen_addrs
-        .iter()
-        .filter(|a| a.as_str() != crate::blind::BLIND_MARK)
-        .cloned()
-        .collect();
+    let peer_addrs = crate::blind::unmarked(&paired.listen_addrs);
     let members = [
         (me.id, me.name.clone(), me.listen_addrs.clone()),
         (peer, paired.name.clone(), peer_addrs),
