@@ -377,3 +377,49 @@ async fn the_blind_device_refuses_forged_replayed_and_reordered_envelopes() {
     }
     blind.shutdown().await.unwrap();
 }
+
+/// The default path: the laptop and the phone run `devicelink agent` with no flag on a
+/// namespace LAN (mDNS, default listeners); only the blind device has its two flags. The laptop
+/// joins the blind device's code by address, the phone joins the laptop's code alone (found over
+/// mDNS), and the phone, started again after the laptop stopped, gets the laptop's edit from the
+/// blind device.
+#[test]
+fn devices_started_as_users_start_them_use_a_blind_device() {
+    let lan = match common::netns::Lan::create() {
+        Ok(lan) => lan,
+        Err(why) => return eprintln!("skipped: {why}"),
+    };
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let blind = AgentProcess::start_in(&lan.ns(0), dirs[0].path(), &["--serve-relay", "--blind"]);
+    let laptop = AgentProcess::start_as_user_in(&lan.ns(0), dirs[1].path());
+    let phone = AgentProcess::start_as_user_in(&lan.ns(1), dirs[2].path());
+    pair(&blind, &laptop);
+    let code = OpenCode::open(&laptop, 120);
+    let out = phone.cli(&["pair", &code.code]);
+    assert!(
+        out.status.success(),
+        "pairing by code alone: {}",
+        stderr(&out)
+    );
+    wait_for("the phone to use the blind device", || {
+        backed_up(&phone, &blind)
+    });
+    phone.stop();
+    let out = laptop.cli(&[
+        "doc",
+        "text",
+        "defaults",
+        "body",
+        "--append",
+        "as-a-user-would",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the laptop to upload its change", || {
+        backed_up(&laptop, &blind)
+    });
+    laptop.stop();
+    let phone = AgentProcess::start_as_user_in(&lan.ns(1), dirs[2].path());
+    wait_for("the phone to get the edit from the blind device", || {
+        doc(&phone, "defaults").contains("as-a-user-would")
+    });
+}
