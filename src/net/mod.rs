@@ -6,6 +6,12 @@
 //!
 //! Who opens the sync stream: of two connected devices, the one with the smaller device id. The
 //! other accepts. So each pair of devices has exactly one session, whoever dialed.
+//!
+//! Direct dials (mDNS, redials, `--peer`, pairing) leave from a fresh local port, not the
+//! listening one: two devices that dial each other at the same moment from their listening
+//! ports make one TCP connection by simultaneous open, both sides then start Noise as the
+//! initiator and the handshake fails ("input error"). Only the relay client (its reservation
+//! connection gives the address others see) and hole punches dial from the listening port.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -685,6 +691,7 @@ impl Network {
                         let opts = DialOpts::peer_id(id)
                             .addresses(addrs)
                             .condition(PeerCondition::Disconnected)
+                            .allocate_new_port()
                             .build();
                         if let Err(e) = self.swarm.dial(opts) {
                             tracing::debug!(device = %id, "dial not started: {e}");
@@ -726,14 +733,20 @@ impl Network {
                 let _ = reply.send(Ok(peer));
                 return;
             }
-            ConnectTarget::Peer(peer, addrs) => DialOpts::peer_id(peer).addresses(addrs).build(),
+            ConnectTarget::Peer(peer, addrs) => DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .allocate_new_port()
+                .build(),
             // Already connected through that address (e.g. a pairing retried): reuse it.
             ConnectTarget::Addr(addr) => match self.dialed.get(&addr) {
                 Some(peer) if self.swarm.is_connected(peer) => {
                     let _ = reply.send(Ok(*peer));
                     return;
                 }
-                _ => DialOpts::unknown_peer_id().address(addr).build(),
+                _ => DialOpts::unknown_peer_id()
+                    .address(addr)
+                    .allocate_new_port()
+                    .build(),
             },
         };
         let id = opts.connection_id();
@@ -989,6 +1002,7 @@ impl Network {
                 let opts = DialOpts::peer_id(peer)
                     .addresses(direct)
                     .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .allocate_new_port()
                     .build();
                 if let Err(e) = self.swarm.dial(opts) {
                     tracing::debug!(%peer, "dial not started: {e}");
@@ -1021,10 +1035,12 @@ impl Network {
             }
             static_peer.backoff.failed(self.redial);
             let addr = static_peer.addr.clone();
-            if let Err(e) = self
-                .swarm
-                .dial(DialOpts::unknown_peer_id().address(addr).build())
-            {
+            if let Err(e) = self.swarm.dial(
+                DialOpts::unknown_peer_id()
+                    .address(addr)
+                    .allocate_new_port()
+                    .build(),
+            ) {
                 tracing::debug!("dial not started: {e}");
             }
         }
