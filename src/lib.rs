@@ -57,6 +57,7 @@ pub mod docs;
 pub mod documents;
 pub mod group;
 pub mod handoff;
+pub mod hops;
 pub mod identity;
 pub mod ipc;
 pub mod lifecycle;

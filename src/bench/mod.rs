@@ -15,6 +15,7 @@ use crate::client::{Client, ClientError};
 use crate::ipc::Event;
 
 mod endpoint;
+mod hops;
 mod many_docs;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +104,17 @@ impl Drop for AgentProc {
 
 impl AgentProc {
     fn start(exe: &Path, dir: &Path, listen: &str, peers: &[&str]) -> Result<Self, BenchError> {
+        Self::start_logging(exe, dir, listen, peers, None)
+    }
+
+    /// Starts an agent whose log goes to `log = (file, filter)` (`RUST_LOG`) instead of nowhere.
+    fn start_logging(
+        exe: &Path,
+        dir: &Path,
+        listen: &str,
+        peers: &[&str],
+        log: Option<(&Path, &str)>,
+    ) -> Result<Self, BenchError> {
         let socket = dir.join("agent.sock");
         let mut cmd = Command::new(exe);
         cmd.arg("--data-dir")
@@ -118,8 +130,16 @@ impl AgentProc {
                 "127.0.0.1:0",
             ])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
             .stdin(Stdio::null());
+        match log {
+            Some((file, filter)) => {
+                cmd.stderr(std::fs::File::create(file)?)
+                    .env("RUST_LOG", filter);
+            }
+            None => {
+                cmd.stderr(Stdio::null());
+            }
+        }
         for p in peers {
             cmd.args(["--peer", p]);
         }
@@ -530,6 +550,14 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         ],
     );
     drop((a, b, d));
+    let hops = hops::run(config.latency_samples).await?;
+    let floor_ratio = match (
+        ours["latency_p50_us"].as_f64(),
+        hops["floor"]["total_p50_us"].as_f64(),
+    ) {
+        (Some(ours), Some(floor)) if floor > 0.0 => json!((ours / floor * 100.0).round() / 100.0),
+        _ => Value::Null,
+    };
     let endpoint = match &config.yjs_dir {
         Some(dir) => endpoint::run(dir, config.latency_samples).await?,
         None => json!({ "skipped": "run with --yjs DIR (see bench/yjs/README.md)" }),
@@ -543,6 +571,8 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
         "devicelink": ours,
         "yjs": yjs,
         "ratio_devicelink_over_yjs": ratios,
+        "hops": hops,
+        "ratio_latency_over_floor_p50": floor_ratio,
         "y_websocket_endpoint": endpoint,
         "many_docs": many,
     }))

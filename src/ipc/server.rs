@@ -382,11 +382,13 @@ impl Connection {
                 key,
                 value,
             } => {
+                crate::hop!("request", doc);
                 agent.docs().check_writable(&doc).map_err(doc_error)?;
                 let handle = self.open(&doc)?;
                 let durable = handle
                     .set_json_deferred(&map, &key, &value)
                     .map_err(doc_error)?;
+                crate::hop!("applied", doc);
                 return Ok(Reply::Later(durable, json!({})));
             }
             RequestBody::DocText {
@@ -796,7 +798,11 @@ async fn forward_events(
             continue;
         }
         match out.event(&event) {
-            Ok(true) => {}
+            Ok(true) => {
+                if let Event::Update { doc, .. } = &event {
+                    crate::hop!("to_app", doc);
+                }
+            }
             Ok(false) => missed += 1,
             Err(_) => return,
         }

@@ -469,7 +469,9 @@ impl<'a> Reader<'a> {
                 }
             }
             Message::Update { doc, update } => {
+                crate::hop!("received", doc);
                 if self.apply(&doc, update).await {
+                    crate::hop!("applied_from_peer", doc);
                     self.ctx.peers.touched(self.peer);
                 }
             }
@@ -1185,6 +1187,7 @@ impl Writer {
         }
         self.sink.flush().await?;
         for (doc, sv) in sent {
+            crate::hop!("sent", doc);
             self.peers.peer_has(self.peer, &doc, &sv);
         }
         Ok(())
