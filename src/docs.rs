@@ -501,7 +501,7 @@ impl DocRegistry {
     pub fn apply_update(
         &self,
         name: &str,
-        bytes: &[u8],
+        bytes: impl Into<Bytes>,
         origin: Origin,
     ) -> Result<Applied, DocError> {
         let acked = origin == Origin::Local;
@@ -515,16 +515,17 @@ impl DocRegistry {
     pub fn apply_update_by(
         &self,
         name: &str,
-        bytes: &[u8],
+        bytes: impl Into<Bytes>,
         origin: Origin,
         client: u64,
         acked: bool,
     ) -> Result<Applied, DocError> {
+        let bytes: Bytes = bytes.into();
         let invalid = |reason: String| DocError::InvalidUpdate {
             doc: name.to_string(),
             reason,
         };
-        let update = decode_update(bytes).map_err(invalid)?;
+        let update = decode_update(&bytes).map_err(invalid)?;
         let state_vector = upper_state_vector(&update);
         match origin {
             // A deleted document is not brought back by a device that has not heard yet.
@@ -552,7 +553,18 @@ impl DocRegistry {
                 self.detect_conflicts(&live, &txn, &watched, &remote_deletes, peer);
             }
             let keep = changed || txn.has_missing_updates();
-            let delta = changed.then(|| (Bytes::from(txn.encode_update_v1()), txn.state_vector()));
+            // What changed, for subscribers and other peers. A large update that integrated
+            // whole goes out as it came (a Yjs update may repeat what a reader has): encoding
+            // the delta would hold a second copy of it.
+            let whole = bytes.len() >= PASS_ON_AS_RECEIVED && !txn.has_missing_updates();
+            let delta = changed.then(|| {
+                let delta = if whole {
+                    bytes.clone()
+                } else {
+                    Bytes::from(txn.encode_update_v1())
+                };
+                (delta, txn.state_vector())
+            });
             drop(txn);
             Ok::<_, DocError>((keep, delta))
         }));
@@ -569,7 +581,7 @@ impl DocRegistry {
             self.refresh_tombstones(&live);
         }
         // Store what was received: it may hold not-yet-integrable parts the delta lacks.
-        let append = self.append_op(&live, Bytes::copy_from_slice(bytes), origin);
+        let append = self.append_op(&live, bytes, origin);
         let ack = if acked {
             Some(self.writer.append(append))
         } else {
@@ -726,6 +738,10 @@ impl DocRegistry {
     }
 }
 
+/// Updates of at least this many bytes that integrate whole are passed on to subscribers and
+/// peers as received rather than re-encoded (see [`DocRegistry::apply_update_by`]).
+const PASS_ON_AS_RECEIVED: usize = 1 << 20;
+
 /// A change applied in memory whose disk write may still be in flight.
 #[must_use = "await `wait` to know the change is durable"]
 pub struct Durable {
@@ -839,7 +855,7 @@ impl DocHandle {
     pub fn apply_update_deferred(&self, update: &[u8]) -> Result<Durable, DocError> {
         let applied = self.registry.apply_update_by(
             &self.live.name,
-            update,
+            Bytes::copy_from_slice(update),
             Origin::Local,
             self.client,
             true,
@@ -863,7 +879,13 @@ impl DocHandle {
     /// client, whose protocol has no acknowledgement).
     pub fn apply_update_unacked(&self, update: &[u8]) -> Result<(), DocError> {
         self.registry
-            .apply_update_by(&self.live.name, update, Origin::Local, self.client, false)
+            .apply_update_by(
+                &self.live.name,
+                Bytes::copy_from_slice(update),
+                Origin::Local,
+                self.client,
+                false,
+            )
             .map(drop)
     }
 

@@ -708,13 +708,10 @@ impl Session<'_> {
             }
         }
         let name = content.name;
-        let applied = self.ctx.registry.apply_update_by(
-            &name,
-            &content.update,
-            Origin::Peer(author),
-            0,
-            true,
-        );
+        let applied =
+            self.ctx
+                .registry
+                .apply_update_by(&name, content.update, Origin::Peer(author), 0, true);
         let applied = match applied {
             Ok(applied) => applied,
             Err(e) => {

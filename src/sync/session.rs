@@ -786,6 +786,13 @@ impl<'a> Reader<'a> {
                      reassembly budget beside the others; its pieces are dropped"
                 );
             } else {
+                if entry.data.capacity() == 0 {
+                    // Room for the whole message at once, within the budget: grown by doubling
+                    // it would be copied at each step and hold up to twice its size. Pages are
+                    // committed only as pieces arrive; a refused reservation just grows.
+                    let room = MAX_HELD_IN_PARTS.saturating_sub(held).min(total);
+                    let _ = entry.data.try_reserve_exact(room as usize);
+                }
                 entry.data.extend_from_slice(&data);
             }
         }
@@ -859,11 +866,11 @@ impl<'a> Reader<'a> {
         let origin = Origin::Peer(self.peer);
         let applied = if update.len() > PART_LEN {
             let doc = doc.to_string();
-            tokio::task::spawn_blocking(move || registry.apply_update(&doc, &update, origin))
+            tokio::task::spawn_blocking(move || registry.apply_update(&doc, update, origin))
                 .await
                 .unwrap_or(Err(DocError::AgentStopped))
         } else {
-            registry.apply_update(doc, &update, origin)
+            registry.apply_update(doc, update, origin)
         };
         match applied {
             Ok(applied) => {
