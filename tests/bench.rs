@@ -9,7 +9,7 @@ use std::time::Duration;
 
 #[test]
 fn the_quick_bench_prints_every_figure_with_its_hops_and_floor() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_devicelink"))
+    let child = Command::new(env!("CARGO_BIN_EXE_devicelink"))
         .args(["bench", "--quick", "--docs", "0", "--large-mb", "0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
