@@ -539,6 +539,8 @@ impl DocRegistry {
             Origin::Local => self.undelete_for_local_write(name),
         }
         let remote_deletes = update.delete_set().clone();
+        // Where each author's items in a large update start (see `all_new` below).
+        let starts = (bytes.len() >= PASS_ON_AS_RECEIVED).then(|| update.state_vector_lower());
         let live = self.open(name)?;
         let watched = self.watched_maps(&live);
         // yrs asserts on some malformed input instead of returning an error, while integrating
@@ -546,6 +548,16 @@ impl DocRegistry {
         // nothing of an update that did not commit cleanly.
         let integrated = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mut txn = live.doc.transact_mut();
+            // A large update is passed on as received only if it is exactly what changes: the
+            // document held none of its items yet and nothing was waiting for it (items held
+            // back earlier would integrate in this transaction too, and are not in it).
+            let all_new = starts.as_ref().is_some_and(|starts| {
+                let before = txn.state_vector();
+                !txn.has_missing_updates()
+                    && starts
+                        .iter()
+                        .all(|(client, start)| *start >= before.get(client))
+            });
             txn.apply_update(update)
                 .map_err(|e| invalid(e.to_string()))?;
             let changed = !txn.insert_set().is_empty() || !txn.delete_set().is_empty();
@@ -553,10 +565,10 @@ impl DocRegistry {
                 self.detect_conflicts(&live, &txn, &watched, &remote_deletes, peer);
             }
             let keep = changed || txn.has_missing_updates();
-            // What changed, for subscribers and other peers. A large update that integrated
-            // whole goes out as it came (a Yjs update may repeat what a reader has): encoding
-            // the delta would hold a second copy of it.
-            let whole = bytes.len() >= PASS_ON_AS_RECEIVED && !txn.has_missing_updates();
+            // What changed, for subscribers and other peers. A large update that was all new
+            // and integrated whole goes out as it came: encoding the delta would hold a second
+            // copy of it.
+            let whole = all_new && !txn.has_missing_updates();
             let delta = changed.then(|| {
                 let delta = if whole {
                     bytes.clone()
@@ -1435,5 +1447,95 @@ pub fn json_to_any(value: &serde_json::Value) -> yrs::Any {
                 .map(|(k, v)| (k.clone(), json_to_any(v)))
                 .collect(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::{GetString, Text};
+
+    /// A registry over a fresh database; the writer thread stops with the test process.
+    fn registry(dir: &std::path::Path) -> DocRegistry {
+        let db = crate::store::open_db(dir).unwrap();
+        let store = DocStore::open(&db).unwrap();
+        let (writer, _thread) =
+            crate::store::writer::spawn(store.clone(), Default::default()).unwrap();
+        let (overwrites, _) = mpsc::unbounded_channel();
+        DocRegistry::new(store, writer, "test".into(), overwrites, 64 << 20)
+    }
+
+    /// The published updates of `doc`, applied to an empty document: what a subscriber has.
+    fn subscriber_view(events: &mut broadcast::Receiver<DocUpdate>) -> String {
+        let seen = yrs::Doc::new();
+        let text = seen.get_or_insert_text("t");
+        while let Ok(event) = events.try_recv() {
+            let update = Update::decode_v1(&event.update).unwrap();
+            seen.transact_mut().apply_update(update).unwrap();
+        }
+        let txn = seen.transact();
+        text.get_string(&txn)
+    }
+
+    #[test]
+    fn a_large_update_is_passed_on_whole_only_when_it_is_exactly_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry(dir.path());
+        let peer = Origin::Peer(PeerId::random());
+        // A large update from one author, and a small edit another made after it.
+        let author = yrs::Doc::with_client_id(1);
+        let text = author.get_or_insert_text("t");
+        let large_text = "x".repeat(PASS_ON_AS_RECEIVED + 10);
+        text.insert(&mut author.transact_mut(), 0, &large_text);
+        let large = author
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        let editor = yrs::Doc::with_client_id(2);
+        editor
+            .transact_mut()
+            .apply_update(Update::decode_v1(&large).unwrap())
+            .unwrap();
+        let before = editor.transact().state_vector();
+        let edited = editor.get_or_insert_text("t");
+        edited.insert(&mut editor.transact_mut(), 0, "edit:");
+        let small = editor.transact().encode_state_as_update_v1(&before);
+
+        // All new, nothing waiting: published as received.
+        let mut events = registry.subscribe_all();
+        registry.apply_update("whole", large.clone(), peer).unwrap();
+        let event = events.try_recv().unwrap();
+        assert_eq!(&event.update[..], &large[..]);
+
+        // The small edit arrives first and waits for the large update; the large one then
+        // integrates both, and subscribers must get both.
+        let mut events = registry.subscribe_all();
+        registry.apply_update("waiting", small, peer).unwrap();
+        registry
+            .apply_update("waiting", large.clone(), peer)
+            .unwrap();
+        let view = subscriber_view(&mut events);
+        let expected = format!("edit:{large_text}");
+        assert!(
+            view == expected,
+            "subscribers have {} characters, starting {:?}",
+            view.len(),
+            &view[..view.len().min(8)]
+        );
+
+        // Mostly known already: only the delta goes out, not the large update again.
+        let mut events = registry.subscribe_all();
+        let grown = yrs::Doc::with_client_id(1);
+        grown
+            .transact_mut()
+            .apply_update(Update::decode_v1(&large).unwrap())
+            .unwrap();
+        let grown_text = grown.get_or_insert_text("t");
+        grown_text.push(&mut grown.transact_mut(), "!");
+        let again = grown
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        registry.apply_update("whole", again, peer).unwrap();
+        let event = events.try_recv().unwrap();
+        assert!(event.update.len() < 1024, "{} bytes", event.update.len());
     }
 }

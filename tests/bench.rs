@@ -15,16 +15,20 @@ fn the_quick_bench_prints_every_figure_with_its_hops_and_floor() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("devicelink bench starts");
-    // Bounded: the quick bench takes about half a minute; kill it after four.
+    // Bounded: the quick bench takes about half a minute; killed after four.
     let pid = child.id();
+    let (finished, watch) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(240));
-        let _ = Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status();
+        let waited = watch.recv_timeout(Duration::from_secs(240));
+        if waited == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
     });
     let out = child.wait_with_output().expect("the bench's output");
-    drop(watchdog);
+    drop(finished);
+    let _ = watchdog.join();
     assert!(
         out.status.success(),
         "bench failed: {}",
@@ -40,8 +44,13 @@ fn the_quick_bench_prints_every_figure_with_its_hops_and_floor() {
 
     let breakdown = &report["hops"]["breakdown"];
     let counted = breakdown["samples"].as_u64().expect("breakdown samples");
-    // 200 changes in the quick run; every one carries all its stamps.
-    assert_eq!(counted, 200, "{breakdown}");
+    // 200 changes in the quick run; each carries all its stamps (a wall-clock step could
+    // push a few out of their windows: they are counted apart, never silently).
+    let unmatched = breakdown["samples_without_every_stamp"]
+        .as_u64()
+        .expect("unmatched");
+    assert_eq!(counted + unmatched, 200, "{breakdown}");
+    assert!(counted >= 190, "{breakdown}");
     let hops = breakdown["p50_us"].as_object().expect("per-hop times");
     for hop in [
         "app_to_agent",

@@ -7,11 +7,14 @@
 //! Who opens the sync stream: of two connected devices, the one with the smaller device id. The
 //! other accepts. So each pair of devices has exactly one session, whoever dialed.
 //!
-//! Direct dials (mDNS, redials, `--peer`, pairing) leave from a fresh local port, not the
-//! listening one: two devices that dial each other at the same moment from their listening
+//! Dials made on a user's request (pairing, `dial`) and to devices found over mDNS leave from a
+//! fresh local port: two devices that dial each other at the same moment from their listening
 //! ports make one TCP connection by simultaneous open, both sides then start Noise as the
-//! initiator and the handshake fails ("input error"). Only the relay client (its reservation
-//! connection gives the address others see) and hole punches dial from the listening port.
+//! initiator and the handshake fails ("input error"; a joiner dialing a device that was just
+//! then dialing it for a relay reservation). Redials of linked devices and `--peer`/relay
+//! addresses keep the listening port (libp2p's default): the address others observe on those
+//! connections is then the NAT's mapping of that port, which hole punches need (QUIC too); a
+//! simultaneous redial that fails is redialed with backoff.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1002,7 +1005,6 @@ impl Network {
                 let opts = DialOpts::peer_id(peer)
                     .addresses(direct)
                     .condition(PeerCondition::DisconnectedAndNotDialing)
-                    .allocate_new_port()
                     .build();
                 if let Err(e) = self.swarm.dial(opts) {
                     tracing::debug!(%peer, "dial not started: {e}");
@@ -1035,12 +1037,10 @@ impl Network {
             }
             static_peer.backoff.failed(self.redial);
             let addr = static_peer.addr.clone();
-            if let Err(e) = self.swarm.dial(
-                DialOpts::unknown_peer_id()
-                    .address(addr)
-                    .allocate_new_port()
-                    .build(),
-            ) {
+            if let Err(e) = self
+                .swarm
+                .dial(DialOpts::unknown_peer_id().address(addr).build())
+            {
                 tracing::debug!("dial not started: {e}");
             }
         }

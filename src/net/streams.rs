@@ -257,7 +257,6 @@ impl NetworkBehaviour for Behaviour {
             return Poll::Ready(ToSwarm::Dial {
                 opts: DialOpts::peer_id(peer)
                     .condition(PeerCondition::DisconnectedAndNotDialing)
-                    .allocate_new_port()
                     .build(),
             });
         }

@@ -757,7 +757,13 @@ impl<'a> Reader<'a> {
                 "more than {MAX_REASSEMBLIES} messages in parts at once"
             )));
         }
-        let held: u64 = self.parts.values().map(|r| r.data.len() as u64).sum();
+        // What the other messages in parts hold, reservations included.
+        let held: u64 = self
+            .parts
+            .iter()
+            .filter(|(other, _)| **other != key)
+            .map(|(_, r)| r.data.capacity() as u64)
+            .sum();
         let entry = self.parts.entry(key.clone()).or_insert_with(|| Reassembly {
             total,
             received: 0,
@@ -776,7 +782,8 @@ impl<'a> Reader<'a> {
         entry.received += data.len() as u64;
         entry.window_bytes += data.len() as u64;
         if entry.invalid_name.is_none() && !entry.over_budget {
-            if held + data.len() as u64 > MAX_HELD_IN_PARTS {
+            let holding = (entry.data.len() + data.len()).max(entry.data.capacity());
+            if held + holding as u64 > MAX_HELD_IN_PARTS {
                 entry.over_budget = true;
                 entry.data = Vec::new();
                 tracing::warn!(
@@ -786,12 +793,12 @@ impl<'a> Reader<'a> {
                      reassembly budget beside the others; its pieces are dropped"
                 );
             } else {
-                if entry.data.capacity() == 0 {
-                    // Room for the whole message at once, within the budget: grown by doubling
-                    // it would be copied at each step and hold up to twice its size. Pages are
-                    // committed only as pieces arrive; a refused reservation just grows.
-                    let room = MAX_HELD_IN_PARTS.saturating_sub(held).min(total);
-                    let _ = entry.data.try_reserve_exact(room as usize);
+                if entry.data.capacity() == 0 && held + total <= MAX_HELD_IN_PARTS {
+                    // Room for the whole message at once when it fits the budget beside the
+                    // others (counted as held from now on): grown by doubling it would be
+                    // copied at each step and hold up to twice its size. Pages are committed
+                    // only as pieces arrive; a refused reservation just grows.
+                    let _ = entry.data.try_reserve_exact(total as usize);
                 }
                 entry.data.extend_from_slice(&data);
             }
