@@ -1455,14 +1455,22 @@ mod tests {
     use super::*;
     use yrs::{GetString, Text};
 
-    /// A registry over a fresh database; the writer thread stops with the test process.
-    fn registry(dir: &std::path::Path) -> DocRegistry {
+    /// A registry over a fresh database, and its writer (to stop before the directory goes:
+    /// sled's locks are shared by every database of the process).
+    fn registry(
+        dir: &std::path::Path,
+    ) -> (
+        DocRegistry,
+        crate::store::writer::WriterHandle,
+        std::thread::JoinHandle<()>,
+    ) {
         let db = crate::store::open_db(dir).unwrap();
         let store = DocStore::open(&db).unwrap();
-        let (writer, _thread) =
+        let (writer, thread) =
             crate::store::writer::spawn(store.clone(), Default::default()).unwrap();
         let (overwrites, _) = mpsc::unbounded_channel();
-        DocRegistry::new(store, writer, "test".into(), overwrites, 64 << 20)
+        let registry = DocRegistry::new(store, writer.clone(), "test".into(), overwrites, 64 << 20);
+        (registry, writer, thread)
     }
 
     /// The published updates of `doc`, applied to an empty document: what a subscriber has.
@@ -1480,7 +1488,7 @@ mod tests {
     #[test]
     fn a_large_update_is_passed_on_whole_only_when_it_is_exactly_what_changed() {
         let dir = tempfile::tempdir().unwrap();
-        let registry = registry(dir.path());
+        let (registry, writer, writer_thread) = registry(dir.path());
         let peer = Origin::Peer(PeerId::random());
         // A large update from one author, and a small edit another made after it.
         let author = yrs::Doc::with_client_id(1);
@@ -1537,5 +1545,9 @@ mod tests {
         registry.apply_update("whole", again, peer).unwrap();
         let event = events.try_recv().unwrap();
         assert!(event.update.len() < 1024, "{} bytes", event.update.len());
+
+        registry.close();
+        futures::executor::block_on(writer.shutdown()).unwrap();
+        writer_thread.join().unwrap();
     }
 }
