@@ -752,7 +752,7 @@ impl DocRegistry {
 
 /// Updates of at least this many bytes that integrate whole are passed on to subscribers and
 /// peers as received rather than re-encoded (see [`DocRegistry::apply_update_by`]).
-const PASS_ON_AS_RECEIVED: usize = 1 << 20;
+pub const PASS_ON_AS_RECEIVED: usize = 1 << 20;
 
 /// A change applied in memory whose disk write may still be in flight.
 #[must_use = "await `wait` to know the change is durable"]
@@ -1447,107 +1447,5 @@ pub fn json_to_any(value: &serde_json::Value) -> yrs::Any {
                 .map(|(k, v)| (k.clone(), json_to_any(v)))
                 .collect(),
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use yrs::{GetString, Text};
-
-    /// A registry over a fresh database, and its writer (to stop before the directory goes:
-    /// sled's locks are shared by every database of the process).
-    fn registry(
-        dir: &std::path::Path,
-    ) -> (
-        DocRegistry,
-        crate::store::writer::WriterHandle,
-        std::thread::JoinHandle<()>,
-    ) {
-        let db = crate::store::open_db(dir).unwrap();
-        let store = DocStore::open(&db).unwrap();
-        let (writer, thread) =
-            crate::store::writer::spawn(store.clone(), Default::default()).unwrap();
-        let (overwrites, _) = mpsc::unbounded_channel();
-        let registry = DocRegistry::new(store, writer.clone(), "test".into(), overwrites, 64 << 20);
-        (registry, writer, thread)
-    }
-
-    /// The published updates of `doc`, applied to an empty document: what a subscriber has.
-    fn subscriber_view(events: &mut broadcast::Receiver<DocUpdate>) -> String {
-        let seen = yrs::Doc::new();
-        let text = seen.get_or_insert_text("t");
-        while let Ok(event) = events.try_recv() {
-            let update = Update::decode_v1(&event.update).unwrap();
-            seen.transact_mut().apply_update(update).unwrap();
-        }
-        let txn = seen.transact();
-        text.get_string(&txn)
-    }
-
-    #[test]
-    fn a_large_update_is_passed_on_whole_only_when_it_is_exactly_what_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let (registry, writer, writer_thread) = registry(dir.path());
-        let peer = Origin::Peer(PeerId::random());
-        // A large update from one author, and a small edit another made after it.
-        let author = yrs::Doc::with_client_id(1);
-        let text = author.get_or_insert_text("t");
-        let large_text = "x".repeat(PASS_ON_AS_RECEIVED + 10);
-        text.insert(&mut author.transact_mut(), 0, &large_text);
-        let large = author
-            .transact()
-            .encode_state_as_update_v1(&StateVector::default());
-        let editor = yrs::Doc::with_client_id(2);
-        editor
-            .transact_mut()
-            .apply_update(Update::decode_v1(&large).unwrap())
-            .unwrap();
-        let before = editor.transact().state_vector();
-        let edited = editor.get_or_insert_text("t");
-        edited.insert(&mut editor.transact_mut(), 0, "edit:");
-        let small = editor.transact().encode_state_as_update_v1(&before);
-
-        // All new, nothing waiting: published as received.
-        let mut events = registry.subscribe_all();
-        registry.apply_update("whole", large.clone(), peer).unwrap();
-        let event = events.try_recv().unwrap();
-        assert_eq!(&event.update[..], &large[..]);
-
-        // The small edit arrives first and waits for the large update; the large one then
-        // integrates both, and subscribers must get both.
-        let mut events = registry.subscribe_all();
-        registry.apply_update("waiting", small, peer).unwrap();
-        registry
-            .apply_update("waiting", large.clone(), peer)
-            .unwrap();
-        let view = subscriber_view(&mut events);
-        let expected = format!("edit:{large_text}");
-        assert!(
-            view == expected,
-            "subscribers have {} characters, starting {:?}",
-            view.len(),
-            &view[..view.len().min(8)]
-        );
-
-        // Mostly known already: only the delta goes out, not the large update again.
-        let mut events = registry.subscribe_all();
-        let grown = yrs::Doc::with_client_id(1);
-        grown
-            .transact_mut()
-            .apply_update(Update::decode_v1(&large).unwrap())
-            .unwrap();
-        let grown_text = grown.get_or_insert_text("t");
-        grown_text.push(&mut grown.transact_mut(), "!");
-        let again = grown
-            .transact()
-            .encode_state_as_update_v1(&StateVector::default());
-        registry.apply_update("whole", again, peer).unwrap();
-        let event = events.try_recv().unwrap();
-        assert!(event.update.len() < 1024, "{} bytes", event.update.len());
-
-        registry.close();
-        futures::executor::block_on(writer.shutdown()).unwrap();
-        writer_thread.join().unwrap();
     }
 }
