@@ -23,7 +23,7 @@ pub fn unix_us() -> u64 {
 macro_rules! hop {
     ($stage:literal, $doc:expr) => {
         tracing::trace!(
-            target: "devicelink::hop",
+            target: $crate::hops::TARGET,
             stage = $stage,
             doc = %$doc,
             at_us = $crate::hops::unix_us()

@@ -551,13 +551,10 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     );
     drop((a, b, d));
     let hops = hops::run(config.latency_samples).await?;
-    let floor_ratio = match (
+    let floor_ratio = ratio(
         ours["latency_p50_us"].as_f64(),
         hops["floor"]["total_p50_us"].as_f64(),
-    ) {
-        (Some(ours), Some(floor)) if floor > 0.0 => json!((ours / floor * 100.0).round() / 100.0),
-        _ => Value::Null,
-    };
+    );
     let endpoint = match &config.yjs_dir {
         Some(dir) => endpoint::run(dir, config.latency_samples).await?,
         None => json!({ "skipped": "run with --yjs DIR (see bench/yjs/README.md)" }),
@@ -578,14 +575,19 @@ pub async fn run(config: &BenchConfig) -> Result<Value, BenchError> {
     }))
 }
 
+/// `ours / theirs` rounded to hundredths; null where either is missing or `theirs` is 0.
+fn ratio(ours: Option<f64>, theirs: Option<f64>) -> Value {
+    match (ours, theirs) {
+        (Some(o), Some(t)) if t > 0.0 => json!((o / t * 100.0).round() / 100.0),
+        _ => Value::Null,
+    }
+}
+
 /// `{name: ours[ours_key] / theirs[theirs_key]}` for each `(name, ours_key, theirs_key)`,
 /// rounded to hundredths; null where either figure is missing.
 fn ratios(ours: &Value, theirs: &Value, pairs: &[(&str, &str, &str)]) -> Value {
     let ratios = pairs.iter().map(|(name, ours_key, theirs_key)| {
-        let ratio = match (ours[*ours_key].as_f64(), theirs[*theirs_key].as_f64()) {
-            (Some(o), Some(t)) if t > 0.0 => json!((o / t * 100.0).round() / 100.0),
-            _ => Value::Null,
-        };
+        let ratio = ratio(ours[*ours_key].as_f64(), theirs[*theirs_key].as_f64());
         (name.to_string(), ratio)
     });
     Value::Object(ratios.collect())
